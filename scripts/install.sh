@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Set up a virtual environment in .venv with dist-video installed in editable mode.
+#   scripts/install.sh            runtime dependencies
+#   scripts/install.sh test       runtime + test dependencies
+# PyTorch: a CUDA build when an NVIDIA GPU is visible, otherwise a CPU-only build
+# (a CPU wheel that pip can already see offline is preferred; else PyTorch's CPU index).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+PY="${PYTHON:-python3}"
+VENV="${VENV:-.venv}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+fi
+pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+
+if ! "$VENV/bin/python" -c 'import torch, sys; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(0 if v >= (2, 4) else 1)' 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        echo "install: NVIDIA GPU found, installing a CUDA build of PyTorch"
+        "${pip[@]}" install "torch>=2.4,<3"
+    else
+        tmp=$(mktemp -d)
+        if "${pip[@]}" download --no-index --no-deps --only-binary=:all: -d "$tmp" "torch>=2.4,<3" >/dev/null 2>&1 \
+            && ls "$tmp"/torch-*+cpu-*.whl >/dev/null 2>&1; then
+            echo "install: no GPU, installing the local CPU build $(basename "$tmp"/torch-*.whl)"
+            "${pip[@]}" install "$tmp"/torch-*.whl
+        else
+            echo "install: no GPU, installing a CPU build of PyTorch from PyTorch's CPU wheel index"
+            "${pip[@]}" install "torch>=2.4,<3" --index-url https://download.pytorch.org/whl/cpu
+        fi
+        rm -rf "$tmp"
+    fi
+fi
+
+if [ -n "$extras" ]; then
+    "${pip[@]}" install -e ".[$extras]"
+else
+    "${pip[@]}" install -e .
+fi
+"$VENV/bin/python" -c 'import torch, dist_video; print(f"install: dist-video {dist_video.__version__}, torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")'
