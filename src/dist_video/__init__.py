@@ -1,3 +1,11 @@
 """dist-video: DiST (Disentangling Spatial and Temporal learning) video classifiers on frozen CLIP."""
 
 __version__ = "0.1.0"
+
+from .clip import CLIP, CLIPConfig
+from .dist import DiSTConfig, PRESETS
+from .model import DiSTVideoModel
+from .checkpoints import load_official_checkpoint
+
+__all__ = ["CLIP", "CLIPConfig", "DiSTConfig", "PRESETS", "DiSTVideoModel", "load_official_checkpoint",
+           "__version__"]

@@ -1,0 +1,158 @@
+"""The authors' released checkpoints (``.pyth``): reading them and inferring their sizes.
+
+Their files hold ``{"model_state": {...}}`` with every key under ``backbone.base_encoder.``
+(sometimes behind a ``module.`` prefix from DDP): the OpenAI-layout CLIP weights plus the
+branch under ``dist_net.`` (older files: ``ladder_net.`` with other sub-names).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from typing import Mapping
+
+import torch
+
+from .clip import CLIP
+from .clip_loaders import clip_from_openai_state_dict
+from .dist import DiSTConfig
+from .model import DiSTVideoModel, _load_strict
+
+__all__ = ["load_official_checkpoint", "official_to_branch_state_dict", "infer_dist_config",
+           "read_official_state_dict"]
+
+# Older releases named the branch ``ladder_net`` with these sub-names.
+_LADDER_NAMES = {
+    "input_map_feat_nets": "input_linears",
+    "s2t_fuse_nets": "integration2temporal_nets",
+    "t2s_fuse_nets": "temporal2integration_nets",
+    "spatial_nets": "integration_nets",
+    "final_temporal_nets": "adapooling_nets",
+}
+# The authors' flat names for the temporal encoder -> ours.
+_TEMPORAL_NAMES = {"temporal_stem": "temporal_encoder.stem", "temporal_nets": "temporal_encoder.blocks"}
+
+
+def _torch_load(path: str | os.PathLike) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as safe_error:  # pickles with config objects etc. in them
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:
+            raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({error})") from error
+        warnings.warn(f"{path}: loaded with weights_only=False ({safe_error.__class__.__name__}); "
+                      "only do this with files you trust", stacklevel=3)
+        return obj
+
+
+def read_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors with the ``module.`` and ``backbone.base_encoder.`` prefixes
+    removed and ``ladder_net`` names mapped to ``dist_net`` names."""
+    obj = _torch_load(path)
+    if isinstance(obj, Mapping) and "model_state" in obj:
+        obj = obj["model_state"]
+    elif isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a dict with 'model_state', got {type(obj).__name__}")
+    out = {}
+    for key, value in obj.items():
+        if not torch.is_tensor(value):
+            continue
+        key = key.removeprefix("module.").removeprefix("backbone.base_encoder.").removeprefix("module.")
+        if key.startswith("ladder_net."):
+            rest = key[len("ladder_net."):]
+            head, _, tail = rest.partition(".")
+            key = "dist_net." + _LADDER_NAMES.get(head, head) + ("." + tail if tail else "")
+        out[key] = value
+    if not any(k.startswith("dist_net.") for k in out):
+        raise ValueError(f"{path}: no DiST branch weights (dist_net.* / ladder_net.*) found; "
+                         f"is this a DiST checkpoint? First keys: {list(obj)[:5]}")
+    return out
+
+
+def official_to_branch_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``dist_net.*`` tensors (authors' names) -> :class:`~dist_video.dist.DiSTBranch` keys."""
+    out = {}
+    for key, value in state_dict.items():
+        if not key.startswith("dist_net."):
+            continue
+        key = key[len("dist_net."):]
+        head, _, tail = key.partition(".")
+        if head in _TEMPORAL_NAMES:
+            key = _TEMPORAL_NAMES[head] + ("." + tail if tail else "")
+        out[key] = value
+    return out
+
+
+def _indices(branch_sd: Mapping[str, torch.Tensor], name: str) -> int:
+    pattern = re.compile(re.escape(name) + r"\.(\d+)\.")
+    return len({int(m.group(1)) for k in branch_sd if (m := pattern.match(k))})
+
+
+def infer_dist_config(branch_sd: Mapping[str, torch.Tensor], **overrides) -> DiSTConfig:
+    """Every :class:`DiSTConfig` field the tensor shapes determine; the rest from ``overrides``.
+
+    ``branch_sd`` uses :class:`~dist_video.dist.DiSTBranch` keys."""
+    stem = branch_sd["temporal_encoder.stem.weight"]  # C_t x 3 x k_s x P x P
+    fuse = branch_sd["temporal2integration_nets.0.linear_fuse.weight"]  # C_i x C_t x alpha x 1 x 1
+    cls_token = branch_sd["temporal2integration_nets.0.cls_token"]  # 1 x 1 x T' x C_i
+    t_fc1 = branch_sd["temporal_encoder.blocks.0.temporal_net.c_fc1.weight"]  # C_t*r x C_t x k x 1 x 1
+    ffn = branch_sd["integration_nets.0.ffn.c_fc.weight"]  # C_i*r x C_i
+    tffn = branch_sd["integration_nets.0.temporal_ffn.c_fc1.weight"]  # C_i*r' x C_i x 1 x 1 x 1
+    temporal_dim, integration_dim = stem.shape[0], fuse.shape[0]
+    alpha, sparse = fuse.shape[2], cls_token.shape[2]
+    inferred = dict(
+        num_frames=sparse * alpha,
+        alpha=alpha,
+        temporal_dim=temporal_dim,
+        integration_dim=integration_dim,
+        stem_kernel=stem.shape[2],
+        temporal_kernel=t_fc1.shape[2],
+        temporal_mlp_ratio=t_fc1.shape[0] / temporal_dim,
+        integration_mlp_ratio=ffn.shape[0] / integration_dim,
+        integration_temporal_mlp_ratio=tffn.shape[0] / integration_dim,
+        pooling_layers=_indices(branch_sd, "adapooling_nets"),
+    )
+    for key, value in overrides.items():
+        if key in inferred and value != inferred[key]:
+            raise ValueError(f"{key}={value!r} contradicts the checkpoint, whose tensors say {inferred[key]!r}")
+    return DiSTConfig(**{**inferred, **overrides})
+
+
+def load_official_checkpoint(path: str | os.PathLike, clip: CLIP | str | os.PathLike | None = None,
+                             *, clip_dtype: str | torch.dtype | None = "auto", act: str = "quick_gelu",
+                             **overrides) -> DiSTVideoModel:
+    """A :class:`DiSTVideoModel` from one of the authors' ``.pyth`` checkpoints.
+
+    ``clip``: a CLIP model or a path for :func:`dist_video.load_clip`; by default the CLIP
+    weights stored in the checkpoint. ``overrides``: DiSTConfig fields the tensors do not
+    determine (``selected_layers``, default all CLIP blocks)."""
+    state = read_official_state_dict(path)
+    branch_sd = official_to_branch_state_dict(state)
+    if clip is None:
+        clip_sd = {k: v for k, v in state.items() if not k.startswith("dist_net.")}
+        if "visual.conv1.weight" not in clip_sd:
+            raise ValueError(f"{path}: the checkpoint holds no CLIP weights; pass clip=<CLIP file>")
+        clip = clip_from_openai_state_dict(clip_sd, act=act, source=str(path))
+    elif not isinstance(clip, CLIP):
+        from . import load_clip
+        clip = load_clip(clip)
+    num_branch_layers = _indices(branch_sd, "input_linears")
+    config = infer_dist_config(branch_sd, **overrides)
+    layers = config.resolve_layers(clip.visual.num_layers)
+    if len(layers) != num_branch_layers:
+        raise ValueError(
+            f"{path}: the branch has {num_branch_layers} layers but selected_layers has {len(layers)} "
+            f"({layers}); pass selected_layers=[...] with {num_branch_layers} CLIP block indices")
+    stem_patch = branch_sd["temporal_encoder.stem.weight"].shape[-1]
+    if stem_patch != clip.visual.patch_size:
+        raise ValueError(f"{path}: the temporal stem's patch is {stem_patch} but CLIP's is "
+                         f"{clip.visual.patch_size}: their token grids cannot be fused")
+    model = DiSTVideoModel(clip, config, clip_dtype=clip_dtype)
+    _load_strict(model.branch, branch_sd, str(path))
+    return model

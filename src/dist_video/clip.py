@@ -1,0 +1,295 @@
+"""CLIP in plain PyTorch: a vision transformer and a text transformer.
+
+The module layout (and so the state-dict keys) follows OpenAI's CLIP release:
+``visual.*`` for the image tower and ``transformer.*``, ``token_embedding``,
+``positional_embedding``, ``ln_final``, ``text_projection`` for the text tower, plus
+``logit_scale``. Every other checkpoint format is converted into this layout by
+:mod:`dist_video.clip_loaders`.
+
+Attention goes through ``torch.nn.functional.scaled_dot_product_attention`` with batch-first
+tensors. The image tower can return the token sequences of chosen transformer blocks, which
+is what the DiST branch reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "CLIPConfig",
+    "CLIP",
+    "VisionTransformer",
+    "Transformer",
+    "ResidualAttentionBlock",
+    "MultiheadAttention",
+    "QuickGELU",
+    "LayerNorm",
+    "make_activation",
+]
+
+
+class QuickGELU(nn.Module):
+    """The sigmoid approximation of GELU used by OpenAI's CLIP: x * sigmoid(1.702 x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_activation(name: str) -> nn.Module:
+    """Activation module by name: ``quick_gelu``, ``gelu`` (erf) or ``gelu_tanh``."""
+    name = name.lower().replace("-", "_")
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name == "gelu":
+        return nn.GELU()
+    if name in ("gelu_tanh", "gelu_new", "gelu_pytorch_tanh"):
+        return nn.GELU(approximate="tanh")
+    raise ValueError(f"unknown activation {name!r}: expected 'quick_gelu', 'gelu' or 'gelu_tanh'")
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype (as OpenAI's CLIP does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention with the parameter names of ``nn.MultiheadAttention``
+    (``in_proj_weight``, ``in_proj_bias``, ``out_proj``), batch-first, through fused SDPA."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        """Self-attention over x (N x L x D), or x attending to ``kv`` (N x S x D). -> N x L x D."""
+        n, length, width = x.shape
+        head_dim = width // self.heads
+        if kv is None:
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # N x L x 3D
+            q, k, v = qkv.view(n, length, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            w, b = self.in_proj_weight, self.in_proj_bias
+            q = F.linear(x, w[:width], b[:width]).view(n, length, self.heads, head_dim).transpose(1, 2)
+            kv = F.linear(kv, w[width:], b[width:]).view(n, kv.shape[1], 2, self.heads, head_dim)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        # q: N x heads x L x D/heads; k, v: N x heads x S x D/heads
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+        return self.out_proj(out.transpose(1, 2).reshape(n, length, width))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, act: str = "quick_gelu",
+                 eps: float = 1e-5):
+        super().__init__()
+        hidden = int(round(width * mlp_ratio))
+        self.ln_1 = LayerNorm(width, eps=eps)
+        self.attn = MultiheadAttention(width, heads)
+        self.ln_2 = LayerNorm(width, eps=eps)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, hidden)),
+            ("gelu", make_activation(act)),
+            ("c_proj", nn.Linear(hidden, width)),
+        ]))
+
+    def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        # x: N x L x D
+        x = x + self.attn(self.ln_1(x), is_causal=is_causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of :class:`ResidualAttentionBlock` (``resblocks.<i>``)."""
+
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0,
+                 act: str = "quick_gelu", eps: float = 1e-5):
+        super().__init__()
+        self.width = width
+        self.layers = layers
+        self.resblocks = nn.ModuleList(
+            [ResidualAttentionBlock(width, heads, mlp_ratio, act, eps) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor, is_causal: bool = False,
+                return_layers: Iterable[int] = (), stop_after_last: bool = False
+                ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """x: N x L x D. Returns the output and ``{i: output of block i}`` for ``return_layers``.
+
+        With ``stop_after_last`` the blocks after the last requested one are skipped (the
+        returned final tensor is then that block's output)."""
+        wanted = set(return_layers)
+        last = max(wanted) if (wanted and stop_after_last) else self.layers - 1
+        kept: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self.resblocks):
+            x = block(x, is_causal=is_causal)
+            if i in wanted:
+                kept[i] = x
+            if i == last:
+                break
+        return x, kept
+
+
+class VisionTransformer(nn.Module):
+    """CLIP's image tower. Images N x 3 x H x W -> embeddings N x E."""
+
+    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
+                 output_dim: int | None, mlp_ratio: float = 4.0, act: str = "quick_gelu",
+                 eps: float = 1e-5):
+        super().__init__()
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.grid_size = image_size // patch_size
+        self.width = width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        scale = width ** -0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid_size ** 2 + 1, width))
+        self.ln_pre = LayerNorm(width, eps=eps)
+        self.transformer = Transformer(width, layers, heads, mlp_ratio, act, eps)
+        self.ln_post = LayerNorm(width, eps=eps)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim)) if output_dim else None
+
+    @property
+    def num_layers(self) -> int:
+        return self.transformer.layers
+
+    def _positional_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """(1 + grid_h*grid_w) x D, bicubically resized when the input grid is not the trained one."""
+        pos = self.positional_embedding
+        if grid_h == grid_w == self.grid_size:
+            return pos
+        cls_pos, patch_pos = pos[:1], pos[1:]
+        patch_pos = patch_pos.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos.float(), size=(grid_h, grid_w), mode="bicubic",
+                                  align_corners=False).to(pos.dtype)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
+        return torch.cat([cls_pos, patch_pos], dim=0)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch, class and position embeddings, then ``ln_pre``. N x 3 x H x W -> N x (1+g*g) x D."""
+        x = self.conv1(images.to(self.conv1.weight.dtype))  # N x D x gh x gw
+        grid_h, grid_w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # N x g*g x D
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = x + self._positional_embedding(grid_h, grid_w).to(x.dtype)
+        return self.ln_pre(x)
+
+    def forward_layers(self, images: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Token sequences after the given blocks: ``{i: N x (1+g*g) x D}``; later blocks are skipped."""
+        _, kept = self.transformer(self.embed(images), return_layers=layers, stop_after_last=True)
+        return kept
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Class token of the final block's output -> embedding. N x L x D -> N x E."""
+        x = self.ln_post(tokens[:, 0])
+        return x @ self.proj if self.proj is not None else x
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x, _ = self.transformer(self.embed(images))
+        return self.pool(x)
+
+
+@dataclass
+class CLIPConfig:
+    """The sizes of a CLIP model. ``text_layers == 0`` means an image-only model."""
+
+    embed_dim: int
+    image_size: int
+    patch_size: int
+    vision_width: int
+    vision_layers: int
+    vision_heads: int
+    vision_mlp_ratio: float = 4.0
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_heads: int = 8
+    text_layers: int = 12
+    text_mlp_ratio: float = 4.0
+    act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    vision_proj: bool = True  # False: image-only models whose embedding is ln_post(cls) itself
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CLIP(nn.Module):
+    """CLIP with OpenAI's parameter layout.
+
+    ``encode_image(N x 3 x H x W) -> N x E``; ``encode_text(C x L int64) -> C x E``;
+    ``logit_scale`` is the log of the softmax temperature's inverse (a scalar parameter).
+    """
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.visual = VisionTransformer(c.image_size, c.patch_size, c.vision_width, c.vision_layers,
+                                        c.vision_heads, c.embed_dim if c.vision_proj else None,
+                                        c.vision_mlp_ratio, c.act,
+                                        c.layer_norm_eps)
+        self.has_text = c.text_layers > 0
+        if self.has_text:
+            self.context_length = c.context_length
+            self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads,
+                                           c.text_mlp_ratio, c.act, c.layer_norm_eps)
+            self.token_embedding = nn.Embedding(c.vocab_size, c.text_width)
+            self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.text_width))
+            self.ln_final = LayerNorm(c.text_width, eps=c.layer_norm_eps)
+            self.text_projection = nn.Parameter(torch.empty(c.text_width, c.embed_dim))
+            nn.init.normal_(self.token_embedding.weight, std=0.02)
+            nn.init.normal_(self.positional_embedding, std=0.01)
+            nn.init.normal_(self.text_projection, std=c.text_width ** -0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images N x 3 x H x W (normalised) -> N x E (not normalised)."""
+        return self.visual(images)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids C x L (end-of-text = the largest id of each row) -> C x E (not normalised)."""
+        if not self.has_text:
+            raise RuntimeError("this CLIP model has no text tower (an image-only checkpoint); "
+                               "use a learnable linear head instead of class-name text")
+        tokens = tokens.to(self.token_embedding.weight.device)
+        length = tokens.shape[1]
+        if length > self.context_length:
+            raise ValueError(f"token sequences of length {length} exceed the context length "
+                             f"{self.context_length}")
+        dtype = self.text_projection.dtype
+        x = self.token_embedding(tokens).to(dtype) + self.positional_embedding[:length].to(dtype)
+        x, _ = self.transformer(x, is_causal=True)  # C x L x W
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # end-of-text token
+        return self.ln_final(x) @ self.text_projection
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Image-text logits N x C."""
+        image = F.normalize(self.encode_image(images), dim=-1)
+        text = F.normalize(self.encode_text(tokens), dim=-1)
+        return self.logit_scale.exp() * image @ text.t()

@@ -1,0 +1,371 @@
+"""The DiST branch: temporal encoder, integration blocks and adaptive pooling.
+
+Notation (see ``reference/DiST.md``): B clips of T dense frames; the frozen CLIP sees
+T' = T / alpha sparse frames, each as N + 1 tokens (N = g*g patches + a class token) of width
+D. C_t is the temporal width, C_i the integration width, E the CLIP embedding width.
+
+Inside the integration branch tokens are kept batch-first per frame, ``B*T' x (N+1) x C_i``
+(frame index fastest within a clip), which is how CLIP returns them.
+
+Parameter names mirror the authors' release (``input_linears``, ``integration_nets``,
+``adapooling_nets`` ...), except that their ``temporal_stem`` / ``temporal_nets`` live here in
+:class:`TemporalEncoder` as ``temporal_encoder.stem`` / ``temporal_encoder.blocks``;
+:mod:`dist_video.checkpoints` maps one onto the other.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, fields
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .clip import LayerNorm, MultiheadAttention, QuickGELU
+
+__all__ = [
+    "DiSTConfig",
+    "PRESETS",
+    "TemporalBlock",
+    "TemporalEncoder",
+    "IntegrationToTemporal",
+    "TemporalToIntegration",
+    "IntegrationBlock",
+    "CrossAttention",
+    "AdaptivePooling",
+    "DiSTBranch",
+]
+
+
+@dataclass
+class DiSTConfig:
+    """Sizes of the DiST branch.
+
+    ``selected_layers`` lists the CLIP blocks the branch reads (``None`` = all of them; it is
+    resolved against the CLIP model when the branch is built). The temporal stem's spatial
+    patch is always CLIP's patch size, so it is not a field.
+    """
+
+    num_frames: int = 16
+    alpha: int = 2
+    temporal_dim: int = 96
+    integration_dim: int = 384
+    stem_kernel: int = 5
+    temporal_kernel: int = 3
+    temporal_mlp_ratio: float = 1.0
+    integration_mlp_ratio: float = 1.0
+    integration_temporal_mlp_ratio: float = 0.25
+    pooling_layers: int = 4
+    selected_layers: list[int] | None = None
+
+    def __post_init__(self):
+        if self.num_frames % self.alpha:
+            raise ValueError(f"num_frames ({self.num_frames}) must be a multiple of alpha ({self.alpha})")
+        if self.integration_dim % 64:
+            raise ValueError(f"integration_dim ({self.integration_dim}) must be a multiple of 64 "
+                             "(attention heads are integration_dim / 64)")
+        if self.temporal_kernel % 2 == 0 or self.stem_kernel % 2 == 0:
+            raise ValueError("stem_kernel and temporal_kernel must be odd")
+        if self.selected_layers is not None:
+            self.selected_layers = [int(i) for i in self.selected_layers]
+            if not self.selected_layers:
+                raise ValueError("selected_layers must not be empty")
+            if sorted(set(self.selected_layers)) != self.selected_layers:
+                raise ValueError(f"selected_layers must be strictly increasing, got {self.selected_layers}")
+
+    @property
+    def sparse_frames(self) -> int:
+        """T': the number of frames that go through CLIP."""
+        return self.num_frames // self.alpha
+
+    def resolve_layers(self, clip_layers: int) -> list[int]:
+        """The selected CLIP blocks, checked against a CLIP with ``clip_layers`` blocks."""
+        layers = list(range(clip_layers)) if self.selected_layers is None else list(self.selected_layers)
+        bad = [i for i in layers if not 0 <= i < clip_layers]
+        if bad:
+            raise ValueError(f"selected_layers {bad} out of range for a CLIP with {clip_layers} blocks")
+        return layers
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DiSTConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown DiSTConfig fields {unknown}; valid: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "DiSTConfig":
+        """A published setting, e.g. ``k400-vit-b16-8+16f`` (see :data:`PRESETS`)."""
+        if name not in PRESETS:
+            import difflib
+            near = difflib.get_close_matches(name, PRESETS, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise KeyError(f"unknown DiST preset {name!r}{hint} Known: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+def _published_presets() -> dict[str, dict]:
+    presets = {}
+    for dataset, pooling in (("k400", 4), ("ssv2", 2)):
+        for sparse in (8, 16, 32):
+            presets[f"{dataset}-vit-b16-{sparse}+{2 * sparse}f"] = dict(
+                num_frames=2 * sparse, alpha=2, pooling_layers=pooling, selected_layers=None)
+        presets[f"{dataset}-vit-l14-32+64f"] = dict(
+            num_frames=64, alpha=2, pooling_layers=pooling, selected_layers=None)
+    return presets
+
+
+#: Published settings (Qing et al., ICCV 2023). Every preset uses all CLIP blocks
+#: (``selected_layers=None``), C_t = 96, C_i = 384, stem kernel 5, temporal kernel 3.
+PRESETS: dict[str, dict] = _published_presets()
+
+
+class TemporalBlock(nn.Module):
+    """One block of the temporal encoder, on B x C_t x T x g x g.
+
+    ``x = QuickGELU(x + conv(1,3,3)(QuickGELU(conv(k,1,1)(LN_c(x)))))``.
+    """
+
+    def __init__(self, dim: int, kernel: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.ln = LayerNorm(dim)
+        self.temporal_net = nn.Sequential(OrderedDict([
+            ("c_fc1", nn.Conv3d(dim, hidden, (kernel, 1, 1), padding=(kernel // 2, 0, 0))),
+            ("gelu1", QuickGELU()),
+            ("c_fc2", nn.Conv3d(hidden, dim, (1, 3, 3), padding=(0, 1, 1))),
+        ]))
+        self.gelu = QuickGELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)  # LN over channels
+        return self.gelu(x + self.temporal_net(y))
+
+
+class TemporalEncoder(nn.Module):
+    """The dense-frame 3D-conv network: a stem and one :class:`TemporalBlock` per selected layer.
+
+    The blocks are interleaved with the integration branch by :class:`DiSTBranch`, so this
+    module holds them but its ``stem`` is the only part called directly.
+    """
+
+    def __init__(self, dim: int, num_blocks: int, patch_size: int, stem_kernel: int,
+                 kernel: int, mlp_ratio: float):
+        super().__init__()
+        # B x 3 x T x H x W -> B x C_t x T x g x g; the spatial patch equals CLIP's.
+        self.stem = nn.Conv3d(3, dim, kernel_size=(stem_kernel, patch_size, patch_size),
+                              stride=(1, patch_size, patch_size), padding=(stem_kernel // 2, 0, 0))
+        self.blocks = nn.ModuleList([TemporalBlock(dim, kernel, mlp_ratio) for _ in range(num_blocks)])
+
+
+class IntegrationToTemporal(nn.Module):
+    """Integration tokens -> temporal features: Linear(C_i -> C_t) on the patch tokens,
+    upsampled x alpha in time. B*T' x (N+1) x C_i -> B x C_t x T x g x g."""
+
+    def __init__(self, integration_dim: int, temporal_dim: int, alpha: int):
+        super().__init__()
+        self.alpha = alpha
+        self.linear_fuse = nn.Linear(integration_dim, temporal_dim)
+
+    def forward(self, m: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
+        x = self.linear_fuse(m[:, 1:])  # B*T' x N x C_t (class token dropped)
+        bt, _, c = x.shape
+        x = x.view(batch, bt // batch, grid[0], grid[1], c).permute(0, 4, 1, 2, 3)  # B x C_t x T' x g x g
+        return x.repeat_interleave(self.alpha, dim=2)  # nearest-neighbour upsampling in time
+
+
+class TemporalToIntegration(nn.Module):
+    """Temporal features -> integration tokens: Conv3d(C_t -> C_i, kernel/stride (alpha,1,1)),
+    with a learnable per-frame class token in front.
+    B x C_t x T x g x g -> B*T' x (N+1) x C_i."""
+
+    def __init__(self, temporal_dim: int, integration_dim: int, alpha: int, sparse_frames: int):
+        super().__init__()
+        self.linear_fuse = nn.Conv3d(temporal_dim, integration_dim, kernel_size=(alpha, 1, 1),
+                                     stride=(alpha, 1, 1))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, sparse_frames, integration_dim))
+
+    def forward(self, x_t: torch.Tensor) -> torch.Tensor:
+        x = self.linear_fuse(x_t)  # B x C_i x T' x g x g
+        b, c, t = x.shape[:3]
+        x = x.flatten(3).permute(0, 2, 3, 1)  # B x T' x N x C_i
+        cls = self.cls_token[0].expand(b, t, c).unsqueeze(2).to(x.dtype)  # B x T' x 1 x C_i
+        return torch.cat([cls, x], dim=2).flatten(0, 1)  # B*T' x (N+1) x C_i
+
+
+class IntegrationBlock(nn.Module):
+    """``res = FFN(LN(m)) + TFFN(LN'(m))`` on B*T' x (N+1) x C_i.
+
+    TFFN treats the N+1 tokens of a frame as positions and mixes each position over time:
+    1x1x1 conv C_i -> C_i*r, conv (k,1,1), QuickGELU, 1x1x1 conv back.
+    """
+
+    def __init__(self, dim: int, mlp_ratio: float, temporal_mlp_ratio: float, kernel: int,
+                 sparse_frames: int):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        t_hidden = int(dim * temporal_mlp_ratio)
+        self.sparse_frames = sparse_frames
+        self.ffn = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(dim, hidden)),
+            ("gelu", QuickGELU()),
+            ("c_proj", nn.Linear(hidden, dim)),
+        ]))
+        self.temporal_ffn = nn.Sequential(OrderedDict([
+            ("c_fc1", nn.Conv3d(dim, t_hidden, kernel_size=1)),
+            ("c_fc2", nn.Conv3d(t_hidden, t_hidden, (kernel, 1, 1), padding=(kernel // 2, 0, 0))),
+            ("gelu1", QuickGELU()),
+            ("c_proj", nn.Conv3d(t_hidden, dim, kernel_size=1)),
+        ]))
+        self.ln = LayerNorm(dim)
+        self.ln_temporal = LayerNorm(dim)
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        bt, length, c = m.shape
+        t = self.sparse_frames
+        y = self.ln_temporal(m).view(bt // t, t, length, c).permute(0, 3, 1, 2).unsqueeze(-1)
+        y = self.temporal_ffn(y)  # B x C_i x T' x (N+1) x 1
+        y = y.squeeze(-1).permute(0, 2, 3, 1).reshape(bt, length, c)
+        return self.ffn(self.ln(m)) + y
+
+
+class CrossAttention(nn.Module):
+    """``attn(LN(q), LN(kv), LN(kv))``: one LayerNorm shared by query, key and value."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.attn = MultiheadAttention(dim, heads)
+        self.ln_1 = LayerNorm(dim)
+
+    def forward(self, query: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        # query: S x Lq x C, kv: S x Lk x C -> S x Lq x C
+        return self.attn(self.ln_1(query), kv=self.ln_1(kv))
+
+
+def _mlp(dim: int, ratio: float = 4.0) -> nn.Sequential:
+    return nn.Sequential(OrderedDict([
+        ("c_fc", nn.Linear(dim, int(dim * ratio))),
+        ("gelu", QuickGELU()),
+        ("c_proj", nn.Linear(int(dim * ratio), dim)),
+    ]))
+
+
+class AdaptivePooling(nn.Module):
+    """One adaptive-pooling layer: per-frame queries attend to their frame's tokens, then the
+    video query attends to the per-frame queries (+ a temporal position embedding)."""
+
+    def __init__(self, dim: int, sparse_frames: int):
+        super().__init__()
+        heads = dim // 64
+        self.spatial_transformer = CrossAttention(dim, heads)
+        self.output_map_spatial_cls_token = _mlp(dim)
+        self.ln_out_spat_cls_token = LayerNorm(dim)
+        self.temporal_transformer = CrossAttention(dim, heads)
+        self.positional_embedding = nn.Parameter(torch.zeros(1, sparse_frames, dim))
+        self.output_map_cls_token = _mlp(dim)
+        self.ln_out_temp_cls_token = LayerNorm(dim)
+
+    def forward(self, feat: torch.Tensor, video_query: torch.Tensor, frame_query: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """feat: B*T' x (N+1) x C_i; video_query: B x 1 x C_i; frame_query: B*T' x 1 x C_i."""
+        frame_query = frame_query + self.spatial_transformer(frame_query, feat)
+        frame_query = frame_query + self.output_map_spatial_cls_token(self.ln_out_spat_cls_token(frame_query))
+        b = video_query.shape[0]
+        frames = frame_query.reshape(b, -1, frame_query.shape[-1])  # B x T' x C_i
+        frames = frames + self.positional_embedding.to(frames.dtype)
+        video_query = video_query + self.temporal_transformer(video_query, frames)
+        video_query = video_query + self.output_map_cls_token(self.ln_out_temp_cls_token(video_query))
+        return video_query, frame_query
+
+
+class DiSTBranch(nn.Module):
+    """The trainable part of DiST.
+
+    Inputs: the dense clip B x 3 x T x H x W and CLIP's token sequences of the selected blocks
+    (each B*T' x (N+1) x D). Output: the video embedding B x E (before normalisation).
+    """
+
+    def __init__(self, config: DiSTConfig, clip_width: int, clip_patch_size: int, embed_dim: int,
+                 selected_layers: Sequence[int]):
+        super().__init__()
+        self.config = config
+        self.selected_layers = list(selected_layers)
+        n = len(self.selected_layers)
+        c_t, c_i, t_sparse = config.temporal_dim, config.integration_dim, config.sparse_frames
+        self.alpha = config.alpha
+        self.patch_size = clip_patch_size
+
+        self.temporal_encoder = TemporalEncoder(c_t, n, clip_patch_size, config.stem_kernel,
+                                                config.temporal_kernel, config.temporal_mlp_ratio)
+        self.input_linears = nn.ModuleList([nn.Linear(clip_width, c_i) for _ in range(n)])
+        self.integration2temporal_nets = nn.ModuleList(
+            [IntegrationToTemporal(c_i, c_t, config.alpha) for _ in range(n)])
+        self.temporal2integration_nets = nn.ModuleList(
+            [TemporalToIntegration(c_t, c_i, config.alpha, t_sparse) for _ in range(n)])
+        self.integration_nets = nn.ModuleList([
+            IntegrationBlock(c_i, config.integration_mlp_ratio, config.integration_temporal_mlp_ratio,
+                             config.temporal_kernel, t_sparse) for _ in range(n)])
+        self.adapooling_nets = nn.ModuleList(
+            [AdaptivePooling(c_i, t_sparse) for _ in range(config.pooling_layers)])
+        self.proj_spatial_cls_token = nn.Linear(clip_width, c_i)
+        self.ln_post = LayerNorm(c_i)
+        self.proj = nn.Parameter(torch.empty(c_i, embed_dim))
+        self.aggregated_cls_token = nn.Parameter(torch.zeros(1, 1, c_i))  # the video query
+        self.aggregated_spatial_cls_token = nn.Parameter(torch.zeros(1, 1, c_i))  # per-frame query
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """trunc-normal(0.02) weights, zero biases, unit LayerNorms, trunc-normal tokens/queries."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv3d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, MultiheadAttention):
+                nn.init.trunc_normal_(m.in_proj_weight, std=0.02)
+                nn.init.zeros_(m.in_proj_bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.temporal2integration_nets:
+            nn.init.trunc_normal_(m.cls_token, std=0.02)
+        for m in self.adapooling_nets:
+            nn.init.trunc_normal_(m.positional_embedding, std=0.02)
+        nn.init.trunc_normal_(self.aggregated_cls_token, std=0.02)
+        nn.init.trunc_normal_(self.aggregated_spatial_cls_token, std=0.02)
+        nn.init.normal_(self.proj, std=self.config.integration_dim ** -0.5)
+
+    def forward(self, video: torch.Tensor, clip_layers: dict[int, torch.Tensor]) -> torch.Tensor:
+        """video: B x 3 x T x H x W; clip_layers: {layer: B*T' x (N+1) x D} -> B x E."""
+        b, _, t, h, w = video.shape
+        if t != self.config.num_frames:
+            raise ValueError(f"the DiST branch was built for {self.config.num_frames} dense frames, "
+                             f"got a clip of {t}")
+        grid = (h // self.patch_size, w // self.patch_size)
+        dtype = self.proj.dtype
+        x_t = self.temporal_encoder.stem(video.to(dtype))  # B x C_t x T x g x g
+        res: torch.Tensor | float = 0.0
+        for i, layer in enumerate(self.selected_layers):
+            x_t = self.temporal_encoder.blocks[i](x_t)
+            m = self.input_linears[i](clip_layers[layer].to(dtype)) + res  # B*T' x (N+1) x C_i
+            x_t_new = x_t + self.integration2temporal_nets[i](m, b, grid)
+            m = m + self.temporal2integration_nets[i](x_t)
+            res = self.integration_nets[i](m)
+            x_t = x_t_new
+        feat = res + m  # B*T' x (N+1) x C_i
+
+        video_query = self.aggregated_cls_token.expand(b, 1, -1).to(feat.dtype)
+        frame_query = self.aggregated_spatial_cls_token.expand(feat.shape[0], 1, -1).to(feat.dtype)
+        for pooling in self.adapooling_nets:
+            video_query, frame_query = pooling(feat, video_query, frame_query)
+
+        last = clip_layers[self.selected_layers[-1]]
+        cls_mean = last[:, 0].to(dtype).view(b, -1, last.shape[-1]).mean(dim=1)  # B x D
+        z = self.ln_post(video_query[:, 0] + self.proj_spatial_cls_token(cls_mean))
+        return z @ self.proj
