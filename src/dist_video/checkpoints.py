@@ -19,8 +19,8 @@ from .clip_loaders import clip_from_openai_state_dict
 from .dist import DiSTConfig
 from .model import DiSTVideoModel, _load_strict
 
-__all__ = ["load_official_checkpoint", "official_to_branch_state_dict", "infer_dist_config",
-           "read_official_state_dict"]
+__all__ = ["load_official_checkpoint", "read_official_state_dict", "official_to_branch_state_dict",
+           "branch_to_official_state_dict", "infer_dist_config"]
 
 # Older releases named the branch ``ladder_net`` with these sub-names.
 _LADDER_NAMES = {
@@ -86,6 +86,19 @@ def official_to_branch_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dic
         if head in _TEMPORAL_NAMES:
             key = _TEMPORAL_NAMES[head] + ("." + tail if tail else "")
         out[key] = value
+    return out
+
+
+def branch_to_official_state_dict(branch_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`official_to_branch_state_dict`: our keys -> ``dist_net.*`` names."""
+    ours = {v: k for k, v in _TEMPORAL_NAMES.items()}
+    out = {}
+    for key, value in branch_sd.items():
+        for prefix, theirs in ours.items():
+            if key.startswith(prefix + "."):
+                key = theirs + key[len(prefix):]
+                break
+        out["dist_net." + key] = value
     return out
 
 

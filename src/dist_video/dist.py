@@ -319,6 +319,10 @@ class DiSTBranch(nn.Module):
         self.aggregated_cls_token = nn.Parameter(torch.zeros(1, 1, c_i))  # the video query
         self.aggregated_spatial_cls_token = nn.Parameter(torch.zeros(1, 1, c_i))  # per-frame query
         self.reset_parameters()
+        # The last layer's integration -> temporal update feeds nothing (the temporal features
+        # are not read after the last layer). Its weights exist in the authors' checkpoints, so
+        # they are kept, but frozen and not computed (no unused-parameter trouble under DDP).
+        self.integration2temporal_nets[-1].requires_grad_(False)
 
     def reset_parameters(self) -> None:
         """trunc-normal(0.02) weights, zero biases, unit LayerNorms, trunc-normal tokens/queries."""
@@ -351,13 +355,16 @@ class DiSTBranch(nn.Module):
         dtype = self.proj.dtype
         x_t = self.temporal_encoder.stem(video.to(dtype))  # B x C_t x T x g x g
         res: torch.Tensor | float = 0.0
+        last_layer = len(self.selected_layers) - 1
         for i, layer in enumerate(self.selected_layers):
             x_t = self.temporal_encoder.blocks[i](x_t)
             m = self.input_linears[i](clip_layers[layer].to(dtype)) + res  # B*T' x (N+1) x C_i
-            x_t_new = x_t + self.integration2temporal_nets[i](m, b, grid)
+            if i < last_layer:
+                x_t_new = x_t + self.integration2temporal_nets[i](m, b, grid)
             m = m + self.temporal2integration_nets[i](x_t)
             res = self.integration_nets[i](m)
-            x_t = x_t_new
+            if i < last_layer:
+                x_t = x_t_new
         feat = res + m  # B*T' x (N+1) x C_i
 
         video_query = self.aggregated_cls_token.expand(b, 1, -1).to(feat.dtype)
