@@ -251,7 +251,7 @@ def test_save_pretrained_round_trip(tmp_path, official_model, reference):
     assert (out / "clip.safetensors").is_file() and (out / "model.safetensors").is_file()
     loaded = DiSTVideoModel.from_pretrained(out, clip_dtype="fp32").eval()
     assert loaded.class_names == [f"class {i}" for i in range(5)]
-    assert loaded.config.selected_layers == [0, 1, 2, 3]
+    assert loaded.selected_layers == [0, 1, 2, 3] and isinstance(loaded, DiSTVideoModel)
     with torch.no_grad():
         torch.testing.assert_close(loaded(reference["video"]), reference["logits"], atol=1e-3, rtol=0)
 
@@ -260,7 +260,7 @@ def test_from_pretrained_rejects_mismatched_weights(tmp_path, official_model):
     out = official_model.save_pretrained(tmp_path / "model")
     import json
     meta = json.loads((out / "config.json").read_text())
-    meta["dist"]["temporal_dim"] = 48
+    meta["config"]["temporal_dim"] = 48
     (out / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="model.safetensors: DiST weights do not match"):
+    with pytest.raises(ValueError, match="model.safetensors: weights do not match"):
         DiSTVideoModel.from_pretrained(out)

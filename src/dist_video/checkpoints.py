@@ -167,5 +167,5 @@ def load_official_checkpoint(path: str | os.PathLike, clip: CLIP | str | os.Path
         raise ValueError(f"{path}: the temporal stem's patch is {stem_patch} but CLIP's is "
                          f"{clip.visual.patch_size}: their token grids cannot be fused")
     model = DiSTVideoModel(clip, config, clip_dtype=clip_dtype)
-    _load_strict(model.branch, branch_sd, str(path))
+    _load_strict(model.branch, model.branch.state_dict(), branch_sd, str(path))
     return model
