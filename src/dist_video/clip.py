@@ -32,6 +32,8 @@ __all__ = [
     "QuickGELU",
     "LayerNorm",
     "make_activation",
+    "ARCHITECTURES",
+    "clip_config_for_architecture",
 ]
 
 
@@ -293,3 +295,27 @@ class CLIP(nn.Module):
         image = F.normalize(self.encode_image(images), dim=-1)
         text = F.normalize(self.encode_text(tokens), dim=-1)
         return self.logit_scale.exp() * image @ text.t()
+
+
+#: OpenAI's CLIP ViT sizes, for building random-weight models of a known shape (benchmarks,
+#: ``dist-video info``). Loading real weights never uses this table: sizes come from tensors.
+ARCHITECTURES: dict[str, dict] = {
+    "ViT-B/32": dict(embed_dim=512, image_size=224, patch_size=32, vision_width=768, vision_layers=12,
+                     vision_heads=12, text_width=512, text_heads=8, text_layers=12),
+    "ViT-B/16": dict(embed_dim=512, image_size=224, patch_size=16, vision_width=768, vision_layers=12,
+                     vision_heads=12, text_width=512, text_heads=8, text_layers=12),
+    "ViT-L/14": dict(embed_dim=768, image_size=224, patch_size=14, vision_width=1024, vision_layers=24,
+                     vision_heads=16, text_width=768, text_heads=12, text_layers=12),
+}
+
+
+def clip_config_for_architecture(name: str, *, text: bool = True) -> CLIPConfig:
+    """The :class:`CLIPConfig` of an OpenAI architecture name (``ViT-B/16``, ``ViT-L/14``...)."""
+    key = name.replace("-", "/", 2).replace("ViT/", "ViT-") if name not in ARCHITECTURES else name
+    if key not in ARCHITECTURES:
+        raise KeyError(f"unknown CLIP architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+    cfg = dict(ARCHITECTURES[key])
+    if not text:
+        cfg["text_layers"] = 0
+    return CLIPConfig(**cfg)
+

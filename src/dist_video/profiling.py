@@ -1,0 +1,57 @@
+"""Counting the cost of a model: parameters and multiply-accumulates per view.
+
+MACs are PyTorch's FLOP counter (``torch.utils.flop_counter``) halved, the convention of the
+DiST paper. On CPU that counter does not see the fused attention kernel (QK^T and AV), so
+those products are left out here exactly as they were in the paper's count; they are a few
+percent of a ViT's cost (``attention_macs`` gives them separately).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .model import DiSTVideoModel, VideoClassifier
+
+__all__ = ["count_macs", "cost_per_view", "count_parameters"]
+
+
+def count_macs(fn, *args, **kwargs) -> int:
+    """Multiply-accumulates of ``fn(*args, **kwargs)`` as PyTorch's FLOP counter sees them."""
+    # Run with autograd on: the counter's module tracker fails on no-grad tensors that
+    # require grad (expanded parameters).
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops() // 2
+
+
+def count_parameters(model: VideoClassifier) -> dict:
+    """Parameter counts: CLIP image tower, CLIP text tower, and the trainable part."""
+    clip = model.clip
+    visual = sum(p.numel() for p in clip.visual.parameters())
+    total_clip = sum(p.numel() for p in clip.parameters())
+    out = {"clip_visual": visual, "clip_text": total_clip - visual,
+           "trainable": sum(p.numel() for _, p in model.trainable_parameters())}
+    if isinstance(model, DiSTVideoModel):
+        out["dist_branch"] = sum(p.numel() for p in model.branch.parameters())
+    return out
+
+
+def attention_macs(model: VideoClassifier, height: int, width: int) -> int:
+    """The QK^T and AV products of CLIP's image tower for one view (not in :func:`count_macs`)."""
+    v = model.clip.visual
+    tokens = (height // v.patch_size) * (width // v.patch_size) + 1
+    frames = model.config.num_frames // model.config.alpha
+    return 2 * tokens * tokens * v.width * v.num_layers * frames
+
+
+def cost_per_view(model: VideoClassifier, height: int = 224, width: int = 224) -> dict:
+    """MACs of one view (1 clip): ``{"clip": ..., "branch": ..., "total": ...}`` (branch only for DiST)."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    video = torch.zeros(1, 3, cfg.num_frames, height, width, device=device)
+    total = count_macs(model.encode_video, video)
+    if isinstance(model, DiSTVideoModel):
+        clip = count_macs(model.clip_layers, video)
+        return {"clip": clip, "branch": total - clip, "total": total}
+    return {"clip": total, "total": total}
