@@ -165,11 +165,15 @@ def _hints(cls) -> dict[str, Any]:
 
 
 def _nearest(key: str, candidates: list[str]) -> str:
-    near = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    """``; did you mean 'x'?`` for the closest valid key: the same name in another section
+    first, then the closest full key, then the closest name."""
+    tail = key.rsplit(".", 1)[-1]
+    near = [c for c in candidates if c.rsplit(".", 1)[-1] == tail and c != key]
+    near = near or difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     if not near:
-        tail = key.rsplit(".", 1)[-1]
-        near = [c for c in candidates if c.rsplit(".", 1)[-1] == tail] or \
-            difflib.get_close_matches(tail, candidates, n=1, cutoff=0.3)
+        tails = {c.rsplit(".", 1)[-1]: c for c in candidates}
+        close = difflib.get_close_matches(tail, list(tails), n=1, cutoff=0.5)
+        near = [tails[close[0]]] if close else []
     return f"; did you mean '{near[0]}'?" if near else ""
 
 
