@@ -57,14 +57,14 @@ def make_activation(name: str) -> nn.Module:
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the input dtype (as OpenAI's CLIP does)."""
+    """LayerNorm that follows its input's dtype (weights cast to it). PyTorch's bf16/fp16
+    kernels accumulate the statistics in float32, so this matches OpenAI's compute-in-fp32
+    LayerNorm up to the final rounding, without two extra full-tensor casts."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        weight = self.weight.to(x.dtype) if self.weight is not None else None
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 class MultiheadAttention(nn.Module):
