@@ -264,3 +264,29 @@ def test_from_pretrained_rejects_mismatched_weights(tmp_path, official_model):
     (out / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="model.safetensors: weights do not match"):
         DiSTVideoModel.from_pretrained(out)
+
+
+def test_quick_gelu_memory_saving_backward_is_exact():
+    from dist_video.clip import QuickGELU
+    x = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(QuickGELU(), (x,))
+    torch.testing.assert_close(QuickGELU()(x), x * torch.sigmoid(1.702 * x))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    clip = tiny_clip(width=64, layers=3)
+    torch.manual_seed(0)
+    model = DiSTVideoModel(clip, DiSTConfig(num_frames=4, alpha=2, temporal_dim=8, integration_dim=64,
+                                            pooling_layers=1), clip_dtype="fp32")
+    video = torch.randn(2, 3, 4, 64, 64)
+
+    def grads(checkpointing):
+        model.zero_grad(set_to_none=True)
+        model.branch.activation_checkpointing = checkpointing
+        model.encode_video(video).square().sum().backward()
+        return {n: p.grad.clone() for n, p in model.branch.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 50
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)

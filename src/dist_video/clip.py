@@ -37,10 +37,28 @@ __all__ = [
 ]
 
 
+class _QuickGELUFunction(torch.autograd.Function):
+    """x * sigmoid(1.702 x), saving only x for backward (the plain expression saves three
+    tensors): the same values, a third of the activation memory."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(1.702 * x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(1.702 * x)
+        return grad * (s + 1.702 * x * s * (1 - s))
+
+
 class QuickGELU(nn.Module):
     """The sigmoid approximation of GELU used by OpenAI's CLIP: x * sigmoid(1.702 x)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            return _QuickGELUFunction.apply(x)
         return x * torch.sigmoid(1.702 * x)
 
 

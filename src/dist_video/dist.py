@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .clip import LayerNorm, MultiheadAttention, QuickGELU
 
@@ -323,6 +324,9 @@ class DiSTBranch(nn.Module):
         # are not read after the last layer). Its weights exist in the authors' checkpoints, so
         # they are kept, but frozen and not computed (no unused-parameter trouble under DDP).
         self.integration2temporal_nets[-1].requires_grad_(False)
+        # Recompute each layer's activations in backward instead of storing them (less memory,
+        # one more branch forward per step).
+        self.activation_checkpointing = False
 
     def reset_parameters(self) -> None:
         """trunc-normal(0.02) weights, zero biases, unit LayerNorms, trunc-normal tokens/queries."""
@@ -345,6 +349,20 @@ class DiSTBranch(nn.Module):
         nn.init.trunc_normal_(self.aggregated_spatial_cls_token, std=0.02)
         nn.init.normal_(self.proj, std=self.config.integration_dim ** -0.5)
 
+    def _layer(self, i: int, x_t: torch.Tensor, clip_tokens: torch.Tensor, res: torch.Tensor | float,
+               batch: int, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One selected layer. x_t: B x C_t x T x g x g; clip_tokens: B*T' x (N+1) x D;
+        res: B*T' x (N+1) x C_i (or 0). Returns the updated (x_t, m, res)."""
+        x_t = self.temporal_encoder.blocks[i](x_t)
+        if not torch.is_autocast_enabled(clip_tokens.device.type):
+            clip_tokens = clip_tokens.to(self.proj.dtype)
+        m = self.input_linears[i](clip_tokens) + res  # B*T' x (N+1) x C_i
+        last = i == len(self.selected_layers) - 1
+        x_t_new = x_t if last else x_t + self.integration2temporal_nets[i](m, batch, grid)
+        m = m + self.temporal2integration_nets[i](x_t)
+        res = self.integration_nets[i](m)
+        return x_t_new, m, res
+
     def forward(self, video: torch.Tensor, clip_layers: dict[int, torch.Tensor]) -> torch.Tensor:
         """video: B x 3 x T x H x W; clip_layers: {layer: B*T' x (N+1) x D} -> B x E."""
         b, _, t, h, w = video.shape
@@ -355,16 +373,12 @@ class DiSTBranch(nn.Module):
         dtype = self.proj.dtype
         x_t = self.temporal_encoder.stem(video.to(dtype))  # B x C_t x T x g x g
         res: torch.Tensor | float = 0.0
-        last_layer = len(self.selected_layers) - 1
         for i, layer in enumerate(self.selected_layers):
-            x_t = self.temporal_encoder.blocks[i](x_t)
-            m = self.input_linears[i](clip_layers[layer].to(dtype)) + res  # B*T' x (N+1) x C_i
-            if i < last_layer:
-                x_t_new = x_t + self.integration2temporal_nets[i](m, b, grid)
-            m = m + self.temporal2integration_nets[i](x_t)
-            res = self.integration_nets[i](m)
-            if i < last_layer:
-                x_t = x_t_new
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x_t, m, res = checkpoint(self._layer, i, x_t, clip_layers[layer], res, b, grid,
+                                         use_reentrant=False)
+            else:
+                x_t, m, res = self._layer(i, x_t, clip_layers[layer], res, b, grid)
         feat = res + m  # B*T' x (N+1) x C_i
 
         video_query = self.aggregated_cls_token.expand(b, 1, -1).to(feat.dtype)
