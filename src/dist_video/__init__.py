@@ -6,6 +6,9 @@ from .clip import CLIP, CLIPConfig
 from .dist import DiSTConfig, PRESETS
 from .model import DiSTVideoModel
 from .checkpoints import load_official_checkpoint
+from .clip_loaders import load_clip
+from .tokenizer import tokenize
 
 __all__ = ["CLIP", "CLIPConfig", "DiSTConfig", "PRESETS", "DiSTVideoModel", "load_official_checkpoint",
            "__version__"]
+__all__ += ["load_clip", "tokenize"]
