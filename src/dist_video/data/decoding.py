@@ -64,6 +64,7 @@ __all__ = [
     "BACKENDS",
     "ONE_FRAME_PER_PACKET",
     "SEEK_GAP",
+    "STATS",
 ]
 
 BACKENDS = ("pyav", "decord", "torchcodec")
@@ -82,6 +83,10 @@ SEEK_GAP = 6
 _INDEXABLE_FAMILIES = ("mov", "mp4", "matroska", "webm", "avi")
 _SEEKABLE_FAMILIES = ("mov", "mp4", "matroska", "webm")
 _CACHE_SIZE = 100_000
+
+#: Counters of this process's decoding decisions (for tests and benchmarks): forward seeks,
+#: fall-backs to sequential decoding, files re-counted because they ended early.
+STATS = {"seeks": 0, "fallbacks": 0, "recounts": 0}
 
 
 @dataclass(frozen=True)
@@ -524,6 +529,7 @@ def _read_indexed(path: str, wanted: list[int], index: _FrameIndex, threads: int
             target = next_seek_target()
             if target >= 0:
                 container.seek(table.pts_of(target), stream=stream, backward=True, any_frame=False)
+                STATS["seeks"] += 1
                 cc.flush_buffers()
                 min_valid = target
                 expect_key = target
@@ -677,6 +683,7 @@ def _read_pyav(path: str, wanted: list[int], index: _FrameIndex, threads: int) -
             got = _read_indexed(path, wanted, index, threads)
         except _IndexMismatch:
             got = None  # the index was wrong for this file: recount and decode sequentially
+            STATS["fallbacks"] += 1
             index = _recount(path, index, reason="its timestamps disagree with decoding")
     if got is not None and len(got) == len(wanted):
         return got
@@ -695,6 +702,7 @@ def _read_pyav(path: str, wanted: list[int], index: _FrameIndex, threads: int) -
 
 
 def _recount(path: str, old: _FrameIndex, reason: str) -> _FrameIndex:
+    STATS["recounts"] += 1
     new = _index_by_decoding(path)
     if new.info.num_frames != old.info.num_frames:
         warnings.warn(f"{path}: indexed as {old.info.num_frames} frames but {reason}; "
