@@ -89,7 +89,13 @@ def clip_from_openai_state_dict(state_dict: Mapping[str, torch.Tensor], act: str
     sd = {k: v for k, v in state_dict.items()
           if k not in ("input_resolution", "context_length", "vocab_size")}
     model = CLIP(config)
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    except RuntimeError as e:  # size mismatches: tensors inconsistent with each other
+        lines = [ln.strip() for ln in str(e).splitlines()[1:4]]
+        raise ValueError(f"{source}: CLIP weights of inconsistent shapes for the inferred architecture "
+                         f"({config.vision_layers} vision blocks of width {config.vision_width}): "
+                         + "; ".join(lines)) from None
     if missing or unexpected:
         raise ValueError(f"{source}: CLIP weights do not fit the inferred architecture "
                          f"({config.vision_layers} vision blocks of width {config.vision_width}, "
@@ -128,6 +134,7 @@ class _Source:
     text_heads: int | None = None
     hf_config: dict | None = None
     config: dict | None = None  # a complete CLIPConfig from our own safetensors metadata
+    act_error: str | None = None  # the file's activation is unusable: raised unless act= is given
 
 
 def load_clip(path: str | os.PathLike, *, act: str | None = None,
@@ -238,7 +245,8 @@ def _read_torchscript(file: Path) -> dict:
     import warnings
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still reads archives
+            # torch.jit is deprecated (Deprecation/FutureWarning) but still reads the archives
+            warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated")
             module = torch.jit.load(str(file), map_location="cpu")
     except Exception as e:  # RuntimeError and friends from the C++ reader
         raise ValueError(f"{file}: cannot read the TorchScript archive (truncated or damaged?): {e}") from None
@@ -412,15 +420,15 @@ def _hf_source(folder: Path, cfg: dict, chosen: Path | None) -> _Source:
     acts, eps = {}, {}
     for name, c in towers:
         raw = c.get("hidden_act", "quick_gelu")
-        if raw not in _HF_ACTS:
-            raise ValueError(f"{folder / 'config.json'}: {name}.hidden_act {raw!r} is not supported "
-                             f"({', '.join(_HF_ACTS)})")
-        acts[name] = _HF_ACTS[raw]
+        if raw not in _HF_ACTS:  # an error unless the caller passes act=
+            src.act_error = (f"{folder / 'config.json'}: {name}.hidden_act {raw!r} is not supported "
+                             f"({', '.join(_HF_ACTS)}); pass act=... to choose one")
+        acts[name] = _HF_ACTS.get(raw, raw)
         eps[name] = float(c.get("layer_norm_eps", 1e-5))
     if len(set(acts.values())) > 1:
-        src.act = "mixed:" + ",".join(f"{k}={v}" for k, v in acts.items())
-    else:
-        src.act = acts["vision_config"]
+        src.act_error = src.act_error or (f"{src.file}: the towers use different activations ({acts}): "
+                                          "unsupported unless you pass act=... for both")
+    src.act = acts["vision_config"]
     if len(set(eps.values())) > 1:
         raise ValueError(f"{folder / 'config.json'}: the towers use different layer_norm_eps ({eps}): unsupported")
     src.eps = eps["vision_config"]
@@ -590,9 +598,8 @@ def _reject_variants(sd: dict, file: Path) -> None:
 def _build(sd: dict, src: _Source, act: str | None) -> CLIP:
     import dataclasses
     file = src.file
-    if act is None and src.act is not None and src.act.startswith("mixed:"):
-        raise ValueError(f"{file}: the towers use different activations ({src.act[6:]}): unsupported unless "
-                         "you pass act=... for both")
+    if act is None and src.act_error:
+        raise ValueError(src.act_error)
     chosen = act or src.act or "quick_gelu"
     try:
         if src.config is not None:
