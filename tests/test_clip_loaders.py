@@ -430,3 +430,26 @@ def test_image_only_models_have_no_tokenizer(tmp_path):
         clip = load_clip(tmp_path / "img.pt")
     assert clip.tokenizer is None and not clip.has_text
     assert clip.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+
+
+def test_tokenizer_survives_deepcopy_and_pickle():
+    import copy
+    import pickle
+    clip = load_clip(FORMATS / "hf_clip_safetensors")
+    twin = copy.deepcopy(clip)
+    assert twin.tokenizer is clip.tokenizer
+    again = pickle.loads(pickle.dumps(clip.tokenizer))
+    assert torch.equal(again(["a photo of a dog"]), clip.tokenizer(["a photo of a dog"]))
+
+
+def test_dist_video_model_folder(tmp_path):
+    """A folder written by VideoClassifier.save_pretrained: its clip.safetensors with its exact config."""
+    from dist_video import load_official_checkpoint
+    model = load_official_checkpoint(TINY / "official_checkpoint.pyth")
+    model.save_pretrained(tmp_path / "run")
+    for p in (tmp_path / "run", tmp_path / "run" / "clip.safetensors"):
+        clip = load_clip(p)
+        assert clip.config == model.clip.config
+        images = torch.randn(1, 3, 64, 64)
+        with torch.no_grad():
+            assert max_err(clip.encode_image(images), model.clip.float().encode_image(images)) < 1e-6

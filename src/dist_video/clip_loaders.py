@@ -183,6 +183,17 @@ def _check_act(name: str, where: str) -> str:
 
 def _open_source(p: Path) -> _Source:
     folder = p if p.is_dir() else p.parent
+    own = _dist_video_folder(folder)
+    if own is not None and (p.is_dir() or p.name in (own.get("clip_weights"), "config.json")):
+        # a folder written by VideoClassifier.save_pretrained: its CLIP weights and exact config
+        ref = own.get("clip_weights")
+        if not isinstance(ref, str):
+            raise ValueError(f"{folder}: a dist-video model folder whose CLIP weights are not inside it "
+                             f"(they are at {ref}); load those, or the folder with VideoClassifier.from_pretrained")
+        src = _file_source(folder / ref, None)
+        if isinstance(own.get("clip"), dict):
+            src.config, src.act = own["clip"], own["clip"].get("act", src.act)
+        return src
     hf_cfg = _hf_config(folder)
     if p.is_dir():
         if hf_cfg is not None:
@@ -361,6 +372,19 @@ def _apply_open_clip_config(src: _Source, path: Path) -> None:
         raise ValueError(f"{src.file}: different layer-norm eps in the two towers ({path.name}): unsupported")
     src.eps = eps.pop() if eps else None
     src.kind = "open_clip hub folder"
+
+
+def _dist_video_folder(folder: Path) -> dict | None:
+    """The config.json of a dist-video model folder (``"format": "dist-video"``), else None."""
+    import json
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == "dist-video" else None
 
 
 # ----------------------------------------------------------------------------- Hugging Face

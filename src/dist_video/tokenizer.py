@@ -27,7 +27,6 @@ import html
 import importlib.util
 import json
 import os
-import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -304,7 +303,12 @@ class Tokenizer:
         _, self._byte_to_symbol = _byte_symbols()
         self._symbol_to_byte = {s: b for b, s in self._byte_to_symbol.items()}
         self._cache: dict[str, tuple[int, ...]] = {START_TEXT: (self.start_id,), END_TEXT: (self.end_id,)}
-        self._lock = threading.Lock()
+
+    def __reduce__(self):  # pickles as its vocabulary path (parsed files are cached per process)
+        return (type(self), (str(self.vocab_path), self.context_length))
+
+    def __deepcopy__(self, memo):  # immutable but for its cache: copies of a model share it
+        return self
 
     def __repr__(self) -> str:
         return (f"Tokenizer({str(self.vocab_path)!r}, vocab_size={self.vocab_size}, "
@@ -345,10 +349,9 @@ class Tokenizer:
         except KeyError as e:
             raise ValueError(f"{self.vocab_path}: BPE symbol {e.args[0]!r} has no id: the vocabulary "
                              "and its merges do not belong together") from None
-        with self._lock:
-            if len(self._cache) > 200_000:
-                self._cache = {START_TEXT: (self.start_id,), END_TEXT: (self.end_id,)}
-            self._cache[piece] = ids
+        if len(self._cache) > 200_000:  # bounded; losing it only costs time
+            self._cache = {START_TEXT: (self.start_id,), END_TEXT: (self.end_id,)}
+        self._cache[piece] = ids
         return ids
 
     # -- public API
