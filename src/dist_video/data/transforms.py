@@ -9,8 +9,10 @@ into a single affine colour map applied while converting to float.
 Colour jitter (brightness, contrast, saturation, hue; random order like torchvision's
 ``ColorJitter``) is therefore an affine map per clip: hue is a rotation about the grey axis
 in YIQ space (torchvision rotates in HSV), the contrast reference is the clip's mean grey,
-and values are clamped to [0, 1] once at the end (torchvision clamps after each step). The
-statistics of the augmentation are the same; individual saturated pixels can differ a little.
+and values are clamped to [0, 1] once at the end (torchvision clamps after each step). Without
+the intermediate clamps the four operations commute, so the random order (kept for parity)
+does not change the result. The statistics of the augmentation are the same; individual
+saturated pixels can differ a little.
 """
 
 from __future__ import annotations
@@ -229,6 +231,8 @@ class TestTransform:
 
     Call: ``transform(clip, crop=c)`` with clip uint8 ``T x H x W x 3``; returns
     (float ``3 x T x S x S``, label unchanged)."""
+
+    __test__ = False  # not a pytest test class
 
     crop_size: int = 224
     short_side: int = 224
