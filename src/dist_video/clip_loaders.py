@@ -146,8 +146,9 @@ def load_clip(path: str | os.PathLike, *, act: str | None = None,
     (``{"state_dict": ..., "epoch": ...}``, ``module.`` prefixes) or Hugging Face hub folder
     (``open_clip_config.json``); a Hugging Face ``CLIPModel`` / ``CLIPVisionModel[WithProjection]``
     folder (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``, sharded or not), or a
-    file inside one; a dist-video safetensors file (its metadata is honoured). Checkpoints with
-    only ``visual.*`` weights give an image-only model (``encode_text`` raises).
+    file inside one; a dist-video safetensors file (its metadata is honoured) or model folder
+    (``VideoClassifier.save_pretrained``: its ``clip.safetensors`` with the recorded config).
+    Checkpoints with only ``visual.*`` weights give an image-only model (``encode_text`` raises).
 
     ``act``: the MLP activation (``quick_gelu``, ``gelu``, ``gelu_tanh``), overriding the file's
     own (Hugging Face ``hidden_act``, open_clip's ``quick_gelu`` flag, metadata); without either,
@@ -159,7 +160,7 @@ def load_clip(path: str | os.PathLike, *, act: str | None = None,
     files), else an installed ``open_clip``/``clip`` package's. Sizes come from tensor shapes
     (and ``config.json`` for Hugging Face); heads are width // 64 except where a config says.
     """
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder (CLIP weights)")
     if act is not None:
