@@ -535,10 +535,9 @@ class VideoClipDataset(Dataset):
         self.backend = backend
         self.decode_threads = decode_threads
         self.max_replacements = int(max_replacements)
-        if bad_files_dir is None:
-            bad_files_dir = tempfile.mkdtemp(prefix="dist-video-bad-files-")
+        if bad_files_dir is None:  # created on the first bad file; shared with worker processes
+            bad_files_dir = os.path.join(tempfile.gettempdir(), f"dist-video-bad-files-{os.getpid()}-{id(self):x}")
         self.bad_files_dir = os.fspath(bad_files_dir)
-        os.makedirs(self.bad_files_dir, exist_ok=True)
         self._known_bad: set[int] = set()
 
     # -- indexing
@@ -601,6 +600,7 @@ class VideoClipDataset(Dataset):
     def _note_bad(self, record_index: int, error: VideoDecodeError) -> None:
         self._known_bad.add(record_index)
         line = f"{self.records[record_index].path}\t{error.cause}".replace("\n", " ") + "\n"
+        os.makedirs(self.bad_files_dir, exist_ok=True)
         with open(os.path.join(self.bad_files_dir, f"bad-{os.getpid()}.tsv"), "a", encoding="utf-8") as f:
             f.write(line)
 
