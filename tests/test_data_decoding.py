@@ -169,7 +169,9 @@ def _bad_files(tmp_path, videos):
     good = videos["h264_bframes_long_gop.mp4"][0]
     (tmp_path / "empty.mp4").write_bytes(b"")
     (tmp_path / "notes.mp4").write_text("this is not a video\n" * 100)
-    (tmp_path / "random.mkv").write_bytes(np.random.default_rng(0).integers(0, 256, 2_000_000, dtype=np.uint8).tobytes())
+    noise = np.random.default_rng(0).integers(0, 256, 2_000_000, dtype=np.uint8).tobytes()
+    (tmp_path / "random.mkv").write_bytes(noise)
+    (tmp_path / "random.bin").write_bytes(noise)  # FFmpeg's text-art demuxer would "play" it
     truncate(good, tmp_path / "no_index.mp4", 0.5)  # moov atom at the end: cut off
     (tmp_path / "folder.mp4").mkdir()
     write_audio_only(tmp_path / "audio.wav")
@@ -180,6 +182,7 @@ def _bad_files(tmp_path, videos):
         "empty": tmp_path / "empty.mp4",
         "text": tmp_path / "notes.mp4",
         "random bytes": tmp_path / "random.mkv",
+        "random bytes .bin": tmp_path / "random.bin",
         "truncated mp4 without index": tmp_path / "no_index.mp4",
         "directory": tmp_path / "folder.mp4",
         "audio only": tmp_path / "audio.wav",
@@ -187,7 +190,8 @@ def _bad_files(tmp_path, videos):
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "text", "random bytes", "truncated mp4 without index",
+@pytest.mark.parametrize("case", ["missing", "empty", "text", "random bytes", "random bytes .bin",
+                                  "truncated mp4 without index",
                                   "directory", "audio only", "header only"])
 @pytest.mark.parametrize("func", ["probe", "read_frames"])
 def test_bad_input_raises_quickly_with_path(tmp_path, videos, case, func):

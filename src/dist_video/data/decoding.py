@@ -80,6 +80,9 @@ ONE_FRAME_PER_PACKET = frozenset({
 #: frames ahead of the decoder (below that, decoding through is cheaper than a seek).
 SEEK_GAP = 6
 
+# Demuxers that turn any bytes into "video" of rendered text (chosen by file extension, e.g.
+# .bin): never a real video.
+_TEXT_ART_FORMATS = frozenset({"tty", "bin", "xbin", "adf", "idf"})
 _INDEXABLE_FAMILIES = ("mov", "mp4", "matroska", "webm", "avi")
 _SEEKABLE_FAMILIES = ("mov", "mp4", "matroska", "webm")
 _CACHE_SIZE = 100_000
@@ -256,6 +259,9 @@ def _ffmpeg_message(e: BaseException) -> str:
 
 
 def _video_stream(container, path: str):
+    if container.format.name in _TEXT_ART_FORMATS:
+        raise VideoDecodeError(path, f"not a video (FFmpeg would render it as text art, format "
+                                     f"{container.format.name!r})")
     candidates = []
     for s in container.streams.video:
         try:
