@@ -221,7 +221,13 @@ def parse_kinetics(csv_file: str | os.PathLike, root: str | os.PathLike, *, spli
                 raise AnnotationError(f"{source}, line {line_no}: time_start/time_end are not numbers: "
                                       f"{row[2]!r}, {row[3]!r}") from None
             rows.append((line_no, row[0].strip(), row[1].strip(), start, end))
-    names = list(class_names) if class_names is not None else sorted({r[1] for r in rows}, key=_key)
+    if class_names is not None:
+        names = list(class_names)
+    else:
+        first: dict[str, str] = {}
+        for r in rows:
+            first.setdefault(_key(r[1]), r[1])
+        names = [first[k] for k in sorted(first)]
     labels = _LabelMap(names)
     files = _index_videos(os.fspath(root))
     records, missing = [], []
@@ -406,9 +412,10 @@ def parse_csv(csv_file: str | os.PathLike, root: str | os.PathLike | None = None
         if raw_labels and all(re.fullmatch(r"\d+", lab) for lab in raw_labels):
             given = [str(i) for i in range(max(int(lab) for lab in raw_labels) + 1)]
         else:
-            given = sorted({lab for lab in raw_labels}, key=_key)
-            seen: dict[str, str] = {}
-            given = [seen.setdefault(_key(n), n) for n in given if _key(n) not in seen]
+            first: dict[str, str] = {}  # spelling of each name's first occurrence
+            for lab in raw_labels:
+                first.setdefault(_key(lab), lab)
+            given = [first[k] for k in sorted(first)]
     labels = _LabelMap(given)
     records, missing = [], []
     for line_no, row in rows:
@@ -571,10 +578,23 @@ class VideoClipDataset(Dataset):
         n = probe(rec.path).num_frames
         if self.training:
             indices = self.sampler(n, view=None, rng=generator)
+            frames = read_frames(rec.path, indices, self.backend, threads=self.decode_threads)
         else:
-            indices = self.sampler(n, view=view, num_views=self.num_views)
-        frames = read_frames(rec.path, indices, self.backend, threads=self.decode_threads)
+            frames = self._test_frames(record_index, n)[view]
         return self.transform(frames, label=rec.label, generator=generator, crop=crop)
+
+    def _test_frames(self, record_index: int, num_video_frames: int) -> list[torch.Tensor]:
+        """uint8 frames of every test view of a record, decoded in one pass and kept for the
+        record's next items (its views and crops are consecutive items)."""
+        cached = getattr(self, "_view_cache", None)
+        if cached is not None and cached[0] == record_index:
+            return cached[1]
+        views = [self.sampler(num_video_frames, view=v, num_views=self.num_views) for v in range(self.num_views)]
+        flat = [i for v in views for i in v]
+        frames = read_frames(self.records[record_index].path, flat, self.backend, threads=self.decode_threads)
+        split = list(torch.split(frames, [len(v) for v in views]))
+        self._view_cache = (record_index, split)
+        return split
 
     def __getitem__(self, item: int) -> dict:
         record, view, crop = self.locate(item)
