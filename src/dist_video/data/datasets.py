@@ -227,7 +227,7 @@ def parse_kinetics(csv_file: str | os.PathLike, root: str | os.PathLike, *, spli
         first: dict[str, str] = {}
         for r in rows:
             first.setdefault(_key(r[1]), r[1])
-        names = [first[k] for k in sorted(first)]
+        names = sorted(first.values())  # plain string order: the standard Kinetics class indices
     labels = _LabelMap(names)
     files = _index_videos(os.fspath(root))
     records, missing = [], []
@@ -415,7 +415,7 @@ def parse_csv(csv_file: str | os.PathLike, root: str | os.PathLike | None = None
             first: dict[str, str] = {}  # spelling of each name's first occurrence
             for lab in raw_labels:
                 first.setdefault(_key(lab), lab)
-            given = [first[k] for k in sorted(first)]
+            given = sorted(first.values())
     labels = _LabelMap(given)
     records, missing = [], []
     for line_no, row in rows:
