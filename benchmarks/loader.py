@@ -57,7 +57,7 @@ def make_video(path: Path, seed: int, keyint: int | None) -> None:
     """A 10 s 340x256 H.264 video: a photo panned and zoomed, a cut to another photo at a
     random time, per-frame noise. x264 defaults otherwise (B-frames, keyint 250, scenecut)."""
     from sklearn.datasets import load_sample_images
-    photos = [torch.from_numpy(img).permute(2, 0, 1).float() for img in load_sample_images().images]
+    photos = [torch.from_numpy(np.array(img)).permute(2, 0, 1).float() for img in load_sample_images().images]
     rng = np.random.default_rng(seed)
     n = SECONDS * FPS
     cut = int(rng.integers(n // 3, 2 * n // 3))
