@@ -1,0 +1,206 @@
+"""The ``dist-video`` command line: train, evaluate, predict, info, convert, make-synthetic, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="a shipped preset, e.g. k400-vit-b16-8+16f (see `dist-video info --presets`)")
+    p.add_argument("--config", help="a YAML config file (may name a `base` preset)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
+    p.add_argument("--output", help="output folder (same as --set output_dir=...)")
+
+
+def _load_cfg(args):
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "output", None):
+        overrides.append(f"output_dir={args.output}")
+    return load_config(args.preset, args.config, overrides)
+
+
+# ---------------------------------------------------------------------------- commands
+
+def cmd_train(args) -> int:
+    from .engine.train import train
+
+    cfg = _load_cfg(args)
+    resume = False if args.no_resume else (args.resume or True)
+    result = train(cfg, resume=resume, progress=not args.quiet)
+    if result.status == "interrupted":
+        return 130
+    if result.metrics and (os.environ.get("RANK", "0") == "0"):
+        print(json.dumps({k: result.metrics[k] for k in ("top1", "top5", "mean_class_accuracy", "num_videos")}))
+        print(f"model saved to {result.output_dir / 'model'}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .engine.run import evaluate_model
+
+    cfg = _load_cfg(args)
+    metrics = evaluate_model(args.model, cfg, clip=args.clip, classes=args.classes, output=args.output,
+                             progress=not args.quiet)
+    if metrics is not None:
+        print(json.dumps({k: metrics[k] for k in ("top1", "top5", "mean_class_accuracy", "num_videos")}))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .engine.predict import load_for_inference, predict_files
+
+    model, preprocess = load_for_inference(args.model, clip=args.clip, classes=args.classes, vocab=args.vocab,
+                                           prompt=args.prompt, device=args.device, clip_dtype=args.clip_dtype)
+    results = predict_files(model, args.videos, preprocess, topk=args.topk, views=args.views)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        print(r["video"])
+        for rank, item in enumerate(r["top"], 1):
+            print(f"  {rank}. {item['class']:<40s} {100 * item['probability']:6.2f}%")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .engine.info import describe
+
+    if args.presets:
+        from .config import list_presets
+        from .dist import PRESETS
+        print("config presets:  " + ", ".join(list_presets()))
+        print("DiST presets:    " + ", ".join(PRESETS))
+        return 0
+    cfg = _load_cfg(args) if (args.preset or args.config or args.overrides) else None
+    print(describe(args.model, cfg, clip=args.clip, arch=args.arch, size=args.size, as_json=args.json))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .engine.predict import convert_official
+
+    out = convert_official(args.checkpoint, args.output, clip=args.clip, classes=args.classes, vocab=args.vocab,
+                           prompt=args.prompt, selected_layers=args.selected_layers, copy_clip=args.copy_clip)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_make_synthetic(args) -> int:
+    from .data.synthetic import run_make_synthetic
+
+    run_make_synthetic(args)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args)
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dist-video",
+        description="DiST: a frozen CLIP image model + a small temporal network = a cheap, strong video classifier.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="train DiST on synthetic moving digits with the built-in encoder (no downloads)")
+    from .demo import add_demo_arguments
+    add_demo_arguments(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a video classifier (DiST or a baseline)")
+    _config_arguments(p)
+    p.add_argument("--resume", metavar="CHECKPOINT", help="resume from this checkpoint "
+                   "(default: output_dir/checkpoints/last.pt when it exists)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a model on the validation split (multi-view)")
+    p.add_argument("model", help="a dist-video model folder or an authors' .pyth checkpoint")
+    _config_arguments(p)
+    p.add_argument("--clip", help="CLIP weights (for a .pyth checkpoint without them)")
+    p.add_argument("--classes", help="class names for a .pyth checkpoint (default: the dataset's)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="top classes of video files")
+    p.add_argument("model", help="a dist-video model folder or an authors' .pyth checkpoint")
+    p.add_argument("videos", nargs="+", help="video files")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--views", type=int, default=None, help="temporal views to average (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--clip", help="CLIP weights (for a .pyth checkpoint without them)")
+    p.add_argument("--classes", help="class names for a .pyth checkpoint: a file (one per line) or "
+                   "'kinetics400' / 'ssv2'")
+    p.add_argument("--vocab", help="BPE vocabulary for the class-name text head")
+    p.add_argument("--prompt", default="", help="prefix before each class name")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--clip-dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("info", help="model size, parameters, GFLOPs per view and config")
+    p.add_argument("model", nargs="?", help="a model folder, an authors' .pyth file, or nothing (use --preset)")
+    _config_arguments(p)
+    p.add_argument("--clip", help="CLIP weights to describe with the preset")
+    p.add_argument("--arch", default=None, help="CLIP architecture for a preset without weights: ViT-B/16, ViT-L/14")
+    p.add_argument("--size", type=int, default=None, help="input resolution (default: CLIP's)")
+    p.add_argument("--presets", action="store_true", help="list the presets")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="an authors' .pyth checkpoint -> a dist-video model folder")
+    p.add_argument("checkpoint")
+    p.add_argument("output")
+    p.add_argument("--clip", help="CLIP weights, if the checkpoint lacks them")
+    p.add_argument("--classes", help="class names (file, 'kinetics400' or 'ssv2') for the text head")
+    p.add_argument("--vocab", help="BPE vocabulary for the class-name text head")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--selected-layers", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="CLIP blocks the branch reads, if not all (comma-separated)")
+    p.add_argument("--copy-clip", action="store_true", help="store the CLIP weights in the folder "
+                   "(default: copied, since the .pyth holds them; with --clip, referenced by path)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("make-synthetic", help="write the synthetic moving-digit video dataset")
+    from .data.synthetic import add_make_synthetic_arguments
+    add_make_synthetic_arguments(p)
+    p.set_defaults(func=cmd_make_synthetic)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.debug:
+        return args.func(args)
+    from .config import ConfigError
+    from .data.decoding import VideoDecodeError
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, VideoDecodeError, ValueError, FileNotFoundError, OSError, KeyError, RuntimeError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"dist-video {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

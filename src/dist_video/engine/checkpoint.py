@@ -1,0 +1,96 @@
+"""Training checkpoints that survive a killed run: atomic writes, full state, exact resume."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["save_training_state", "load_training_state", "rng_state", "set_rng_state",
+           "model_training_state", "check_output_dir", "atomic_torch_save"]
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
+    a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_training_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a training checkpoint keeps of the model: everything but frozen CLIP weights."""
+    trains_clip = getattr(model, "trains_clip", False)
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+            if trains_clip or not k.startswith("clip.")}
+
+
+def save_training_state(path: str | os.PathLike, *, model, optimizer, scheduler, scaler, epoch: int,
+                        step: int, batch_in_epoch: int, config: dict, extra: dict | None = None) -> None:
+    """Everything needed to continue exactly: model, optimizer, scheduler, loss scaler, RNGs,
+    epoch, optimizer step and position in the epoch."""
+    state = {
+        "model": model_training_state(model),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_state(),
+        "epoch": epoch,
+        "step": step,
+        "batch_in_epoch": batch_in_epoch,
+        "config": config,
+        "extra": extra or {},
+    }
+    atomic_torch_save(state, path)
+
+
+def load_training_state(path: str | os.PathLike) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read the training checkpoint ({e})") from e
+
+
+def check_output_dir(path: str | os.PathLike, need_bytes: int = 0) -> Path:
+    """Create ``path`` and prove it is writable with room for ``need_bytes``; else one clear error."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"0" * 1024)
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"output folder {path} cannot be written: {e.strerror or e}") from None
+    free = shutil.disk_usage(path).free
+    if need_bytes and free < need_bytes:
+        raise OSError(f"output folder {path} has {free / 2**20:.0f} MiB free, but checkpoints need about "
+                      f"{need_bytes / 2**20:.0f} MiB")
+    return path

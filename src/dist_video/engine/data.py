@@ -1,0 +1,174 @@
+"""From a :class:`~dist_video.config.Config` to datasets and loaders.
+
+The training loader is resumable and distributed at once: epoch ``e`` visits the clips in one
+global permutation seeded by ``(seed, e)``; global batch ``k`` is the slice
+``P[k * G:(k + 1) * G]`` (``G`` = per-process batch x processes) and process ``r`` takes its
+``r``-th part. A run resumed at batch ``k`` of epoch ``e`` therefore sees exactly the clips an
+uninterrupted run would have seen, whatever the number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ..config import Config
+from ..data.datasets import (VideoClipDataset, load_annotations, load_test_clips, read_class_list,
+                             write_bad_videos)
+from ..data.sampling import build_sampler
+from ..data.transforms import TestTransform, TrainTransform, flip_label_map
+from .distributed import DistEnv
+
+__all__ = ["Datasets", "build_datasets", "train_loader", "ResumableBatchSampler", "write_bad_files",
+           "test_clips_of_file", "test_transform", "train_transform"]
+
+
+@dataclass
+class Datasets:
+    """The splits a run needs (``None`` where not asked for) and their class names."""
+
+    class_names: list[str]
+    train: VideoClipDataset | None = None
+    val: VideoClipDataset | None = None
+
+    @property
+    def val_paths(self) -> list[str] | None:
+        return [r.path for r in self.val.records] if self.val is not None else None
+
+
+def _annotations(cfg: Config, split: str, known_classes: Sequence[str] | None):
+    d = cfg.data
+    source = d.train if split == "train" else d.val
+    if not source:
+        raise ValueError(f"data.{split} is not set: give the {split} annotation file "
+                         f"(--set data.{split}=PATH)")
+    official_split = "train" if split == "train" else "test"
+    root = d.root or None
+    if d.format == "folder" and d.root and not os.path.isabs(source):
+        source = os.path.join(d.root, source)
+    return load_annotations(d.format, source, root=root, split=official_split, classes=d.classes or known_classes,
+                            fold=d.split, on_missing="skip" if d.on_error == "skip" else "error")
+
+
+def train_transform(cfg: Config, class_names: Sequence[str]) -> TrainTransform:
+    a, d = cfg.augment, cfg.data
+    return TrainTransform(crop_size=d.crop_size, scale=tuple(a.scale), ratio=tuple(a.ratio), flip=a.flip,
+                          flip_labels=flip_label_map(class_names) if a.flip else None,
+                          brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, hue=a.hue,
+                          color_jitter_p=a.color_jitter_p, grayscale_p=a.grayscale_p,
+                          mean=tuple(d.mean), std=tuple(d.std))
+
+
+def test_transform(crop_size: int, short_side: int, num_crops: int, mean, std) -> TestTransform:
+    return TestTransform(crop_size=crop_size, short_side=short_side, num_crops=num_crops,
+                         mean=tuple(mean), std=tuple(std))
+
+
+def build_datasets(cfg: Config, splits: Sequence[str] = ("train", "val"),
+                   bad_files_dir: str | os.PathLike | None = None) -> Datasets:
+    """Read the annotations of ``splits`` and build their clip datasets.
+
+    Both splits must name the same classes (the training split's list is authoritative when
+    ``data.classes`` is not given)."""
+    d = cfg.data
+    num_frames = cfg.model.dist.num_frames
+    sampler = build_sampler(d.sampling, num_frames, d.interval)
+    out: dict[str, VideoClipDataset] = {}
+    class_names: list[str] | None = read_class_list(d.classes) if d.classes else None
+    bad_dir = Path(bad_files_dir) if bad_files_dir else Path(cfg.output_dir) / ".bad-videos"
+    for split in splits:
+        ann = _annotations(cfg, split, class_names)
+        if class_names is None:
+            class_names = list(ann.class_names)
+        elif list(ann.class_names) != class_names:
+            raise ValueError(f"data.{split} ({cfg.data.train if split == 'train' else cfg.data.val}) has "
+                             f"{len(ann.class_names)} classes that differ from the other split's "
+                             f"{len(class_names)}: give one class list with data.classes")
+        if split == "train":
+            transform = train_transform(cfg, class_names)
+            out[split] = VideoClipDataset(ann.records, sampler=sampler, transform=transform, training=True,
+                                          class_names=class_names, seed=cfg.train.seed, on_error=d.on_error,
+                                          bad_files_dir=bad_dir / "train")
+        else:
+            transform = test_transform(d.crop_size, d.test_scale, d.num_crops, d.mean, d.std)
+            out[split] = VideoClipDataset(ann.records, sampler=sampler, transform=transform, training=False,
+                                          num_views=d.num_views, num_crops=d.num_crops, class_names=class_names,
+                                          seed=cfg.train.seed, on_error=d.on_error, bad_files_dir=bad_dir / split)
+    return Datasets(class_names=class_names or [], train=out.get("train"), val=out.get("val"))
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """This process's batches of one epoch, from global batch ``start_batch`` on.
+
+    Global permutation of ``length`` items seeded by ``(seed, epoch)``; global batch ``k`` =
+    ``P[k * B * W:(k + 1) * B * W]``; process ``rank`` takes ``[rank * B:(rank + 1) * B]`` of
+    it. Incomplete global batches at the end are dropped (every process runs the same number
+    of steps)."""
+
+    def __init__(self, length: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0,
+                 world_size: int = 1, start_batch: int = 0):
+        self.length, self.batch_size = length, batch_size
+        self.seed, self.epoch = seed, epoch
+        self.rank, self.world_size = rank, world_size
+        self.start_batch = start_batch
+
+    @property
+    def num_batches(self) -> int:
+        return self.length // (self.batch_size * self.world_size)
+
+    def __len__(self) -> int:
+        return max(0, self.num_batches - self.start_batch)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) & 0x7FFFFFFFFFFFFFFF)
+        perm = torch.randperm(self.length, generator=gen).tolist()
+        g = self.batch_size * self.world_size
+        for k in range(self.start_batch, self.num_batches):
+            chunk = perm[k * g:(k + 1) * g]
+            yield chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+
+def _worker_init(_: int) -> None:
+    # Ctrl-C goes to the whole process group: let the main process save a checkpoint and stop
+    # the workers itself instead of every worker dying with a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def train_loader(dataset: VideoClipDataset, cfg: Config, env: DistEnv, *, epoch: int,
+                 start_batch: int = 0) -> DataLoader:
+    """The training DataLoader of ``epoch`` for this process, from batch ``start_batch``."""
+    dataset.set_epoch(epoch)
+    sampler = ResumableBatchSampler(len(dataset), cfg.train.batch_size, seed=cfg.train.seed, epoch=epoch,
+                                    rank=env.rank, world_size=env.world_size, start_batch=start_batch)
+    workers = cfg.data.workers
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                      pin_memory=env.device.type == "cuda", worker_init_fn=_worker_init if workers else None,
+                      persistent_workers=False, prefetch_factor=2 if workers else None)
+
+
+def write_bad_files(dataset: VideoClipDataset, out_dir: str | os.PathLike, epoch: int | None = None) -> Path | None:
+    """Write the list of skipped bad videos into the run folder (``bad_videos.txt``)."""
+    path = write_bad_videos(dataset, out_dir, epoch=epoch)
+    if path is not None:
+        import sys
+        print(f"{dataset.num_skipped} clips were replaced because their video could not be read; "
+              f"list in {path}", file=sys.stderr)
+    return path
+
+
+def test_clips_of_file(path: str | os.PathLike, preprocess: dict, *, num_frames: int,
+                       views: int | None = None) -> torch.Tensor:
+    """The test clips of one video file under a model's recorded preprocessing:
+    (views x crops) x 3 x T x S x S."""
+    p = preprocess
+    sampler = build_sampler(p["sampling"], num_frames, p.get("interval", 4))
+    transform = test_transform(p["crop_size"], p["test_scale"], p["num_crops"], p["mean"], p["std"])
+    return load_test_clips(path, sampler=sampler, transform=transform, num_views=views or p["num_views"],
+                           num_crops=p["num_crops"])

@@ -1,0 +1,109 @@
+"""Multi-view evaluation: views x crops per video, class probabilities averaged, gathered
+across processes without double counting."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from .distributed import DistEnv, all_gather_objects
+from .metrics import classification_metrics, plot_confusion_matrix, write_predictions_csv
+
+__all__ = ["ShardSampler", "predict_dataset", "evaluate", "autocast_context"]
+
+
+class ShardSampler(Sampler[int]):
+    """Items ``rank, rank + world, ...``: every item on exactly one process, no padding."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """Autocast for the trainable part (``None``: full precision)."""
+    if dtype is None or dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def predict_dataset(model, dataset, env: DistEnv, *, batch_size: int, workers: int,
+                    amp_dtype: torch.dtype | None = None, progress: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Average class probabilities over each video's views and crops.
+
+    ``dataset`` items are dicts with ``video`` (3 x T x S x S), ``label`` and ``index`` (the
+    video's record index). Returns (scores V x C, labels V, record indices V) on every
+    process, sorted by record index."""
+    model.eval()
+    sampler = ShardSampler(len(dataset), env.rank, env.world_size)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=env.device.type == "cuda")
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+    labels: dict[int, int] = {}
+    iterator = loader
+    if progress and env.is_main:
+        from tqdm import tqdm
+        iterator = tqdm(loader, desc="evaluate", unit="batch", dynamic_ncols=True, leave=False)
+    for batch in iterator:
+        video = batch["video"].to(env.device, non_blocking=True)
+        with autocast_context(env.device, amp_dtype):
+            logits = model(video)
+        probs = logits.float().softmax(dim=1).cpu()
+        for p, idx, y in zip(probs, batch["index"].tolist(), batch["label"].tolist()):
+            sums[idx] = sums[idx] + p if idx in sums else p.clone()
+            counts[idx] = counts.get(idx, 0) + 1
+            labels[idx] = y
+    merged_sums: dict[int, torch.Tensor] = {}
+    merged_counts: dict[int, int] = {}
+    merged_labels: dict[int, int] = {}
+    for part_sums, part_counts, part_labels in all_gather_objects((sums, counts, labels)):
+        for idx, s in part_sums.items():
+            merged_sums[idx] = merged_sums[idx] + s if idx in merged_sums else s
+            merged_counts[idx] = merged_counts.get(idx, 0) + part_counts[idx]
+            merged_labels[idx] = part_labels[idx]
+    order = sorted(merged_sums)
+    if not order:
+        raise ValueError("evaluation got no videos")
+    scores = torch.stack([merged_sums[i] / merged_counts[i] for i in order])
+    return scores, torch.tensor([merged_labels[i] for i in order]), order
+
+
+def evaluate(model, dataset, env: DistEnv, *, class_names: Sequence[str], batch_size: int, workers: int,
+             amp_dtype: torch.dtype | None = None, out_dir: str | os.PathLike | None = None,
+             video_paths: Sequence[str] | None = None, progress: bool = False, extra: dict | None = None
+             ) -> dict:
+    """Evaluate and (on the main process, if ``out_dir``) write ``metrics.json``,
+    ``predictions.csv`` and ``confusion_matrix.png``. Returns the metrics."""
+    scores, labels, order = predict_dataset(model, dataset, env, batch_size=batch_size, workers=workers,
+                                            amp_dtype=amp_dtype, progress=progress)
+    metrics = classification_metrics(scores, labels, len(class_names))
+    metrics["views_per_video"] = len(dataset) // max(1, len(order)) if hasattr(dataset, "__len__") else None
+    metrics.update(extra or {})
+    if out_dir is not None and env.is_main:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        summary = {k: v for k, v in metrics.items() if k != "confusion_matrix"}
+        summary["per_class_accuracy"] = {name: acc for name, acc in zip(class_names, metrics["per_class_accuracy"])}
+        tmp = out / "metrics.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, out / "metrics.json")
+        (out / "confusion_matrix.json").write_text(json.dumps(metrics["confusion_matrix"]) + "\n")
+        paths = [video_paths[i] for i in order] if video_paths is not None else [str(i) for i in order]
+        write_predictions_csv(out / "predictions.csv", paths, labels, scores, class_names)
+        plot_confusion_matrix(metrics["confusion_matrix"], class_names, out / "confusion_matrix.png",
+                              title=f"top-1 {100 * metrics['top1']:.1f}%  ({metrics['num_videos']} videos)")
+    return metrics

@@ -1,0 +1,65 @@
+"""Stand-alone evaluation of a saved model on a configured dataset."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..config import Config
+from ..model import VideoClassifier
+from .builder import attach_head, resolve_clip_path
+from .data import build_datasets
+from .distributed import cleanup_distributed, setup_distributed
+from .evaluate import evaluate
+from .train import resolve_precision
+
+__all__ = ["evaluate_model"]
+
+
+def evaluate_model(model_path: str, cfg: Config, *, clip: str | None = None, classes: str | None = None,
+                   output: str | None = None, progress: bool = True) -> dict | None:
+    """Evaluate a dist-video model folder or an authors' ``.pyth`` on ``cfg.data``'s validation
+    split (multi-view). Writes ``metrics.json``, ``predictions.csv`` and a confusion matrix to
+    ``output`` (default: ``<output_dir>/eval``). Returns the metrics (on every process)."""
+    env = setup_distributed(cfg.train.device)
+    try:
+        datasets = build_datasets(cfg, splits=("val",))
+        names = datasets.class_names
+        path = Path(model_path)
+        if path.is_dir():
+            model = VideoClassifier.from_pretrained(path, clip_dtype=cfg.model.clip_dtype)
+            if model.head_type is None:
+                model = attach_head(model, cfg.model, names)
+        elif path.is_file():
+            from ..checkpoints import load_official_checkpoint
+            from .predict import read_class_names
+            model = load_official_checkpoint(path, clip=resolve_clip_path(clip) if clip else None,
+                                             clip_dtype=cfg.model.clip_dtype)
+            if classes:
+                given = read_class_names(classes)
+                if len(given) != len(names):
+                    raise ValueError(f"--classes has {len(given)} names but the dataset has {len(names)} classes")
+                names = given
+            if cfg.model.vocab is None and getattr(model.clip, "tokenizer", None) is None:
+                from ..tokenizer import Tokenizer, find_vocab
+                model.clip.tokenizer = Tokenizer(find_vocab(checkpoint_path=path))
+            model = attach_head(model, cfg.model, names)
+        else:
+            raise FileNotFoundError(f"no model at {model_path}")
+        if model.num_classes != len(names):
+            raise ValueError(f"{model_path}: the model has {model.num_classes} classes but the dataset has "
+                             f"{len(names)}")
+        if model.config.num_frames != cfg.model.dist.num_frames:
+            raise ValueError(f"{model_path}: the model takes {model.config.num_frames} frames but the config "
+                             f"samples {cfg.model.dist.num_frames} (set --set model.dist.num_frames=...)")
+        model = model.to(env.device).eval()
+        out = Path(output) if output else Path(cfg.output_dir) / "eval"
+        metrics = evaluate(model, datasets.val, env, class_names=names, batch_size=cfg.eval.batch_size,
+                           workers=cfg.data.workers, amp_dtype=resolve_precision(cfg.train.precision, env.device),
+                           out_dir=out, video_paths=datasets.val_paths, progress=progress,
+                           extra={"model": str(model_path)})
+        if env.is_main:
+            print(f"metrics written to {out / 'metrics.json'}", file=sys.stderr)
+        return metrics
+    finally:
+        cleanup_distributed()
