@@ -39,6 +39,17 @@ def _model_from_config(cfg: Config, clip_path: str | None, arch: str | None) -> 
     return build_classifier(cfg.model, clip)
 
 
+def _recorded_crop_size(model_path: str | None) -> int | None:
+    """The test crop a trained model folder records (``config.json`` -> ``preprocess``)."""
+    import json
+    from pathlib import Path
+
+    meta = Path(model_path) / "config.json" if model_path else None
+    if meta is None or not meta.is_file():
+        return None
+    return json.loads(meta.read_text()).get("preprocess", {}).get("crop_size")
+
+
 def describe(model_path: str | None, cfg: Config | None, *, clip: str | None = None, arch: str | None = None,
              size: int | None = None, as_json: bool = False) -> str:
     """A text (or JSON) description: method, CLIP, parameters, MACs/FLOPs per view, config."""
@@ -49,7 +60,7 @@ def describe(model_path: str | None, cfg: Config | None, *, clip: str | None = N
     else:
         raise ValueError("give a model (folder or .pyth) or a --preset/--config to describe")
     model.eval()
-    res = size or model.clip.visual.image_size
+    res = size or _recorded_crop_size(model_path) or model.clip.visual.image_size
     params = count_parameters(model)
     cost = cost_per_view(model, res, res)
     attn = attention_macs(model, res, res)

@@ -289,10 +289,12 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str, progress: bool) -> Tra
                                 print(f"non-finite loss at step {step + 1} (epoch {epoch}, batch {batch_idx}): "
                                       f"skipped ({skipped} so far)", file=sys.stderr)
                             continue
+                        last = (f"the last good checkpoint is {ckpt_path}" if ckpt_path.is_file()
+                                else "no checkpoint was written yet")
                         raise NonFiniteLossError(
                             f"non-finite loss ({loss.item()}) at step {step + 1} (epoch {epoch}, batch "
-                            f"{batch_idx}); stopping. The last good checkpoint is {ckpt_path}. Lower "
-                            "optim.lr, or set train.nonfinite_loss=skip to skip such steps")
+                            f"{batch_idx}); stopping ({last}). Lower optim.lr, or set "
+                            "train.nonfinite_loss=skip to skip such steps")
                     scaled = loss / accumulation
                     if scaler is not None:
                         scaler.scale(scaled).backward()

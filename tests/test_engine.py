@@ -1,0 +1,341 @@
+"""The engine through the command line: train, evaluate, predict, info, resume after SIGKILL,
+SIGTERM, 2-process Gloo, NaN policy and the one-line errors.
+
+Everything runs on a tiny CLIP (the official-tiny fixture's, 64 px, patch 16, 4 blocks) fed
+32 px synthetic moving-digit videos of 8 frames, so each training run takes seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_video.data.synthetic import make_synthetic
+from dist_video.engine.data import ResumableBatchSampler
+
+ASSETS = Path(__file__).parent / "assets"
+TINY_CLIP = ASSETS / "official-tiny" / "clip_openai_state_dict.pt"
+TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(out, num_train=32, num_val=12, seed=0, size=32, num_frames=8, workers=1)
+    return out
+
+
+def tiny(data: Path, out: Path, *extra: str) -> list[str]:
+    """CLI arguments for a seconds-long DiST run on ``data`` into ``out``."""
+    sets = [
+        f"model.clip={TINY_CLIP}", "model.head=linear", "model.dist.num_frames=8", "model.dist.temporal_dim=16",
+        "model.dist.integration_dim=64", "data.format=csv", f"data.root={data}", f"data.train={data / 'train.csv'}",
+        f"data.val={data / 'val.csv'}", f"data.classes={data / 'classes.txt'}", "data.crop_size=32",
+        "data.test_scale=32", "data.num_views=2", "data.workers=0", "augment.mixup_alpha=0.8",
+        "optim.epochs=2", "optim.warmup_epochs=0.5", "optim.lr=1e-3", "train.batch_size=4", "train.accumulation=2",
+        "train.eval_every=0", "train.log_every=1", "eval.batch_size=6", *extra,
+    ]
+    return ["--output", str(out), "--quiet", *[a for s in sets for a in ("--set", s)]]
+
+
+def cli(*args: str, check: bool = True, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    run_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "dist_video.cli", *args], capture_output=True, text=True,
+                          timeout=TIMEOUT, env=run_env, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dist-video {' '.join(args[:2])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def one_line_error(proc: subprocess.CompletedProcess, command: str) -> str:
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    assert errors == [lines[-1]], proc.stderr  # progress lines may come first; one error line, last
+    assert lines[-1].startswith(f"dist-video {command}: error: "), lines[-1]
+    assert "Traceback" not in proc.stderr
+    return lines[-1]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------- sampler
+
+def test_resumable_batch_sampler_shards_and_resumes():
+    single = list(ResumableBatchSampler(50, 6, seed=3, epoch=2))
+    assert len(single) == 50 // 6 and all(len(b) == 6 for b in single)
+    assert len({i for b in single for i in b}) == 48  # no repeats within an epoch
+    # two processes with half the batch each cover exactly the single-process global batches
+    ranks = [list(ResumableBatchSampler(50, 3, seed=3, epoch=2, rank=r, world_size=2)) for r in range(2)]
+    assert [a + b for a, b in zip(*ranks)] == single
+    # resuming at batch 5 gives the same remaining batches
+    assert list(ResumableBatchSampler(50, 6, seed=3, epoch=2, start_batch=5)) == single[5:]
+    # another epoch, another order
+    assert list(ResumableBatchSampler(50, 6, seed=3, epoch=3)) != single
+
+
+# ----------------------------------------------------------------------------- the happy path
+
+def test_train_evaluate_predict_info_through_the_cli(data, tmp_path):
+    run = tmp_path / "run"
+    proc = cli("train", *tiny(data, run, "train.eval_every=1"))
+    final = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("top1", "top5", "mean_class_accuracy"):
+        assert 0.0 <= final[key] <= 1.0
+    assert final["num_videos"] == 12
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "training_curves.png", "model/config.json",
+                 "model/model.safetensors", "checkpoints/last.pt", "eval/metrics.json", "eval/predictions.csv",
+                 "eval/confusion_matrix.png"):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert train_steps == list(range(1, 9))  # 32 clips / (4 x 2 accumulation) = 4 updates x 2 epochs
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if r["kind"] == "train")
+    assert [r["epoch"] for r in records if r["kind"] == "eval"] == [1, 2]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["step"] == 8
+    # only the branch and the head were trained; CLIP is referenced, not copied
+    assert not (run / "model" / "clip.safetensors").exists()
+    meta = json.loads((run / "model" / "config.json").read_text())
+    assert meta["preprocess"]["num_views"] == 2 and meta["preprocess"]["crop_size"] == 32
+
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["top1"] == final["top1"] and metrics["num_videos"] == 12
+    assert len(metrics["per_class_accuracy"]) == 12
+    rows = (run / "eval" / "predictions.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 12
+
+    # stand-alone evaluation of the saved model gives the same numbers
+    proc = cli("evaluate", str(run / "model"), "--config", str(run / "config.yaml"), "--output",
+               str(tmp_path / "eval"), "--quiet")
+    again = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert again == {k: final[k] for k in again}
+
+    # prediction prints probabilities of known classes; JSON output is parseable
+    video = data / "val" / "00000.mp4"
+    proc = cli("predict", str(run / "model"), str(video), "--topk", "3", "--json")
+    result = json.loads(proc.stdout)
+    classes = (data / "classes.txt").read_text().split("\n")
+    assert result[0]["views"] == 2 and len(result[0]["top"]) == 3
+    probs = [t["probability"] for t in result[0]["top"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
+    assert all(t["class"] in classes for t in result[0]["top"])
+    # the same video in predictions.csv has the same top class
+    row = next(r for r in rows[1:] if r.split(",")[0].endswith("00000.mp4"))
+    assert result[0]["top"][0]["class"] in row
+
+    proc = cli("info", str(run / "model"), "--json")
+    info = json.loads(proc.stdout)
+    assert info["parameters"]["trainable"] == summary["trainable_params"]
+    assert info["input"] == {"frames": 8, "clip_frames": 4, "resolution": 32}
+    assert 0 < info["gmacs_per_view"]["branch"] < info["gmacs_per_view"]["total"]
+
+
+def test_python_predict_clip(data, tmp_path):
+    from dist_video.engine.data import test_clips_of_file
+    from dist_video.engine.predict import load_for_inference, predict_clip
+
+    run = tmp_path / "run"
+    cli("train", *tiny(data, run, "optim.epochs=1", "train.max_steps=1"))
+    model, preprocess = load_for_inference(str(run / "model"), device="cpu")
+    clips = test_clips_of_file(data / "val" / "00003.mp4", preprocess, num_frames=8)
+    assert clips.shape == (2, 3, 8, 32, 32)
+    top = predict_clip(model, clips[0], topk=4)
+    assert len(top) == 1 and len(top[0]) == 4
+    assert abs(sum(p for _, p in predict_clip(model, clips[0], topk=12)[0]) - 1.0) < 1e-4
+
+
+# ----------------------------------------------------------------------------- never lose a run
+
+def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int) -> None:
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before step {step}: {proc.stderr.read()[-2000:]}")
+        if metrics.exists():
+            steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if x.strip()]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def _popen(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dist_video.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+
+
+def test_sigkill_then_resume_equals_uninterrupted(data, tmp_path):
+    extra = ("train.checkpoint_every_steps=1", "data.workers=0")
+    ref = tmp_path / "uninterrupted"
+    cli("train", *tiny(data, ref, *extra))
+
+    run = tmp_path / "killed"
+    proc = _popen("train", *tiny(data, run, *extra))
+    _wait_for_step(proc, run / "metrics.jsonl", 3)  # mid-epoch 0 (4 updates per epoch)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(TIMEOUT)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "model").exists()
+    resumed = cli("train", *tiny(data, run, *extra))
+    assert "resumed from" in resumed.stderr
+
+    a, b = weights(ref), weights(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (json.loads((ref / "eval" / "metrics.json").read_text())
+            == json.loads((run / "eval" / "metrics.json").read_text()))
+    assert (ref / "eval" / "predictions.csv").read_text() == (run / "eval" / "predictions.csv").read_text()
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["kind"] == "train"]
+    assert steps == list(range(1, 9))  # the log was cut back to the checkpoint: no duplicate steps
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
+    run = tmp_path / "run"
+    proc = _popen("train", *tiny(data, run, "optim.epochs=50"))
+    _wait_for_step(proc, run / "metrics.jsonl", 2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 130, err
+    assert "SIGTERM received" in err and "checkpoint saved" in err
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert state["step"] >= 2
+
+
+# ----------------------------------------------------------------------------- several processes
+
+def test_two_process_gloo_training_and_evaluation(data, tmp_path):
+    # the same global batch (2 processes x 2 clips x accumulation 2 = 4 x 2 on one process)
+    common = ("train.precision=fp32", "model.clip_dtype=fp32", "augment.mixup_alpha=0.0",
+              "augment.cutmix_alpha=0.0", "train.max_steps=3")
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "dist_video.cli", "train", *tiny(data, two, *common, "train.batch_size=2")],
+                          capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr
+    two_metrics = json.loads((two / "eval" / "metrics.json").read_text())
+
+    # the 2-process evaluation equals a 1-process evaluation of the same weights
+    one_eval = tmp_path / "one-eval"
+    cli("evaluate", str(two / "model"), "--config", str(two / "config.yaml"), "--output", str(one_eval), "--quiet")
+    one_metrics = json.loads((one_eval / "metrics.json").read_text())
+    assert one_metrics.pop("model") == str(two / "model")
+    assert one_metrics == two_metrics
+    assert (one_eval / "predictions.csv").read_text() == (two / "eval" / "predictions.csv").read_text()
+
+    # and the 2-process training equals 1-process training with the same global batch
+    one = tmp_path / "one"
+    cli("train", *tiny(data, one, *common, "train.batch_size=4"))
+    # Equal up to float summation order. atol: attention key biases get a mathematically zero
+    # gradient, whose rounding noise Adam normalises into updates; 1e-4 is 1% of one Adam step
+    # (branch lr 1e-2) and far below what a wrong gradient average (x2) would give.
+    a, b = weights(one), weights(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+# ----------------------------------------------------------------------------- failures
+
+def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(data, tmp_path):
+    huge = ("optim.lr=1e36", "optim.grad_clip=null", "optim.warmup_epochs=0")
+    proc = cli("train", *tiny(data, tmp_path / "stop", *huge), check=False)
+    line = one_line_error(proc, "train")
+    assert "non-finite loss" in line and "at step 2" in line
+    assert "no checkpoint was written yet" in line  # checkpoints only at epoch ends here
+
+    proc = cli("train", *tiny(data, tmp_path / "skip", *huge, "train.nonfinite_loss=skip"), check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
+    assert summary["skipped_steps"] > 0
+    assert "skipped" in proc.stderr
+
+
+def test_bad_config_keys_name_the_nearest_valid_key(data, tmp_path):
+    proc = cli("train", *tiny(data, tmp_path / "r", "optim.lrr=0.1"), check=False)
+    assert "optim.lr" in one_line_error(proc, "train")
+    proc = cli("train", *tiny(data, tmp_path / "r", "train.batch_size=many"), check=False)
+    assert "train.batch_size" in one_line_error(proc, "train")
+    assert not (tmp_path / "r").exists()  # nothing was written
+
+
+def test_missing_clip_weights(data, tmp_path):
+    proc = cli("train", *tiny(data, tmp_path / "r", f"model.clip={tmp_path / 'nope.pt'}"), check=False)
+    assert "nope.pt" in one_line_error(proc, "train")
+
+
+def test_unwritable_output_folder(data, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        proc = cli("train", *tiny(data, locked / "run"), check=False)
+        line = one_line_error(proc, "train")
+        assert str(locked) in line and "writ" in line
+    finally:
+        locked.chmod(0o700)
+
+
+def test_unwritable_output_folder_as_a_file(data, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    proc = cli("train", *tiny(data, afile), check=False)
+    assert str(afile) in one_line_error(proc, "train")
+
+
+def test_mismatched_checkpoints(data, tmp_path):
+    run = tmp_path / "run"
+    cli("train", *tiny(data, run, "optim.epochs=1", "train.max_steps=1"))
+    # resuming with another architecture
+    proc = cli("train", *tiny(data, run, "optim.epochs=1", "model.dist.temporal_dim=32"), check=False)
+    line = one_line_error(proc, "train")
+    assert "temporal_dim" in line and "last.pt" in line
+    # a model trained on other classes
+    other = tmp_path / "other"
+    other.mkdir()
+    names = (data / "classes.txt").read_text().split()
+    (other / "classes.txt").write_text("\n".join(["a", "b", "c"]) + "\n")
+    proc = cli("evaluate", str(run / "model"), "--config", str(run / "config.yaml"), "--set",
+               f"data.classes={other / 'classes.txt'}", "--output", str(tmp_path / "e"), "--quiet", check=False)
+    line = one_line_error(proc, "evaluate")
+    assert "class" in line
+    assert names
+    # an initialisation from a model with another architecture
+    proc = cli("train", *tiny(data, tmp_path / "init", f"model.init={run / 'model'}", "model.dist.num_frames=16",
+                              "optim.epochs=1"), check=False)
+    assert "frames" in one_line_error(proc, "train")
+
+
+def test_full_disk_is_reported_before_training(tmp_path, monkeypatch):
+    import shutil as _shutil
+
+    from dist_video.engine import checkpoint
+
+    usage = _shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage._replace(free=5 << 20))
+    with pytest.raises(OSError, match=r"has 5 MiB free, but checkpoints need about 64 MiB"):
+        checkpoint.check_output_dir(tmp_path / "run", need_bytes=64 << 20)
+    assert checkpoint.check_output_dir(tmp_path / "run", need_bytes=1 << 20).is_dir()
+
+
+def test_read_only_filesystem_output_is_reported(data):
+    target = Path("/proc/dist-video-run")  # cannot be created, not even by root
+    proc = cli("train", *tiny(data, target), check=False)
+    line = one_line_error(proc, "train")
+    assert str(target) in line and "cannot be written" in line
