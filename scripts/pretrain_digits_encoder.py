@@ -6,28 +6,36 @@ digits from still images only.
 
 What it does
 ------------
-* Digit images: the *training* half of scikit-learn's bundled 8x8 digits, as given by
-  :func:`dist_video.data.synthetic.digit_image_split` (the split the synthetic videos use: the
-  encoder never sees a held-out digit image, whose videos form the demo's validation set).
+* Digit images: the *training* part of scikit-learn's bundled 8x8 digits (1258 of 1797), as given
+  by :func:`dist_video.data.synthetic.digit_image_split` (the split the synthetic videos use:
+  the encoder never sees a held-out digit image; their videos are the demo's validation set).
 * Still images drawn like single frames of those videos, with the video renderer's own helpers
   (``_background``: the smooth coloured texture; ``_scaled_digit``: the bilinear 8x8 upscale):
   a 64x64 frame, a light digit (colour U(0.75, 1) per channel) alpha-blended at a random place
-  and scale (side log-uniform in 11%..50% of the frame: the videos go from 12.6% at the end of
-  "recede" to 47% at the end of "approach"), Gaussian noise (std 0.015), uint8 rounding; then
-  the video pipeline's training view: a random resized crop (area 50..100%, aspect 3/4..4/3)
+  and size (side log-uniform in 12%..48% of the frame: the videos go from 12.6% at the end of
+  "recede" to 47% at the end of "approach"; 30% of the stills draw from 12%..20%, the hardest
+  sizes), Gaussian noise (std 0.015), uint8 rounding; then the video pipeline's training view: a
+  random resized crop (area 70..100%, aspect 3/4..4/3, keeping >= 80% of the digit's ink)
   resized to 48x48 (bilinear, antialiased), brightness and contrast jitter (+-40%, p = 0.8,
-  random order) and CLIP's mean/std normalisation. Backgrounds come from a bank drawn with
-  ``_background`` and are re-used under flips, transposition and channel permutations (all of
-  which leave the texture distribution unchanged) so that drawing a batch stays cheap.
+  random order) and CLIP's mean/std normalisation. Backgrounds come from a bank of 4096 drawn
+  with ``_background``, re-used under flips, transposition and channel permutations (which leave
+  the texture distribution unchanged) so that drawing a batch stays cheap.
 * Model: ``CLIP(CLIPConfig(image_size=48, patch_size=8, vision_width=128, vision_layers=4,
-  vision_heads=2, embed_dim=128, act="quick_gelu", text_layers=0))`` and a linear 10-way head on
-  its image embedding (``encode_image``), trained with cross-entropy; the head is thrown away.
+  vision_heads=2, embed_dim=128, act="quick_gelu", text_layers=0))`` plus two throw-away heads: a
+  linear 10-way head on the image embedding (``encode_image``: ``ln_post(class token) @ proj``)
+  and a linear 11-way head on every final patch token (``ln_post(token)``: the digit if the patch
+  holds enough of its ink, else "background"; soft targets), cross-entropy on both.
+* Training speed-ups that leave the shipped model a plain CLIP ViT: a size curriculum (digits no
+  smaller than 30% of the frame at first, the full range after 20% of the steps) and token
+  dropping (for the first 90% of the steps the transformer sees the class token and 8 of the 36
+  patch tokens: the digit's patches first, then random background ones; the last 10% use all
+  tokens, as at inference).
 * Evaluation (fixed seeds, no augmentation, the pipeline's test view: the whole 64x64 frame
   resized to 48x48): accuracy of the pre-training head on held-out digit images drawn as stills
-  (4 renderings of each held-out image) and on every frame of one synthetic video of each held-out
-  image (:func:`~dist_video.data.synthetic.render_video`, motions left/right/approach/recede), on
-  training digit images, and a linear probe (logistic regression fitted on frozen embeddings of
-  training digit images) on the held-out stills.
+  (4 renderings of each held-out image, also split by digit size) and on every frame of one
+  synthetic video of each held-out image (:func:`~dist_video.data.synthetic.render_video`,
+  motions left/right/approach/recede), on training digit images, and a linear probe (logistic
+  regression fitted on frozen embeddings of training digit images) on the held-out stills.
 
 Outputs (``--out-dir``, default ``src/dist_video/assets``)
 ---------------------------------------------------------
@@ -67,6 +75,7 @@ from dist_video.data.transforms import CLIP_MEAN, CLIP_STD
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "src" / "dist_video" / "assets"
 NAME = "digits-vit"
+SIDE_BUCKETS = [(0, 8), (8, 10), (10, 13), (13, 17), (17, 24)]  # digit side at 48x48, pixels
 FORMAT = "openai-clip-visual"
 
 
@@ -84,12 +93,13 @@ class Recipe:
     layers: int = 4
     embed_dim: int = 128
     act: str = "quick_gelu"
-    init: str = "default"              # "default" (dist_video.clip's) or "trunc_normal" (std 0.02 linears)
     # data
     frame_size: int = 64               # frames are drawn at the synthetic videos' size, then resized
     side_range: tuple = (0.12, 0.48)   # digit side / frame side, log-uniform
+    small_digit_p: float = 0.3         # probability of drawing the side from [side_range[0], small_digit_max]
+    small_digit_max: float = 0.2       # (extra practice on the hardest, smallest digits)
     curriculum_min_side: float = 0.30  # the smallest side starts here (large digits first) ...
-    curriculum_frac: float = 0.4       # ... and reaches side_range[0] (log-linearly) after this part of training
+    curriculum_frac: float = 0.2       # ... and reaches side_range[0] (log-linearly) after this part of training
     crop_area: tuple = (0.7, 1.0)      # random resized crop (fraction of the frame's area)
     crop_ratio: tuple = (3 / 4, 4 / 3)
     crop_keep_digit: float = 0.8       # crops keep at least this fraction of the digit's ink
@@ -108,7 +118,7 @@ class Recipe:
     betas: tuple = (0.9, 0.98)
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
-    keep_tokens: int = 12              # >0: train on the class token + this many patch tokens (the
+    keep_tokens: int = 8               # >0: train on the class token + this many patch tokens (the
                                        # digit's patches first, then random background ones) ...
     full_tokens_frac: float = 0.1      # ... except in this last part of training (all tokens)
     patch_loss: float = 1.0            # weight of the auxiliary per-patch loss (0: off)
@@ -251,7 +261,10 @@ class TrainRenderer:
         for k, i in enumerate(indices):
             frame = frames[k]
             self._background_into(frame[:, :, :3])
-            boxes.append(_paste(frame[:, :, :3], self.images[i], self.rng, side_range, frame[:, :, 3]))
+            sides = side_range
+            if r.small_digit_p and self.rng.random() < r.small_digit_p:
+                sides = (side_range[0], max(side_range[0], min(r.small_digit_max, side_range[1])))
+            boxes.append(_paste(frame[:, :, :3], self.images[i], self.rng, sides, frame[:, :, 3]))
         x = torch.from_numpy(frames).permute(0, 3, 1, 2)  # N x 4 x S x S, channels-last in memory
         x[:, :3] += r.noise_std * torch.randn((n, size, size, 3), generator=self.gen).permute(0, 3, 1, 2)
         x = (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8)  # the videos' frames are uint8
@@ -314,15 +327,6 @@ def _setup(threads: int) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def _trunc_normal_init(visual) -> None:
-    """ViT-from-scratch initialisation: linear and attention weights N(0, 0.02) truncated, zero biases."""
-    for name, p in visual.transformer.named_parameters():
-        if p.ndim == 2:
-            torch.nn.init.trunc_normal_(p, std=0.02)
-        elif name.endswith("bias"):
-            torch.nn.init.zeros_(p)
-
-
 def _side_range_at(step: int, r: Recipe) -> tuple[float, float]:
     """Size curriculum: the smallest digit side shrinks log-linearly from curriculum_min_side to
     side_range[0] over the first curriculum_frac of the steps."""
@@ -358,8 +362,6 @@ def train(recipe: Recipe, log=print, workers: int = 0) -> tuple[CLIP, torch.nn.L
     model = CLIP(r.clip_config())
     head = torch.nn.Linear(r.embed_dim, 10)
     patch_head = torch.nn.Linear(r.width, 11)  # per patch: the digit, or 10 = background
-    if r.init == "trunc_normal":
-        _trunc_normal_init(model.visual)
     named = (list(model.named_parameters()) + list(head.named_parameters())
              + list(patch_head.named_parameters()))
     params = [p for _, p in named]
@@ -422,15 +424,17 @@ def train(recipe: Recipe, log=print, workers: int = 0) -> tuple[CLIP, torch.nn.L
 
 # ============================================================================ evaluation
 def eval_sets(r: Recipe) -> dict:
-    """Fixed evaluation inputs: {name: (x, y)}."""
+    """Fixed evaluation inputs: {name: (x, y)}, and the held-out stills' digit sides."""
     images, targets = digit_images()
     train_idx, held_idx = digit_image_split(r.digit_split_seed)
     k = r.eval_renders_per_image
     held_rep = np.repeat(held_idx, k)
     train_pick = np.random.default_rng([r.seed, 10]).choice(train_idx, size=r.eval_train_images, replace=True)
     probe_pick = np.repeat(train_idx, 2)
+    held_x, held_sides = render_stills(images[held_rep], [r.seed, 11], r, return_sides=True)
     return {
-        "heldout_stills": (render_stills(images[held_rep], [r.seed, 11], r), torch.from_numpy(targets[held_rep])),
+        "heldout_stills": (held_x, torch.from_numpy(targets[held_rep])),
+        "heldout_sides": held_sides,
         "heldout_video_frames": (render_video_frames(images[held_idx], 12 + r.seed, r),
                                  torch.from_numpy(np.repeat(targets[held_idx], 16))),
         "train_stills": (render_stills(images[train_pick], [r.seed, 13], r), torch.from_numpy(targets[train_pick])),
@@ -451,7 +455,7 @@ def linear_probe_accuracy(e_fit: torch.Tensor, y_fit: torch.Tensor, e_test: torc
 
 def evaluate(model: CLIP, head: torch.nn.Linear, r: Recipe) -> dict:
     sets = eval_sets(r)
-    emb = {name: embed(model, x, r.bf16) for name, (x, _) in sets.items()}
+    emb = {name: embed(model, v[0], r.bf16) for name, v in sets.items() if isinstance(v, tuple)}
     out = {}
     with torch.no_grad():
         for name in ("heldout_stills", "heldout_video_frames", "train_stills"):
@@ -461,12 +465,18 @@ def evaluate(model: CLIP, head: torch.nn.Linear, r: Recipe) -> dict:
     out["linear_probe_heldout_stills_accuracy"] = round(linear_probe_accuracy(
         emb["probe_fit_train_stills"], sets["probe_fit_train_stills"][1],
         emb["heldout_stills"], sets["heldout_stills"][1]), 4)
-    # per-scale accuracy on held-out stills: the same renders split by digit size is not recorded by
-    # render_stills, so report the per-class accuracy instead (the weakest digit is what matters)
     pred = head(emb["heldout_stills"]).argmax(1)
     y = sets["heldout_stills"][1]
     out["heldout_stills_per_digit_accuracy"] = [round(float((pred[y == d] == d).float().mean()), 4)
                                                 for d in range(10)]
+    px = torch.from_numpy(sets["heldout_sides"] * r.image_size)  # digit side in model-input pixels
+    by_side = {}
+    for lo, hi in SIDE_BUCKETS:
+        sel = (px >= lo) & (px < hi)
+        if sel.any():
+            by_side[f"{lo}-{hi}px"] = {"accuracy": round(float((pred[sel] == y[sel]).float().mean()), 4),
+                                       "count": int(sel.sum())}
+    out["heldout_stills_accuracy_by_digit_side"] = by_side
     return out
 
 
@@ -498,14 +508,16 @@ def save(model: CLIP, r: Recipe, results: dict, out_dir: Path) -> tuple[Path, Pa
             "recipe": json.dumps(r.to_dict(), sort_keys=True)}
     wpath = out_dir / f"{NAME}.safetensors"
     save_file(weights, str(wpath), metadata=meta)
+    os.chmod(wpath, 0o644)  # safetensors writes 0600; the file ships inside the package
     jpath = out_dir / f"{NAME}.json"
     jpath.write_text(json.dumps(results, indent=2) + "\n")
     return wpath, jpath
 
 
-def run(recipe: Recipe, out_dir: Path, log=print) -> dict:
+def run(recipe: Recipe, out_dir: Path, log=print, workers: int = 0,
+        command: str = "python scripts/pretrain_digits_encoder.py") -> dict:
     t0 = time.perf_counter()
-    model, head, stats = train(recipe, log)
+    model, head, stats = train(recipe, log, workers)
     t_eval = time.perf_counter()
     metrics = evaluate(model, head, recipe)
     results = {
@@ -523,7 +535,7 @@ def run(recipe: Recipe, out_dir: Path, log=print) -> dict:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
-        "command": "python scripts/pretrain_digits_encoder.py",
+        "command": command,
     }
     wpath, jpath = save(model, recipe, results, out_dir)
     results["weights_path"], results["json_path"] = str(wpath), str(jpath)
@@ -531,7 +543,7 @@ def run(recipe: Recipe, out_dir: Path, log=print) -> dict:
     return results
 
 
-def check(recipe: Recipe, out_dir: Path, tolerance: float = 0.01) -> bool:
+def check(out_dir: Path, tolerance: float = 0.01, workers: int = 0) -> bool:
     """Re-train with the shipped recipe; compare accuracy (and weights) with the shipped files."""
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -543,7 +555,8 @@ def check(recipe: Recipe, out_dir: Path, tolerance: float = 0.01) -> bool:
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in shipped_recipe.items()}
     recipe = Recipe(**fields)
     with tempfile.TemporaryDirectory() as tmp:
-        fresh = run(recipe, Path(tmp), log=lambda s: print(s, file=sys.stderr))
+        fresh = run(recipe, Path(tmp), log=lambda s: print(s, file=sys.stderr), workers=workers,
+                    command=shipped.get("command", ""))
         a, b = load_file(str(wpath)), load_file(fresh["weights_path"])
         identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         max_diff = max(float((a[k] - b[k]).abs().max()) for k in a) if a.keys() == b.keys() else float("nan")
@@ -573,6 +586,9 @@ def main(argv=None) -> int:
                    help="re-train with the shipped recipe and compare with the shipped accuracy")
     p.add_argument("--steps", type=int, default=None, help="override the number of steps (experiments)")
     p.add_argument("--threads", type=int, default=None, help="override the thread count (default 2)")
+    p.add_argument("--render-workers", type=int, default=0,
+                   help="draw the training images in this many worker processes (0: in the training "
+                        "process; the fastest on 2 cores). Does not change the weights")
     args = p.parse_args(argv)
     recipe = Recipe()
     if args.steps is not None:
@@ -580,8 +596,10 @@ def main(argv=None) -> int:
     if args.threads is not None:
         recipe.threads = args.threads
     if args.check:
-        return 0 if check(recipe, args.out_dir) else 1
-    res = run(recipe, args.out_dir)
+        return 0 if check(args.out_dir, workers=args.render_workers) else 1
+    command = "python scripts/pretrain_digits_encoder.py" + "".join(
+        f" {flag} {value}" for flag, value in (("--steps", args.steps), ("--threads", args.threads)) if value is not None)
+    res = run(recipe, args.out_dir, workers=args.render_workers, command=command)
     show = {k: v for k, v in res.items() if not k.startswith("_") and k not in ("recipe", "clip_config")}
     print(json.dumps(show, indent=2))
     print(f"held-out accuracy: {100 * res['heldout_stills_accuracy']:.2f}% (stills), "

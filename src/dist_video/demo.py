@@ -36,7 +36,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 DEFAULTS = {"train_videos": 960, "val_videos": 240, "epochs": 6}
 
 
-def demo_config(data_dir: Path, out_dir: Path, method: str, epochs: int, seed: int, device: str):
+def demo_config(data_dir: Path, out_dir: Path, method: str, epochs: int, seed: int, device: str,
+                extra: list[str] | tuple[str, ...] = ()):
     """The demo's training configuration for ``method`` (``dist`` or ``frozen-mean``)."""
     from .config import load_config
 
@@ -58,7 +59,7 @@ def demo_config(data_dir: Path, out_dir: Path, method: str, epochs: int, seed: i
         "train.eval_every=0", "train.log_every=5", "eval.batch_size=32",
         f"output_dir={out_dir}",
     ]
-    return load_config(overrides=overrides)
+    return load_config(overrides=overrides + list(extra))
 
 
 def run_demo(args) -> dict:
