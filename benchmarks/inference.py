@@ -1,0 +1,142 @@
+"""Inference cost: DiST against CLIP alone on the same frames, and the cost of every preset.
+
+1. Throughput: clips per second of DiST (K400 ViT-B/16 8+16f: 16 dense frames, 8 through CLIP)
+   and of CLIP alone on the same 8 frames (the frozen-mean model: frame embeddings averaged),
+   224 x 224, random weights, each at its best precision (bf16 CLIP where supported, the branch
+   under bf16 autocast), batches of 1 and 4 clips, medians over repetitions, the two models
+   interleaved repetition by repetition so machine noise hits both alike.
+2. Counted cost of one view for every published preset: multiply-accumulates from PyTorch's
+   FLOP counter (FLOPs / 2) for CLIP and for the DiST branch, CLIP's attention products listed
+   apart (the authors' count leaves them out), and parameters.
+
+    python benchmarks/inference.py              # about 5 minutes on 2 CPU cores
+    python benchmarks/inference.py --repeats 3 --batches 1 --skip-large   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import build_method, machine, sync  # noqa: E402
+
+from dist_video.dist import PRESETS  # noqa: E402
+from dist_video.profiling import attention_macs, cost_per_view, count_parameters  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: The authors' counts for K400 ViT-B/16 8+16f (GMACs per view; DiST-branch parameters).
+AUTHORS = {"clip_gmacs": 135.7, "branch_gmacs": 22.4}
+
+
+def arch_of(preset: str) -> str:
+    return "ViT-L/14" if "vit-l14" in preset else "ViT-B/16"
+
+
+def throughput(batches: list[int], repeats: int, device: torch.device) -> list[dict]:
+    """Seconds per batch for DiST and CLIP alone, interleaved."""
+    dist = build_method("dist", "ViT-B/16", 16, 2, device, dist_preset="k400-vit-b16-8+16f").eval()
+    clip_only = build_method("frozen-mean", "ViT-B/16", 16, 2, device).eval()
+    rows = []
+    for b in batches:
+        video = torch.randn(b, 3, 16, 224, 224, device=device)
+        times = {"dist": [], "clip": []}
+
+        def run(model):
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                model(video)
+            sync(device)
+
+        run(dist), run(clip_only)  # warm-up
+        for _ in range(repeats):
+            for name, model in (("dist", dist), ("clip", clip_only)):
+                t = time.perf_counter()
+                run(model)
+                times[name].append(time.perf_counter() - t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({"batch": b, "dist_seconds": med["dist"], "clip_seconds": med["clip"],
+                     "dist_clips_per_second": b / med["dist"], "clip_clips_per_second": b / med["clip"],
+                     "ratio_dist_to_clip": med["dist"] / med["clip"], "times": times})
+        print(f"batch {b}: DiST {b / med['dist']:.2f} clips/s, CLIP alone {b / med['clip']:.2f} clips/s, "
+              f"time ratio {med['dist'] / med['clip']:.3f}", flush=True)
+    return rows
+
+
+def preset_costs(device: torch.device, skip_large: bool) -> list[dict]:
+    rows = []
+    for name in PRESETS:
+        arch = arch_of(name)
+        if skip_large and (arch == "ViT-L/14" or "32+64f" in name):
+            continue
+        model = build_method("dist", arch, 16, 2, device, dist_preset=name).eval()
+        res = model.clip.visual.image_size
+        cost = cost_per_view(model, res, res)
+        params = count_parameters(model)
+        row = {"preset": name, "clip": arch, "dense_frames": model.config.num_frames,
+               "clip_frames": model.config.sparse_frames, "resolution": res,
+               "clip_gmacs": cost["clip"] / 1e9, "branch_gmacs": cost["branch"] / 1e9,
+               "total_gmacs": cost["total"] / 1e9,
+               "clip_attention_gmacs_not_counted": attention_macs(model, res, res) / 1e9,
+               "branch_params": sum(p.numel() for p in model.branch.parameters()),
+               "trainable_params": params["trainable"], "clip_visual_params": params["clip_visual"]}
+        rows.append(row)
+        print(f"{name}: CLIP {row['clip_gmacs']:.1f} + branch {row['branch_gmacs']:.1f} GMACs per view; "
+              f"branch {row['branch_params']:,} parameters", flush=True)
+        del model
+    return rows
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"# Inference cost", "",
+             f"`python benchmarks/inference.py` on {m['date']}: {m['cpu']} ({m['cores']} cores, "
+             f"{m['device']}), torch {m['torch']}. Medians of {result['repeats']} repetitions.", "",
+             "## DiST vs CLIP alone on the same 8 frames (K400 ViT-B/16 8+16f, 224 px)", "",
+             "| batch | DiST clips/s | CLIP alone clips/s | DiST time / CLIP time |", "|---|---|---|---|"]
+    for r in result["throughput"]:
+        lines.append(f"| {r['batch']} | {r['dist_clips_per_second']:.2f} | {r['clip_clips_per_second']:.2f} | "
+                     f"{r['ratio_dist_to_clip']:.3f} |")
+    lines += ["", "## Cost per view of every preset (counted)", "",
+              "| preset | CLIP | frames (CLIP/dense) | CLIP GMACs | branch GMACs | total | CLIP attention (not counted) | branch params |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in result["presets"]:
+        lines.append(f"| {r['preset']} | {r['clip']} | {r['clip_frames']}/{r['dense_frames']} | {r['clip_gmacs']:.1f} | "
+                     f"{r['branch_gmacs']:.2f} | {r['total_gmacs']:.1f} | {r['clip_attention_gmacs_not_counted']:.1f} | "
+                     f"{r['branch_params']:,} |")
+    k = next((r for r in result["presets"] if r["preset"] == "k400-vit-b16-8+16f"), None)
+    if k:
+        lines += ["", f"Authors' count for k400-vit-b16-8+16f: CLIP {AUTHORS['clip_gmacs']} G + branch "
+                  f"{AUTHORS['branch_gmacs']} G; ours {k['clip_gmacs']:.2f} G "
+                  f"({100 * (k['clip_gmacs'] / AUTHORS['clip_gmacs'] - 1):+.1f}%) + {k['branch_gmacs']:.2f} G "
+                  f"({100 * (k['branch_gmacs'] / AUTHORS['branch_gmacs'] - 1):+.1f}%). The CLIP difference is "
+                  "the authors' model running CLIP's patch embedding on all 16 dense frames before keeping 8."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--skip-large", action="store_true", help="skip ViT-L/14 and 32+64f presets in the cost table")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    result = {"machine": machine(), "repeats": args.repeats,
+              "throughput": throughput(args.batches, args.repeats, device),
+              "presets": preset_costs(device, args.skip_large)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "inference.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "inference.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
