@@ -7,7 +7,8 @@ each motion with its time-reverse (left/right, approach/recede), so a model blin
 order is capped at its *appearance ceiling* (computed from the held-out labels: 50% when
 balanced).
 
-    python benchmarks/temporal.py                   # about 15 minutes on 2 CPU cores
+    python benchmarks/temporal.py                   # the demo's budget (16 epochs): about 12 minutes on 2 CPU cores
+    python benchmarks/temporal.py --epochs 32       # twice the budget for every method
     python benchmarks/temporal.py --methods dist frozen-mean --epochs 2   # quicker
 """
 
@@ -68,7 +69,8 @@ def main() -> None:
               "config": "dist_video.demo.demo_config (only model.method differs)"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "temporal.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = f"temporal-{args.epochs}ep"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
     lines = ["# Temporal benchmark: synthetic moving digits", "",
              f"`python benchmarks/temporal.py` on {m['date']}: {m['cpu']} ({m['cores']} cores, {result['device']}), "
@@ -78,7 +80,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['method']} | {100 * r['top1']:.1f}% | {100 * r['top5']:.1f}% | "
                      f"{r['trainable_params']:,} | {r['train_seconds']:.0f} s |")
-    (out / "temporal.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

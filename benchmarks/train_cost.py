@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bf16_matmul_rate, build_method, machine, median_time  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TRAINED_METHODS = ("dist", "adapter", "full-finetune")
+TRAINED_METHODS = ("dist", "dist-ckpt", "adapter", "full-finetune")  # dist-ckpt: activation checkpointing
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -46,7 +46,9 @@ def worker(method: str, batch: int, steps: int, arch: str, res: int, device_name
     """One (method, batch) measurement, in this process."""
     device = torch.device(device_name)
     torch.set_grad_enabled(True)
-    model = build_method(method, arch, num_frames=16, alpha=2, device=device)
+    model = build_method("dist" if method == "dist-ckpt" else method, arch, num_frames=16, alpha=2, device=device)
+    if method == "dist-ckpt":
+        model.branch.activation_checkpointing = True  # recompute each branch layer in backward
     model.train()
     params = [p for _, p in model.trainable_parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -103,7 +105,7 @@ def plot(results: dict, path: Path) -> None:
     width = 0.8 / len(TRAINED_METHODS)
     for i, m in enumerate(TRAINED_METHODS):
         rows = [r for r in results["runs"] if r["method"] == m]
-        axes[0].bar([b + (i - 1) * width for b in range(len(batches))], [r["step_seconds"] for r in rows],
+        axes[0].bar([b + (i - 1.5) * width for b in range(len(batches))], [r["step_seconds"] for r in rows],
                     width, label=m)
         axes[1].plot(batches, [r["peak_memory_bytes"] / 2**30 for r in rows], "o-", label=m)
     bound = results["dist_flop_bound"]["seconds_per_clip"]
@@ -126,19 +128,19 @@ def plot(results: dict, path: Path) -> None:
 
 
 def table(results: dict) -> str:
-    rows = ["| clips/step | " + " | ".join(f"{m} s/step" for m in TRAINED_METHODS) +
-            " | DiST / full-FT | DiST / adapter | DiST / FLOP bound |", "|---" * 7 + "|"]
+    ms = TRAINED_METHODS
+    rows = ["| clips/step | " + " | ".join(f"{m} s/step" for m in ms) +
+            " | DiST / full-FT | DiST / adapter | DiST / FLOP bound | dist-ckpt / full-FT |", "|---" * 9 + "|"]
     bound = results["dist_flop_bound"]["seconds_per_clip"]
     for b in results["batches"]:
         t = {r["method"]: r["step_seconds"] for r in results["runs"] if r["batch"] == b}
-        rows.append(f"| {b} | " + " | ".join(f"{t[m]:.2f}" for m in TRAINED_METHODS) +
+        rows.append(f"| {b} | " + " | ".join(f"{t[m]:.2f}" for m in ms) +
                     f" | {t['dist'] / t['full-finetune']:.2f} | {t['dist'] / t['adapter']:.2f} | "
-                    f"{t['dist'] / (bound * b):.2f} |")
+                    f"{t['dist'] / (bound * b):.2f} | {t['dist-ckpt'] / t['full-finetune']:.2f} |")
     mem = results["memory_per_clip_bytes"]
-    rows.append("")
-    rows.append("| memory added per clip | " + " | ".join(f"{m}: {mem[m] / 2**20:.0f} MiB" for m in TRAINED_METHODS) +
-                f" | DiST / full-FT {mem['dist'] / mem['full-finetune']:.2f} | DiST / adapter "
-                f"{mem['dist'] / mem['adapter']:.2f} |")
+    rows += ["", "| memory added per clip | MiB | / full-FT | / adapter |", "|---|---|---|---|"]
+    for m in ms:
+        rows.append(f"| {m} | {mem[m] / 2**20:.0f} | {mem[m] / mem['full-finetune']:.2f} | {mem[m] / mem['adapter']:.2f} |")
     return "\n".join(rows)
 
 

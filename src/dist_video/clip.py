@@ -82,6 +82,11 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.to(x.dtype) if self.weight is not None else None
         bias = self.bias.to(x.dtype) if self.bias is not None else None
+        if torch.is_autocast_enabled(x.device.type):
+            # Autocast would return float32 here and make every following elementwise op
+            # (residual adds, activations) run in float32 until the next matrix product.
+            with torch.autocast(x.device.type, enabled=False):
+                return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 

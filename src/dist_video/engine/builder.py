@@ -47,7 +47,10 @@ def build_classifier(cfg: ModelConfig, clip: CLIP | None = None) -> VideoClassif
     if cfg.init:
         init = Path(cfg.init)
         if init.is_dir():
-            return VideoClassifier.from_pretrained(init, clip=clip, clip_dtype=cfg.clip_dtype)
+            model = VideoClassifier.from_pretrained(init, clip=clip, clip_dtype=cfg.clip_dtype)
+            if hasattr(model, "branch"):
+                model.branch.activation_checkpointing = cfg.activation_checkpointing
+            return model
         from ..checkpoints import load_official_checkpoint
         overrides = {"selected_layers": cfg.dist.selected_layers} if cfg.dist.selected_layers else {}
         model = load_official_checkpoint(init, clip=clip, clip_dtype=cfg.clip_dtype, **overrides)
@@ -55,11 +58,14 @@ def build_classifier(cfg: ModelConfig, clip: CLIP | None = None) -> VideoClassif
             raise ValueError(f"{init}: the checkpoint was built for {model.config.num_frames} frames "
                              f"(alpha {model.config.alpha}) but the config asks for {cfg.dist.num_frames} "
                              f"(alpha {cfg.dist.alpha})")
+        model.branch.activation_checkpointing = cfg.activation_checkpointing
         return model
     clip = clip if clip is not None else load_clip_for(cfg)
     cls = model_class(cfg.method)
     if cfg.method == "dist":
-        return cls(clip, cfg.dist, clip_dtype=cfg.clip_dtype)
+        model = cls(clip, cfg.dist, clip_dtype=cfg.clip_dtype)
+        model.branch.activation_checkpointing = cfg.activation_checkpointing
+        return model
     base = BaselineConfig(num_frames=cfg.dist.num_frames, alpha=cfg.dist.alpha, adapter_dim=cfg.adapter_dim,
                           adapter_kernel=cfg.adapter_kernel)
     return cls(clip, base, clip_dtype=cfg.clip_dtype)
