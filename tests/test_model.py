@@ -290,3 +290,21 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert plain.keys() == checkpointed.keys() and len(plain) > 50
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_patch_stem_equals_the_3d_convolution():
+    from dist_video.dist import PatchStem
+
+    torch.manual_seed(0)
+    stem = PatchStem(24, patch_size=8, kernel=5)
+    conv = torch.nn.Conv3d(3, 24, (5, 8, 8), stride=(1, 8, 8), padding=(2, 0, 0))
+    conv.load_state_dict(stem.state_dict())  # same parameter names and shapes
+    video = torch.randn(2, 3, 7, 35, 41)  # sides not multiples of the patch: the remainder is ignored
+    torch.testing.assert_close(stem(video), conv(video), rtol=1e-5, atol=1e-5)
+    video.requires_grad_(True)
+    stem(video).square().sum().backward()
+    g_stem = (stem.weight.grad.clone(), video.grad.clone())
+    video.grad = None
+    conv(video).square().sum().backward()
+    torch.testing.assert_close(g_stem[0], conv.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(g_stem[1], video.grad, rtol=1e-4, atol=1e-4)
