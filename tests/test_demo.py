@@ -6,8 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 
 def test_demo_with_a_tiny_budget(tmp_path):
     out = tmp_path / "report"

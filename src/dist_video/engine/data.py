@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -157,7 +158,6 @@ def write_bad_files(dataset: VideoClipDataset, out_dir: str | os.PathLike, epoch
     """Write the list of skipped bad videos into the run folder (``bad_videos.txt``)."""
     path = write_bad_videos(dataset, out_dir, epoch=epoch)
     if path is not None:
-        import sys
         print(f"{dataset.num_skipped} clips were replaced because their video could not be read; "
               f"list in {path}", file=sys.stderr)
     return path
