@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -111,6 +112,13 @@ def run_demo(args) -> dict:
     return report
 
 
+def _held_out(data_dir: Path):
+    """The held-out split's annotations, through the same parser training uses."""
+    from .data.datasets import parse_csv
+
+    return parse_csv(data_dir / "val.csv", classes=data_dir / "classes.txt")
+
+
 def _appearance_ceiling(data_dir: Path) -> float:
     """The best top-1 any frame-order-blind model can reach on the held-out videos.
 
@@ -118,21 +126,19 @@ def _appearance_ceiling(data_dir: Path) -> float:
     of a (digit, motion pair) group have the same distribution of frame *sets*: such a model
     can at best answer the group's more frequent class. Ceiling = sum over groups of the larger
     class count / number of videos (0.5 for balanced classes)."""
-    import csv
     from collections import Counter
 
     from .data.synthetic import MOTION_PAIRS, _PHRASES
 
     phrase_to_motion = {v: k for k, v in _PHRASES.items()}
-    with open(data_dir / "val.csv", newline="") as f:
-        labels = [row[1] for row in csv.reader(f) if len(row) >= 2 and row[0] != "path"]
-    counts = Counter(labels)
+    records, class_names = _held_out(data_dir)
+    counts = Counter(class_names[r.label] for r in records)
     groups: dict[tuple[str, str], list[int]] = {}
     for name, n in counts.items():
         digit, _, phrase = name.partition(" ")[2].partition(" ")  # "digit 3 moving left"
         forward = MOTION_PAIRS[phrase_to_motion[phrase]][0]
         groups.setdefault((digit, forward), []).append(n)
-    return sum(max(ns) for ns in groups.values()) / max(1, len(labels))
+    return sum(max(ns) for ns in groups.values()) / max(1, len(records))
 
 
 def _write_report(out: Path, data_dir: Path, results: dict, seconds: float) -> dict:
@@ -140,19 +146,16 @@ def _write_report(out: Path, data_dir: Path, results: dict, seconds: float) -> d
     from .visualize import film_strip
 
     dist_run = out / "runs" / "dist"
-    class_names = [c.strip() for c in (data_dir / "classes.txt").read_text().splitlines() if c.strip()]
+    records, class_names = _held_out(data_dir)
     for src, dst in ((dist_run / "training_curves.png", "training_curves.png"),
                      (dist_run / "eval" / "confusion_matrix.png", "confusion_matrix.png")):
         if src.exists():
             shutil.copy(src, out / dst)
 
     # Predict one held-out video with the trained DiST model, as a user would.
-    import csv
-    with open(data_dir / "val.csv") as f:
-        rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
-    rows = [r for r in rows if r[0] != "path"]
-    video_rel, true_label = rows[0][0], rows[0][1]
-    video_path = data_dir / video_rel
+    video_path = Path(records[0].path)
+    video_rel = Path(os.path.relpath(video_path, data_dir)).as_posix()
+    true_label = class_names[records[0].label]
     model, preprocess = load_for_inference(str(dist_run / "model"), device="cpu")
     prediction = predict_files(model, [str(video_path)], preprocess, topk=3)[0]
     film_strip(video_path, out / "film_strip.png", title=f"true: {true_label}   |   DiST: "
