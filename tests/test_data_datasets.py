@@ -310,3 +310,44 @@ def test_error_policy_raises_with_the_path(synthetic, tmp_path):
     with pytest.raises(VideoDecodeError, match="empty file"):
         ds[len(records) - 3]
     assert write_bad_videos(ds, tmp_path / "run") is None
+
+
+def test_preloaded_clips_equal_clips_read_from_the_files(synthetic):
+    records, names = parse_csv(synthetic / "train.csv", classes=synthetic / "classes.txt")
+
+    def train_set():
+        return VideoClipDataset(records, sampler=SegmentSampler(8), transform=TrainTransform(crop_size=24),
+                                training=True, class_names=names, seed=4)
+
+    from_files, preloaded = train_set(), train_set()
+    kept = preloaded.preload()
+    assert kept == sum(12 * 32 * 32 * 3 for _ in records)  # every frame of every video, uint8
+    for epoch in (0, 1):
+        from_files.set_epoch(epoch)
+        preloaded.set_epoch(epoch)
+        for i in range(len(records)):
+            assert torch.equal(from_files[i]["video"], preloaded[i]["video"])
+    val, _ = parse_csv(synthetic / "val.csv", classes=synthetic / "classes.txt")
+    test_sets = [VideoClipDataset(val, sampler=SegmentSampler(8), training=False, num_views=2, num_crops=3,
+                                  transform=TestTransform(crop_size=16, short_side=16, num_crops=3))
+                 for _ in range(2)]
+    test_sets[1].preload()
+    for i in range(len(test_sets[0])):
+        assert torch.equal(test_sets[0][i]["video"], test_sets[1][i]["video"])
+
+
+def test_preload_reports_bad_files_and_refuses_to_overfill_memory(synthetic, tmp_path):
+    records, names, bad = _with_bad_files(synthetic, tmp_path)
+    strict = VideoClipDataset(records, sampler=SegmentSampler(4), transform=TrainTransform(crop_size=16),
+                              training=True, on_error="error")
+    with pytest.raises(VideoDecodeError, match="empty file"):
+        strict.preload()
+    lenient = VideoClipDataset(records, sampler=SegmentSampler(4), transform=TrainTransform(crop_size=16),
+                               training=True, on_error="skip", bad_files_dir=tmp_path / "bad", seed=0)
+    lenient.preload()
+    assert set(lenient.bad_videos()) == set(bad)
+    assert {lenient[i]["index"] for i in range(len(records))}.isdisjoint(range(len(records) - 3, len(records)))
+    good = VideoClipDataset(records[:-3], sampler=SegmentSampler(4), transform=TrainTransform(crop_size=16),
+                            training=True)
+    with pytest.raises(MemoryError, match=r"data\.preload.*set data\.preload=false"):
+        good.preload(max_fraction=1e-12)

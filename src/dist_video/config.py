@@ -92,6 +92,7 @@ class DataConfig:
     num_views: int = 3  # temporal views at test time
     num_crops: int = 1  # spatial crops at test time (1 or 3)
     workers: int = 8
+    preload: bool = False  # decode every video once into memory (small datasets: the demo)
     on_error: str = "error"  # error | skip (bad videos)
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])

@@ -26,6 +26,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .clip import LayerNorm, MultiheadAttention, QuickGELU
 
+# Every QuickGELU here acts on a fresh output of a linear layer or a sum, so without autograd
+# (inference) it may overwrite its input: ``QuickGELU(inplace=True)``.
+
 __all__ = [
     "DiSTConfig",
     "PRESETS",
@@ -139,10 +142,10 @@ class TemporalBlock(nn.Module):
         self.ln = LayerNorm(dim)
         self.temporal_net = nn.Sequential(OrderedDict([
             ("c_fc1", nn.Conv3d(dim, hidden, (kernel, 1, 1), padding=(kernel // 2, 0, 0))),
-            ("gelu1", QuickGELU()),
+            ("gelu1", QuickGELU(inplace=True)),
             ("c_fc2", nn.Conv3d(hidden, dim, (1, 3, 3), padding=(0, 1, 1))),
         ]))
-        self.gelu = QuickGELU()
+        self.gelu = QuickGELU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.ln(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)  # LN over channels
@@ -246,25 +249,35 @@ class IntegrationBlock(nn.Module):
         self.sparse_frames = sparse_frames
         self.ffn = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(dim, hidden)),
-            ("gelu", QuickGELU()),
+            ("gelu", QuickGELU(inplace=True)),
             ("c_proj", nn.Linear(hidden, dim)),
         ]))
         self.temporal_ffn = nn.Sequential(OrderedDict([
             ("c_fc1", nn.Conv3d(dim, t_hidden, kernel_size=1)),
             ("c_fc2", nn.Conv3d(t_hidden, t_hidden, (kernel, 1, 1), padding=(kernel // 2, 0, 0))),
-            ("gelu1", QuickGELU()),
+            ("gelu1", QuickGELU(inplace=True)),
             ("c_proj", nn.Conv3d(t_hidden, dim, kernel_size=1)),
         ]))
         self.ln = LayerNorm(dim)
         self.ln_temporal = LayerNorm(dim)
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
-        bt, length, c = m.shape
+        return self.ffn(self.ln(m)) + self.temporal_mix(self.ln_temporal(m))
+
+    def temporal_mix(self, y: torch.Tensor) -> torch.Tensor:
+        """TFFN on B*T' x (N+1) x C_i, token-last: the 1x1x1 convolutions are linear layers and
+        the (k,1,1) convolution one matrix product over k time-shifted copies, so no layout
+        change is needed (same parameters and values as the convolutions)."""
+        bt, length, c = y.shape
         t = self.sparse_frames
-        y = self.ln_temporal(m).view(bt // t, t, length, c).permute(0, 3, 1, 2).unsqueeze(-1)
-        y = self.temporal_ffn(y)  # B x C_i x T' x (N+1) x 1
-        y = y.squeeze(-1).permute(0, 2, 3, 1).reshape(bt, length, c)
-        return self.ffn(self.ln(m)) + y
+        fc1, fc2, proj = self.temporal_ffn.c_fc1, self.temporal_ffn.c_fc2, self.temporal_ffn.c_proj
+        h = F.linear(y, fc1.weight.flatten(1), fc1.bias).view(bt // t, t, length, -1)  # B x T' x (N+1) x C_h
+        k = fc2.kernel_size[0]
+        padded = F.pad(h, (0, 0, 0, 0, k // 2, k // 2))  # zero frames before and after
+        shifted = torch.cat([padded[:, dt:dt + t] for dt in range(k)], dim=-1)  # B x T' x (N+1) x k*C_h
+        weight = fc2.weight.flatten(2).permute(0, 2, 1).reshape(fc2.out_channels, -1)  # C_h x k*C_h
+        h = self.temporal_ffn.gelu1(F.linear(shifted, weight, fc2.bias))
+        return F.linear(h, proj.weight.flatten(1), proj.bias).view(bt, length, c)
 
 
 class CrossAttention(nn.Module):
@@ -283,7 +296,7 @@ class CrossAttention(nn.Module):
 def _mlp(dim: int, ratio: float = 4.0) -> nn.Sequential:
     return nn.Sequential(OrderedDict([
         ("c_fc", nn.Linear(dim, int(dim * ratio))),
-        ("gelu", QuickGELU()),
+        ("gelu", QuickGELU(inplace=True)),
         ("c_proj", nn.Linear(int(dim * ratio), dim)),
     ]))
 

@@ -516,6 +516,12 @@ class VideoClipDataset(Dataset):
     deterministically from ``(seed, epoch, index, attempt)`` (same view and crop in testing),
     and records the bad file in ``bad_files_dir`` (one file per process, so it works from
     DataLoader workers); :func:`write_bad_videos` writes the list into a run's folder.
+
+    :meth:`preload` decodes every video once and keeps its frames in memory (uint8, at the
+    stored resolution); clips are then cut from memory with the same frames and the same
+    random draws as from the files. For small datasets whose decoding would cost more than
+    the model's step (the demo's videos, low-resolution sets). DataLoader workers started by
+    fork share the frames without copying them.
     """
 
     def __init__(self, records: Sequence[VideoRecord], *, sampler: SegmentSampler | IntervalSampler | Callable,
@@ -546,6 +552,7 @@ class VideoClipDataset(Dataset):
             bad_files_dir = os.path.join(tempfile.gettempdir(), f"dist-video-bad-files-{os.getpid()}-{id(self):x}")
         self.bad_files_dir = os.fspath(bad_files_dir)
         self._known_bad: set[int] = set()
+        self._frames: dict[int, torch.Tensor] = {}  # record index -> all frames (preload)
 
     # -- indexing
     @property
@@ -572,13 +579,58 @@ class VideoClipDataset(Dataset):
         self.epoch = int(epoch)
 
     # -- loading
+    def preload(self, *, progress: bool = False, max_fraction: float = 0.5) -> int:
+        """Decode every record's frames into memory; returns the bytes kept.
+
+        Refuses (``MemoryError`` naming the sizes) when the decoded frames would take more
+        than ``max_fraction`` of the memory available now. Unreadable videos raise (``on_error
+        ="error"``) or are recorded as bad and read (and skipped) later (``"skip"``)."""
+        need, infos = 0, []
+        for i, rec in enumerate(self.records):
+            try:
+                info = probe(rec.path)
+            except VideoDecodeError as e:
+                if self.on_error == "error":
+                    raise
+                self._note_bad(i, e)
+                continue
+            infos.append((i, info.num_frames))
+            need += info.num_frames * info.width * info.height * 3
+        available = _available_memory()
+        if available is not None and need > max_fraction * available:
+            raise MemoryError(f"data.preload: the {len(self.records)} videos need {need / 2**30:.2f} GiB decoded, "
+                              f"more than {max_fraction:.0%} of the {available / 2**30:.2f} GiB of memory "
+                              f"available; set data.preload=false")
+        items = infos
+        if progress:
+            from tqdm import tqdm
+            items = tqdm(infos, desc="preload", unit="video", leave=False)
+        kept = 0
+        for i, n in items:
+            try:
+                frames = read_frames(self.records[i].path, range(n), self.backend, threads=self.decode_threads)
+            except VideoDecodeError as e:
+                if self.on_error == "error":
+                    raise
+                self._note_bad(i, e)
+                continue
+            self._frames[i] = frames
+            kept += frames.numel()
+        return kept
+
+    def _read(self, record_index: int, indices: Sequence[int]) -> torch.Tensor:
+        frames = self._frames.get(record_index)
+        if frames is not None:
+            return frames[[min(int(j), len(frames) - 1) for j in indices]]
+        return read_frames(self.records[record_index].path, indices, self.backend, threads=self.decode_threads)
+
     def load(self, record_index: int, view: int, crop: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:
         """Decode, sample and transform one clip; raises VideoDecodeError for a bad file."""
         rec = self.records[record_index]
-        n = probe(rec.path).num_frames
+        preloaded = self._frames.get(record_index)
+        n = len(preloaded) if preloaded is not None else probe(rec.path).num_frames
         if self.training:
-            indices = self.sampler(n, view=None, rng=generator)
-            frames = read_frames(rec.path, indices, self.backend, threads=self.decode_threads)
+            frames = self._read(record_index, self.sampler(n, view=None, rng=generator))
         else:
             frames = self._test_frames(record_index, n)[view]
         return self.transform(frames, label=rec.label, generator=generator, crop=crop)
@@ -591,7 +643,7 @@ class VideoClipDataset(Dataset):
             return cached[1]
         views = [self.sampler(num_video_frames, view=v, num_views=self.num_views) for v in range(self.num_views)]
         flat = [i for v in views for i in v]
-        frames = read_frames(self.records[record_index].path, flat, self.backend, threads=self.decode_threads)
+        frames = self._read(record_index, flat)
         split = list(torch.split(frames, [len(v) for v in views]))
         self._view_cache = (record_index, split)
         return split
@@ -645,6 +697,18 @@ class VideoClipDataset(Dataset):
     def num_skipped(self) -> int:
         """How many items were replaced because their video was bad (all processes)."""
         return sum(count for _, count in self.bad_videos().values())
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available now (Linux ``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def write_bad_videos(dataset: VideoClipDataset, out_dir: str | os.PathLike, epoch: int | None = None,

@@ -72,8 +72,9 @@ def test_transform(crop_size: int, short_side: int, num_crops: int, mean, std) -
 
 
 def build_datasets(cfg: Config, splits: Sequence[str] = ("train", "val"),
-                   bad_files_dir: str | os.PathLike | None = None) -> Datasets:
-    """Read the annotations of ``splits`` and build their clip datasets.
+                   bad_files_dir: str | os.PathLike | None = None, progress: bool = False) -> Datasets:
+    """Read the annotations of ``splits`` and build their clip datasets (decoded into memory
+    first with ``data.preload``).
 
     Both splits must name the same classes (the training split's list is authoritative when
     ``data.classes`` is not given)."""
@@ -101,6 +102,11 @@ def build_datasets(cfg: Config, splits: Sequence[str] = ("train", "val"),
             out[split] = VideoClipDataset(ann.records, sampler=sampler, transform=transform, training=False,
                                           num_views=d.num_views, num_crops=d.num_crops, class_names=class_names,
                                           seed=cfg.train.seed, on_error=d.on_error, bad_files_dir=bad_dir / split)
+    if d.preload:
+        for split, dataset in out.items():
+            kept = dataset.preload(progress=progress)
+            print(f"preloaded the {split} split: {len(dataset.records)} videos, {kept / 2**20:.0f} MiB of frames",
+                  file=sys.stderr)
     return Datasets(class_names=class_names or [], train=out.get("train"), val=out.get("val"))
 
 
