@@ -9,7 +9,7 @@ import sys
 
 def test_demo_with_a_tiny_budget(tmp_path):
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "dist_video.cli", "demo", "--out", str(out), "--train-videos", "24",
+    proc = subprocess.run([sys.executable, "-m", "dist_video.cli", "demo", "--out", str(out), "--train-videos", "64",
                            "--val-videos", "12", "--epochs", "1", "--quiet"], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
