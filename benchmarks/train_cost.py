@@ -32,6 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bf16_matmul_rate, build_method, machine, median_time  # noqa: E402
 
+from dist_video.engine.optim import adamw  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAINED_METHODS = ("dist", "dist-ckpt", "adapter", "full-finetune")  # dist-ckpt: activation checkpointing
 
@@ -51,7 +53,7 @@ def worker(method: str, batch: int, steps: int, arch: str, res: int, device_name
         model.branch.activation_checkpointing = True  # recompute each branch layer in backward
     model.train()
     params = [p for _, p in model.trainable_parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = adamw(params, lr=1e-5)  # the trainer's AdamW (fused kernel where available)
     video = torch.randn(batch, 3, 16, res, res, device=device)
     labels = torch.randint(0, 400, (batch,), device=device)
     if device.type == "cuda":
