@@ -11,7 +11,10 @@ CLIP with random weights at 224 x 224, 8 CLIP frames (16 dense frames for DiST),
 Each (method, batch) runs in a fresh subprocess so its peak memory (peak RSS on CPU,
 ``max_memory_allocated`` on CUDA) is its own; all runs happen in one invocation, methods
 interleaved batch by batch. Memory added per extra clip is the least-squares slope of peak
-memory over batch size. The FLOP-bound limit of DiST's step is (CLIP forward + 3 x branch
+memory over batch size. On CPU a second measure is taken too: the peak of the bytes held by
+PyTorch tensors during one profiled step (the profiler's memory timeline), which is what CUDA's
+``max_memory_allocated`` measures on a GPU, without the allocator slack peak RSS includes.
+The FLOP-bound limit of DiST's step is (CLIP forward + 3 x branch
 forward FLOPs, attention products included) / the measured bf16 matrix-product rate.
 
     python benchmarks/train_cost.py                 # full run (about 10 minutes on 2 cores)
@@ -69,9 +72,32 @@ def worker(method: str, batch: int, steps: int, arch: str, res: int, device_name
         optimizer.zero_grad(set_to_none=True)
 
     med, times = median_time(step, steps, warmup=1, device=device)
-    return {"method": method, "batch": batch, "step_seconds": med, "step_times": times,
-            "peak_memory_bytes": peak_memory_bytes(device), "memory_before_steps_bytes": before,
-            "trainable_params": sum(p.numel() for p in params)}
+    run = {"method": method, "batch": batch, "step_seconds": med, "step_times": times,
+           "peak_memory_bytes": peak_memory_bytes(device), "memory_before_steps_bytes": before,
+           "trainable_params": sum(p.numel() for p in params)}
+    if device.type == "cpu":
+        run["peak_tensor_bytes"] = peak_tensor_bytes(step)
+    return run
+
+
+def peak_tensor_bytes(step) -> int:
+    """Peak bytes held by PyTorch tensors during one call of ``step`` (CPU), from the
+    profiler's memory timeline: weights and optimizer state included, allocator slack not."""
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_memory_timeline(path, device="cpu")
+        _, sizes = json.loads(Path(path).read_text())
+    finally:
+        os.unlink(path)
+    return int(max(sum(s) for s in sizes))
 
 
 def dist_flop_bound(arch: str, res: int, device: torch.device, rate: float) -> dict:
@@ -139,10 +165,15 @@ def table(results: dict) -> str:
         rows.append(f"| {b} | " + " | ".join(f"{t[m]:.2f}" for m in ms) +
                     f" | {t['dist'] / t['full-finetune']:.2f} | {t['dist'] / t['adapter']:.2f} | "
                     f"{t['dist'] / (bound * b):.2f} | {t['dist-ckpt'] / t['full-finetune']:.2f} |")
-    mem = results["memory_per_clip_bytes"]
-    rows += ["", "| memory added per clip | MiB | / full-FT | / adapter |", "|---|---|---|---|"]
-    for m in ms:
-        rows.append(f"| {m} | {mem[m] / 2**20:.0f} | {mem[m] / mem['full-finetune']:.2f} | {mem[m] / mem['adapter']:.2f} |")
+    peak = "GPU max_memory_allocated" if results["machine"]["device"] == "cuda" else "peak RSS"
+    measures = [(f"memory added per clip ({peak} slope)", results["memory_per_clip_bytes"])]
+    if "tensor_memory_per_clip_bytes" in results:
+        measures.append(("memory added per clip (peak tensor bytes slope)", results["tensor_memory_per_clip_bytes"]))
+    for title, mem in measures:
+        rows += ["", f"| {title} | MiB | / full-FT | / adapter |", "|---|---|---|---|"]
+        for m in ms:
+            rows.append(f"| {m} | {mem[m] / 2**20:.0f} | {mem[m] / mem['full-finetune']:.2f} | "
+                        f"{mem[m] / mem['adapter']:.2f} |")
     return "\n".join(rows)
 
 
@@ -170,8 +201,9 @@ def main() -> None:
             out = subprocess.run(cmd, check=True, capture_output=True, text=True)
             run = json.loads(out.stdout.strip().splitlines()[-1])
             runs.append(run)
-            print(f"{m:>14s}  batch {b}: {run['step_seconds']:.2f} s/step, peak {run['peak_memory_bytes'] / 2**30:.2f} GiB",
-                  flush=True)
+            tensors = f", tensors {run['peak_tensor_bytes'] / 2**30:.2f} GiB" if "peak_tensor_bytes" in run else ""
+            print(f"{m:>14s}  batch {b}: {run['step_seconds']:.2f} s/step, peak {run['peak_memory_bytes'] / 2**30:.2f} GiB"
+                  f"{tensors}", flush=True)
     rate = bf16_matmul_rate(device)
     results = {
         "machine": machine(), "arch": args.arch, "resolution": args.res, "clip_frames": 8, "dense_frames": 16,
@@ -182,6 +214,11 @@ def main() -> None:
     results["memory_per_clip_bytes"] = {
         m: slope([r["batch"] for r in runs if r["method"] == m], [r["peak_memory_bytes"] for r in runs if r["method"] == m])
         for m in TRAINED_METHODS}
+    if all("peak_tensor_bytes" in r for r in runs):
+        results["tensor_memory_per_clip_bytes"] = {
+            m: slope([r["batch"] for r in runs if r["method"] == m],
+                     [r["peak_tensor_bytes"] for r in runs if r["method"] == m])
+            for m in TRAINED_METHODS}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if device.type == "cpu" else "_cuda"

@@ -329,6 +329,10 @@ class AdaptivePooling(nn.Module):
         return video_query, frame_query
 
 
+def _call(fn, *args):
+    return fn(*args)
+
+
 class DiSTBranch(nn.Module):
     """The trainable part of DiST.
 
@@ -368,8 +372,8 @@ class DiSTBranch(nn.Module):
         # are not read after the last layer). Its weights exist in the authors' checkpoints, so
         # they are kept, but frozen and not computed (no unused-parameter trouble under DDP).
         self.integration2temporal_nets[-1].requires_grad_(False)
-        # Recompute each layer's activations in backward instead of storing them (less memory,
-        # one more branch forward per step).
+        # Recompute the stem's, each layer's and each pooling layer's activations in backward
+        # instead of storing them (less memory, one more branch forward per step).
         self.activation_checkpointing = False
 
     def reset_parameters(self) -> None:
@@ -393,6 +397,12 @@ class DiSTBranch(nn.Module):
         nn.init.trunc_normal_(self.aggregated_spatial_cls_token, std=0.02)
         nn.init.normal_(self.proj, std=self.config.integration_dim ** -0.5)
 
+    @staticmethod
+    def _checkpointed(fn, *args):
+        # Keep only fn's inputs for backward and recompute the rest (the stem keeps the video
+        # instead of its patches, a layer its inputs, a pooling layer its queries).
+        return checkpoint(fn, *args, use_reentrant=False)
+
     def _layer(self, i: int, x_t: torch.Tensor, clip_tokens: torch.Tensor, res: torch.Tensor | float,
                batch: int, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One selected layer. x_t: B x C_t x T x g x g; clip_tokens: B*T' x (N+1) x D;
@@ -415,20 +425,17 @@ class DiSTBranch(nn.Module):
                              f"got a clip of {t}")
         grid = (h // self.patch_size, w // self.patch_size)
         dtype = self.proj.dtype
-        x_t = self.temporal_encoder.stem(video.to(dtype))  # B x C_t x T x g x g
+        run = self._checkpointed if self.activation_checkpointing and torch.is_grad_enabled() else _call
+        x_t = run(self.temporal_encoder.stem, video.to(dtype))  # B x C_t x T x g x g
         res: torch.Tensor | float = 0.0
         for i, layer in enumerate(self.selected_layers):
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                x_t, m, res = checkpoint(self._layer, i, x_t, clip_layers[layer], res, b, grid,
-                                         use_reentrant=False)
-            else:
-                x_t, m, res = self._layer(i, x_t, clip_layers[layer], res, b, grid)
+            x_t, m, res = run(self._layer, i, x_t, clip_layers[layer], res, b, grid)
         feat = res + m  # B*T' x (N+1) x C_i
 
         video_query = self.aggregated_cls_token.expand(b, 1, -1).to(feat.dtype)
         frame_query = self.aggregated_spatial_cls_token.expand(feat.shape[0], 1, -1).to(feat.dtype)
         for pooling in self.adapooling_nets:
-            video_query, frame_query = pooling(feat, video_query, frame_query)
+            video_query, frame_query = run(pooling, feat, video_query, frame_query)
 
         last = clip_layers[self.selected_layers[-1]]
         cls_mean = last[:, 0].to(dtype).view(b, -1, last.shape[-1]).mean(dim=1)  # B x D
