@@ -48,7 +48,8 @@ class ModelConfig:
     dist: DiSTConfig = field(default_factory=DiSTConfig)
     adapter_dim: int = 64  # bottleneck width of the `adapter` baseline
     adapter_kernel: int = 3  # temporal kernel of the `adapter` baseline
-    activation_checkpointing: bool = False  # DiST: recompute branch layers in backward (less memory, ~1 more branch forward)
+    # DiST: recompute the branch (stem, layers, pooling) in backward: less memory, ~1 more branch forward
+    activation_checkpointing: bool = False
 
 
 @dataclass
