@@ -10,15 +10,17 @@ CLIP with random weights at 224 x 224, 8 CLIP frames (16 dense frames for DiST),
 
 Each (method, batch) runs in a fresh subprocess so its peak memory (peak RSS on CPU,
 ``max_memory_allocated`` on CUDA) is its own; all runs happen in one invocation, methods
-interleaved batch by batch. Memory added per extra clip is the least-squares slope of peak
-memory over batch size. On CPU a second measure is taken too: the peak of the bytes held by
-PyTorch tensors during one profiled step (the profiler's memory timeline), which is what CUDA's
-``max_memory_allocated`` measures on a GPU, without the allocator slack peak RSS includes.
-The FLOP-bound limit of DiST's step is (CLIP forward + 3 x branch
-forward FLOPs, attention products included) / the measured bf16 matrix-product rate.
+interleaved batch by batch, and the whole sweep is repeated ``--rounds`` times (times and peak
+RSS are medians over rounds: on a shared machine the load changes between processes). Memory
+added per extra clip is the least-squares slope of peak memory over batch size. On CPU a second
+measure is taken too: the peak of the bytes held by PyTorch tensors during one profiled step
+(the profiler's memory timeline), which is what CUDA's ``max_memory_allocated`` measures on a
+GPU, without the allocator slack that peak RSS includes. The FLOP-bound limit of DiST's step
+is (CLIP forward + 3 x branch forward FLOPs, attention products included) / the measured bf16
+matrix-product rate.
 
-    python benchmarks/train_cost.py                 # full run (about 10 minutes on 2 cores)
-    python benchmarks/train_cost.py --batches 1 2 --steps 2   # quicker
+    python benchmarks/train_cost.py                 # 3 rounds (about 15 minutes on 2 cores)
+    python benchmarks/train_cost.py --batches 1 2 --steps 2 --rounds 1   # quicker
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +50,8 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
 
 
-def worker(method: str, batch: int, steps: int, arch: str, res: int, device_name: str) -> dict:
+def worker(method: str, batch: int, steps: int, arch: str, res: int, device_name: str,
+           tensor_memory: bool = True) -> dict:
     """One (method, batch) measurement, in this process."""
     device = torch.device(device_name)
     torch.set_grad_enabled(True)
@@ -75,7 +79,7 @@ def worker(method: str, batch: int, steps: int, arch: str, res: int, device_name
     run = {"method": method, "batch": batch, "step_seconds": med, "step_times": times,
            "peak_memory_bytes": peak_memory_bytes(device), "memory_before_steps_bytes": before,
            "trainable_params": sum(p.numel() for p in params)}
-    if device.type == "cpu":
+    if device.type == "cpu" and tensor_memory:
         run["peak_tensor_bytes"] = peak_tensor_bytes(step)
     return run
 
@@ -181,6 +185,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run (after 1 warm-up step)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="whole sweeps; each (method, batch) reports the median over rounds")
+    ap.add_argument("--no-tensor-memory", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--arch", default="ViT-B/16")
     ap.add_argument("--res", type=int, default=224)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -189,25 +196,37 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.steps, args.arch, args.res, args.device)))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.steps, args.arch, args.res, args.device,
+                                tensor_memory=not args.no_tensor_memory)))
         return
 
     device = torch.device(args.device)
+    rounds: dict[tuple[str, int], list[dict]] = {}
+    for r in range(args.rounds):  # whole sweeps, one after another: load changes hit every method alike
+        for b in args.batches:
+            for m in TRAINED_METHODS:
+                cmd = [sys.executable, __file__, "--worker", m, str(b), "--steps", str(args.steps), "--arch",
+                       args.arch, "--res", str(args.res), "--device", args.device]
+                if r > 0:
+                    cmd.append("--no-tensor-memory")  # measured once (the profiled step is slow)
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                run = json.loads(out.stdout.strip().splitlines()[-1])
+                rounds.setdefault((m, b), []).append(run)
+                tensors = f", tensors {run['peak_tensor_bytes'] / 2**30:.2f} GiB" if "peak_tensor_bytes" in run else ""
+                print(f"round {r + 1}/{args.rounds} {m:>14s}  batch {b}: {run['step_seconds']:.2f} s/step, "
+                      f"peak {run['peak_memory_bytes'] / 2**30:.2f} GiB{tensors}", flush=True)
     runs = []
-    for b in args.batches:
-        for m in TRAINED_METHODS:
-            cmd = [sys.executable, __file__, "--worker", m, str(b), "--steps", str(args.steps), "--arch", args.arch,
-                   "--res", str(args.res), "--device", args.device]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-            run = json.loads(out.stdout.strip().splitlines()[-1])
-            runs.append(run)
-            tensors = f", tensors {run['peak_tensor_bytes'] / 2**30:.2f} GiB" if "peak_tensor_bytes" in run else ""
-            print(f"{m:>14s}  batch {b}: {run['step_seconds']:.2f} s/step, peak {run['peak_memory_bytes'] / 2**30:.2f} GiB"
-                  f"{tensors}", flush=True)
+    for (m, b), rs in rounds.items():
+        run = dict(rs[0])
+        run["round_step_seconds"] = [x["step_seconds"] for x in rs]
+        run["step_seconds"] = statistics.median(run["round_step_seconds"])
+        run["round_peak_memory_bytes"] = [x["peak_memory_bytes"] for x in rs]
+        run["peak_memory_bytes"] = statistics.median(run["round_peak_memory_bytes"])
+        runs.append(run)
     rate = bf16_matmul_rate(device)
     results = {
         "machine": machine(), "arch": args.arch, "resolution": args.res, "clip_frames": 8, "dense_frames": 16,
-        "batches": args.batches, "timed_steps": args.steps, "runs": runs,
+        "batches": args.batches, "timed_steps": args.steps, "rounds": args.rounds, "runs": runs,
         "dist_flop_bound": dist_flop_bound(args.arch, args.res, device, rate),
         "command": " ".join(["python", "benchmarks/train_cost.py"] + sys.argv[1:]),
     }
