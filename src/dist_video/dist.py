@@ -172,15 +172,24 @@ class PatchStem(nn.Conv3d):
         g1, g2 = h // p, w // p
         dtype = (torch.get_autocast_dtype(video.device.type) if torch.is_autocast_enabled(video.device.type)
                  else self.weight.dtype)
-        x = video[..., :g1 * p, :g2 * p].to(dtype)
-        patches = x.reshape(b, c, t, g1, p, g2, p).permute(0, 2, 3, 5, 1, 4, 6).reshape(b, t, g1 * g2, c * p * p)
-        patches = F.pad(patches, (0, 0, 0, 0, k // 2, k // 2))  # B x (T + k - 1) x N x 3P^2
+        # B x (T + k - 1) x N x 3P^2, zero frames before and after: one strided copy (with the
+        # cast) from the video into the padded buffer.
+        patches = video.new_empty(b, t + k - 1, g1 * g2, c * p * p, dtype=dtype)
+        patches[:, :k // 2].zero_()
+        patches[:, k // 2 + t:].zero_()
+        src = video[..., :g1 * p, :g2 * p].unflatten(4, (g2, p)).unflatten(3, (g1, p))  # B x 3 x T x g x P x g x P
+        patches[:, k // 2:k // 2 + t].view(b, t, g1, g2, c, p, p).copy_(src.permute(0, 2, 3, 5, 1, 4, 6))
         weight = self.weight.to(dtype).permute(2, 0, 1, 3, 4).reshape(k, self.out_channels, c * p * p)
+        bias = self.bias.to(dtype)
+        rows = t * g1 * g2
+        outs = []
         with torch.autocast(video.device.type, enabled=False):
-            y = torch.matmul(patches[:, 0:t], weight[0].t())
-            for dt in range(1, k):
-                y = y + torch.matmul(patches[:, dt:dt + t], weight[dt].t())
-            y = y + self.bias.to(dtype)
+            for clip in patches:  # per clip, each time shift is a contiguous T*N x 3P^2 view: no copies
+                y = torch.addmm(bias, clip[0:t].view(rows, -1), weight[0].t())
+                for dt in range(1, k):
+                    y = torch.addmm(y, clip[dt:dt + t].view(rows, -1), weight[dt].t())
+                outs.append(y)
+        y = torch.stack(outs)  # B x T*N x C_t
         return y.view(b, t, g1, g2, self.out_channels).permute(0, 4, 1, 2, 3)  # B x C_t x T x g x g
 
 
