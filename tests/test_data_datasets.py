@@ -345,8 +345,10 @@ def test_preload_reports_bad_files_and_refuses_to_overfill_memory(synthetic, tmp
     lenient = VideoClipDataset(records, sampler=SegmentSampler(4), transform=TrainTransform(crop_size=16),
                                training=True, on_error="skip", bad_files_dir=tmp_path / "bad", seed=0)
     lenient.preload()
+    drawn = [lenient[i]["index"] for i in range(len(records))]
+    assert set(drawn).isdisjoint(range(len(records) - 3, len(records)))  # never drawn, not even as replacements
     assert set(lenient.bad_videos()) == set(bad)
-    assert {lenient[i]["index"] for i in range(len(records))}.isdisjoint(range(len(records) - 3, len(records)))
+    assert lenient.num_skipped == 3  # each bad video counted once: its own item was replaced
     good = VideoClipDataset(records[:-3], sampler=SegmentSampler(4), transform=TrainTransform(crop_size=16),
                             training=True)
     with pytest.raises(MemoryError, match=r"data\.preload.*set data\.preload=false"):

@@ -584,15 +584,16 @@ class VideoClipDataset(Dataset):
 
         Refuses (``MemoryError`` naming the sizes) when the decoded frames would take more
         than ``max_fraction`` of the memory available now. Unreadable videos raise (``on_error
-        ="error"``) or are recorded as bad and read (and skipped) later (``"skip"``)."""
+        ="error"``) or are left out (``"skip"``): never drawn as replacements, and listed and
+        counted as bad when their own item is replaced, as without preloading."""
         need, infos = 0, []
         for i, rec in enumerate(self.records):
             try:
                 info = probe(rec.path)
-            except VideoDecodeError as e:
+            except VideoDecodeError:
                 if self.on_error == "error":
                     raise
-                self._note_bad(i, e)
+                self._known_bad.add(i)
                 continue
             infos.append((i, info.num_frames))
             need += info.num_frames * info.width * info.height * 3
@@ -609,10 +610,10 @@ class VideoClipDataset(Dataset):
         for i, n in items:
             try:
                 frames = read_frames(self.records[i].path, range(n), self.backend, threads=self.decode_threads)
-            except VideoDecodeError as e:
+            except VideoDecodeError:
                 if self.on_error == "error":
                     raise
-                self._note_bad(i, e)
+                self._known_bad.add(i)
                 continue
             self._frames[i] = frames
             kept += frames.numel()
