@@ -44,13 +44,17 @@ def load_clip_for(cfg: ModelConfig) -> CLIP:
 def build_classifier(cfg: ModelConfig, clip: CLIP | None = None) -> VideoClassifier:
     """The network of ``cfg.method`` around ``clip`` (loaded from ``cfg.clip`` if not given),
     initialised from ``cfg.init`` when set. No head yet: see :func:`attach_head`."""
+    model = _network(cfg, clip)
+    if hasattr(model, "branch"):  # DiST: a run-time choice, not part of the saved model
+        model.branch.activation_checkpointing = cfg.activation_checkpointing
+    return model
+
+
+def _network(cfg: ModelConfig, clip: CLIP | None) -> VideoClassifier:
     if cfg.init:
         init = Path(cfg.init)
         if init.is_dir():
-            model = VideoClassifier.from_pretrained(init, clip=clip, clip_dtype=cfg.clip_dtype)
-            if hasattr(model, "branch"):
-                model.branch.activation_checkpointing = cfg.activation_checkpointing
-            return model
+            return VideoClassifier.from_pretrained(init, clip=clip, clip_dtype=cfg.clip_dtype)
         from ..checkpoints import load_official_checkpoint
         overrides = {"selected_layers": cfg.dist.selected_layers} if cfg.dist.selected_layers else {}
         model = load_official_checkpoint(init, clip=clip, clip_dtype=cfg.clip_dtype, **overrides)
@@ -58,14 +62,11 @@ def build_classifier(cfg: ModelConfig, clip: CLIP | None = None) -> VideoClassif
             raise ValueError(f"{init}: the checkpoint was built for {model.config.num_frames} frames "
                              f"(alpha {model.config.alpha}) but the config asks for {cfg.dist.num_frames} "
                              f"(alpha {cfg.dist.alpha})")
-        model.branch.activation_checkpointing = cfg.activation_checkpointing
         return model
     clip = clip if clip is not None else load_clip_for(cfg)
     cls = model_class(cfg.method)
     if cfg.method == "dist":
-        model = cls(clip, cfg.dist, clip_dtype=cfg.clip_dtype)
-        model.branch.activation_checkpointing = cfg.activation_checkpointing
-        return model
+        return cls(clip, cfg.dist, clip_dtype=cfg.clip_dtype)
     base = BaselineConfig(num_frames=cfg.dist.num_frames, alpha=cfg.dist.alpha, adapter_dim=cfg.adapter_dim,
                           adapter_kernel=cfg.adapter_kernel)
     return cls(clip, base, clip_dtype=cfg.clip_dtype)

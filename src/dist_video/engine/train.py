@@ -118,7 +118,8 @@ def _check_resume_compatible(saved: dict, cfg: Config, path: Path) -> None:
     now = config_to_dict(cfg)
     for section in ("model",):
         before, after = saved.get(section, {}), now[section]
-        diffs = [k for k in set(before) | set(after) if before.get(k) != after.get(k) and k not in ("init", "activation_checkpointing")]
+        free = ("init", "activation_checkpointing")  # may change on resume: same network, same weights
+        diffs = [k for k in set(before) | set(after) if before.get(k) != after.get(k) and k not in free]
         if diffs:
             k = sorted(diffs)[0]
             raise ValueError(f"{path}: cannot resume, the checkpoint was made with {section}.{k}="
