@@ -13,7 +13,11 @@ import torch
 from dist_video.baselines import AdapterClassifier, BaselineConfig, FrozenMeanClassifier, FullFinetuneClassifier
 from dist_video.clip import CLIP, clip_config_for_architecture
 from dist_video.dist import DiSTConfig
+from dist_video.engine.allocator import keep_freed_memory
 from dist_video.model import DiSTVideoModel
+
+# As in the command line: on Linux CPUs, freed memory is kept for reuse (every method alike).
+KEEPS_FREED_MEMORY = keep_freed_memory()
 
 METHODS = ("dist", "adapter", "full-finetune", "frozen-mean")
 
@@ -38,6 +42,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "malloc_keeps_freed_memory": KEEPS_FREED_MEMORY,
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .engine.allocator import keep_freed_memory
+    keep_freed_memory()  # CPU runs: reuse freed memory instead of page-faulting fresh pages
     if args.debug:
         return args.func(args)
     from .config import ConfigError
