@@ -347,3 +347,24 @@ def test_quick_gelu_gradient_and_short_query_attention():
         heads(kv @ w[256:].t() + b[256:]))
     ref = attn.out_proj(ref.transpose(1, 2).reshape(3, 2, 128))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_transformer_block_without_autograd_equals_the_autograd_path(act):
+    from dist_video.clip import ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(128, 2, act=act).double()
+    for p in block.parameters():  # non-zero biases and LayerNorm affines, so all terms count
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(3, 7, 128, dtype=torch.float64, requires_grad=True)
+    with_grad = block(x)  # the module path, with autograd
+    mlp_in = block.ln_2(x + block.attn(block.ln_1(x)))
+    expected = x + block.attn(block.ln_1(x))
+    expected = expected + block.mlp(mlp_in)
+    torch.testing.assert_close(with_grad, expected, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        x0 = x.detach().clone()
+        fast = block(x0)
+        torch.testing.assert_close(x0, x.detach())  # the input is not overwritten
+    torch.testing.assert_close(fast, expected.detach(), rtol=1e-10, atol=1e-12)

@@ -119,6 +119,11 @@ class MultiheadAttention(nn.Module):
     def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         """Self-attention over x (N x L x D), or x attending to ``kv`` (N x S x D). -> N x L x D."""
+        return self.out_proj(self.attend(x, kv, is_causal))
+
+    def attend(self, x: torch.Tensor, kv: torch.Tensor | None = None,
+               is_causal: bool = False) -> torch.Tensor:
+        """The heads' outputs before ``out_proj``: N x L x D (heads concatenated)."""
         n, length, width = x.shape
         head_dim = width // self.heads
         if kv is None:
@@ -137,7 +142,7 @@ class MultiheadAttention(nn.Module):
             out = attn.to(v.dtype) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
-        return self.out_proj(out.transpose(1, 2).reshape(n, length, width))
+        return out.transpose(1, 2).reshape(n, length, width)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -157,10 +162,30 @@ class ResidualAttentionBlock(nn.Module):
         ]))
 
     def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
-        # x: N x L x D. The residual is added into the branch outputs (fresh tensors that no
-        # backward pass needs), saving two full-size allocations per block.
+        # x: N x L x D
+        if not torch.is_grad_enabled():
+            return self._forward_no_grad(x, is_causal)
+        # The residual is added into the branch outputs (fresh tensors that no backward pass
+        # needs), saving two full-size allocations per block.
         x = self.attn(self.ln_1(x), is_causal=is_causal).add_(x)
         return self.mlp(self.ln_2(x)).add_(x)
+
+    def _forward_no_grad(self, x: torch.Tensor, is_causal: bool) -> torch.Tensor:
+        """The same block without autograd (the frozen CLIP of DiST and frozen-mean), with
+        fewer passes over the activations: each residual is the accumulator of its output
+        projection, and QuickGELU is one fused SiLU pass, x sigmoid(1.702 x) =
+        silu(1.702 x) / 1.702, with both factors folded into the matrix products' scales."""
+        n, length, width = x.shape
+        out_proj, fc, proj = self.attn.out_proj, self.mlp.c_fc, self.mlp.c_proj
+        heads = self.attn.attend(self.ln_1(x), is_causal=is_causal).view(-1, width)  # N*L x D
+        x = torch.addmm(x.view(-1, width), heads, out_proj.weight.t()).add_(out_proj.bias)  # N*L x D
+        y = self.ln_2(x)
+        if isinstance(self.mlp.gelu, QuickGELU):
+            h = F.silu(torch.addmm(fc.bias, y, fc.weight.t(), beta=1.702, alpha=1.702), inplace=True)
+            out = torch.addmm(x, h, proj.weight.t(), alpha=1 / 1.702)
+        else:
+            out = torch.addmm(x, self.mlp.gelu(fc(y)), proj.weight.t())
+        return out.add_(proj.bias).view(n, length, width)
 
 
 class Transformer(nn.Module):
