@@ -368,3 +368,47 @@ def test_transformer_block_without_autograd_equals_the_autograd_path(act):
         fast = block(x0)
         torch.testing.assert_close(x0, x.detach())  # the input is not overwritten
     torch.testing.assert_close(fast, expected.detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("residual", [True, False])
+def test_mlp_without_autograd_equals_the_modules(act, bias, residual):
+    from dist_video.clip import make_activation, mlp_without_autograd
+
+    torch.manual_seed(1)
+    fc, proj = torch.nn.Linear(16, 40, bias=bias).double(), torch.nn.Linear(40, 12, bias=bias).double()
+    x, r = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 5, 12, dtype=torch.float64)
+    expected = proj(make_activation(act)(fc(x))) + (r if residual else 0)
+    with torch.no_grad():
+        r0 = r.clone()
+        out = mlp_without_autograd(x, fc.weight, fc.bias, make_activation(act, inplace=True), proj.weight,
+                                   proj.bias, residual=r if residual else None)
+    assert out.shape == (2, 5, 12)
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(r, r0)  # the residual is read, not overwritten
+
+
+def test_integration_block_without_autograd_equals_the_autograd_path():
+    from dist_video.dist import IntegrationBlock
+
+    torch.manual_seed(2)
+    block = IntegrationBlock(64, 1.0, 0.25, 3, sparse_frames=4).double()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    m = torch.randn(2 * 4, 5, 64, dtype=torch.float64)
+    expected = block(m.requires_grad_())
+    with torch.no_grad():
+        fast = block(m.detach())
+    torch.testing.assert_close(fast, expected.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_quick_gelu_in_place_without_autograd():
+    from dist_video.clip import QuickGELU
+
+    x = torch.randn(1000, dtype=torch.float64) * 4
+    expected = x * torch.sigmoid(1.702 * x)
+    with torch.no_grad():
+        y = QuickGELU(inplace=True)(x)
+    assert y.data_ptr() == x.data_ptr()  # overwritten in place
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)

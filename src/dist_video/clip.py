@@ -32,6 +32,7 @@ __all__ = [
     "QuickGELU",
     "LayerNorm",
     "make_activation",
+    "mlp_without_autograd",
     "ARCHITECTURES",
     "clip_config_for_architecture",
 ]
@@ -68,9 +69,37 @@ class QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():
             return _QuickGELUFunction.apply(x)
-        if self.inplace:
-            return x.mul_(torch.mul(x, 1.702).sigmoid_())
+        if self.inplace:  # x sigmoid(1.702 x) = silu(1.702 x) / 1.702: three passes, no allocation
+            return F.silu(x.mul_(1.702), inplace=True).div_(1.702)
         return x * torch.sigmoid(1.702 * x)
+
+
+def mlp_without_autograd(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None,
+                         act: nn.Module, proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
+                         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + proj(act(fc(x)))`` for inference, with fewer passes over the activations.
+
+    x: ... x C_in -> ... x C_out (``residual``: ... x C_out or None). QuickGELU becomes one fused
+    SiLU pass, x sigmoid(1.702 x) = silu(1.702 x) / 1.702, with both factors applied as the
+    scales of the matrix products; the residual is the output product's accumulator. Only for
+    tensors that need no gradient (the same values as the module path, up to rounding)."""
+    lead, c_in = x.shape[:-1], x.shape[-1]
+    x = x.reshape(-1, c_in)
+    quick = isinstance(act, QuickGELU)
+    scale = 1.702 if quick else 1.0
+    if fc_bias is None:
+        h = torch.mm(x, fc_weight.t()).mul_(scale)
+    else:
+        h = torch.addmm(fc_bias, x, fc_weight.t(), beta=scale, alpha=scale)
+    h = F.silu(h, inplace=True) if quick else act(h)
+    if residual is None:
+        out = torch.mm(h, proj_weight.t()).mul_(1 / scale) if proj_bias is None else \
+            torch.addmm(proj_bias, h, proj_weight.t(), alpha=1 / scale)
+    else:
+        out = torch.addmm(residual.reshape(-1, proj_weight.shape[0]), h, proj_weight.t(), alpha=1 / scale)
+        if proj_bias is not None:
+            out = out.add_(proj_bias.to(out.dtype))  # a float32 bias would make add_ convert all of out
+    return out.view(*lead, -1)
 
 
 def make_activation(name: str, inplace: bool = False) -> nn.Module:
@@ -173,19 +202,15 @@ class ResidualAttentionBlock(nn.Module):
     def _forward_no_grad(self, x: torch.Tensor, is_causal: bool) -> torch.Tensor:
         """The same block without autograd (the frozen CLIP of DiST and frozen-mean), with
         fewer passes over the activations: each residual is the accumulator of its output
-        projection, and QuickGELU is one fused SiLU pass, x sigmoid(1.702 x) =
-        silu(1.702 x) / 1.702, with both factors folded into the matrix products' scales."""
+        projection, and the MLP goes through :func:`mlp_without_autograd`."""
         n, length, width = x.shape
         out_proj, fc, proj = self.attn.out_proj, self.mlp.c_fc, self.mlp.c_proj
         heads = self.attn.attend(self.ln_1(x), is_causal=is_causal).view(-1, width)  # N*L x D
-        x = torch.addmm(x.view(-1, width), heads, out_proj.weight.t()).add_(out_proj.bias)  # N*L x D
-        y = self.ln_2(x)
-        if isinstance(self.mlp.gelu, QuickGELU):
-            h = F.silu(torch.addmm(fc.bias, y, fc.weight.t(), beta=1.702, alpha=1.702), inplace=True)
-            out = torch.addmm(x, h, proj.weight.t(), alpha=1 / 1.702)
-        else:
-            out = torch.addmm(x, self.mlp.gelu(fc(y)), proj.weight.t())
-        return out.add_(proj.bias).view(n, length, width)
+        x = torch.addmm(x.view(-1, width), heads, out_proj.weight.t())  # N*L x D
+        x = x.add_(out_proj.bias.to(x.dtype))
+        x = mlp_without_autograd(self.ln_2(x), fc.weight, fc.bias, self.mlp.gelu, proj.weight, proj.bias,
+                                 residual=x)
+        return x.view(n, length, width)
 
 
 class Transformer(nn.Module):

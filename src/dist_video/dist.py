@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .clip import LayerNorm, MultiheadAttention, QuickGELU
+from .clip import LayerNorm, MultiheadAttention, QuickGELU, mlp_without_autograd
 
 # Every QuickGELU here acts on a fresh output of a linear layer or a sum, so without autograd
 # (inference) it may overwrite its input: ``QuickGELU(inplace=True)``.
@@ -271,7 +271,11 @@ class IntegrationBlock(nn.Module):
         self.ln_temporal = LayerNorm(dim)
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
-        return self.ffn(self.ln(m)) + self.temporal_mix(self.ln_temporal(m))
+        if torch.is_grad_enabled():
+            return self.ffn(self.ln(m)) + self.temporal_mix(self.ln_temporal(m))
+        fc, proj = self.ffn.c_fc, self.ffn.c_proj  # inference: TFFN's output accumulates the FFN
+        return mlp_without_autograd(self.ln(m), fc.weight, fc.bias, self.ffn.gelu, proj.weight, proj.bias,
+                                    residual=self.temporal_mix(self.ln_temporal(m)))
 
     def temporal_mix(self, y: torch.Tensor) -> torch.Tensor:
         """TFFN on B*T' x (N+1) x C_i, token-last: the 1x1x1 convolutions are linear layers and
@@ -285,6 +289,9 @@ class IntegrationBlock(nn.Module):
         padded = F.pad(h, (0, 0, 0, 0, k // 2, k // 2))  # zero frames before and after
         shifted = torch.cat([padded[:, dt:dt + t] for dt in range(k)], dim=-1)  # B x T' x (N+1) x k*C_h
         weight = fc2.weight.flatten(2).permute(0, 2, 1).reshape(fc2.out_channels, -1)  # C_h x k*C_h
+        if not torch.is_grad_enabled():
+            return mlp_without_autograd(shifted, weight, fc2.bias, self.temporal_ffn.gelu1,
+                                        proj.weight.flatten(1), proj.bias).view(bt, length, c)
         h = self.temporal_ffn.gelu1(F.linear(shifted, weight, fc2.bias))
         return F.linear(h, proj.weight.flatten(1), proj.bias).view(bt, length, c)
 
