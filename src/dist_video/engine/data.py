@@ -72,9 +72,10 @@ def test_transform(crop_size: int, short_side: int, num_crops: int, mean, std) -
 
 
 def build_datasets(cfg: Config, splits: Sequence[str] = ("train", "val"),
-                   bad_files_dir: str | os.PathLike | None = None, progress: bool = False) -> Datasets:
+                   bad_files_dir: str | os.PathLike | None = None, progress: bool = False,
+                   verbose: bool = True) -> Datasets:
     """Read the annotations of ``splits`` and build their clip datasets (decoded into memory
-    first with ``data.preload``).
+    first with ``data.preload``; ``verbose``: say how much was preloaded, on standard error).
 
     Both splits must name the same classes (the training split's list is authoritative when
     ``data.classes`` is not given)."""
@@ -105,8 +106,9 @@ def build_datasets(cfg: Config, splits: Sequence[str] = ("train", "val"),
     if d.preload:
         for split, dataset in out.items():
             kept = dataset.preload(progress=progress)
-            print(f"preloaded the {split} split: {len(dataset.records)} videos, {kept / 2**20:.0f} MiB of frames",
-                  file=sys.stderr)
+            if verbose:
+                print(f"preloaded the {split} split: {len(dataset.records)} videos, {kept / 2**20:.0f} MiB of frames",
+                      file=sys.stderr)
     return Datasets(class_names=class_names or [], train=out.get("train"), val=out.get("val"))
 
 

@@ -23,7 +23,8 @@ def evaluate_model(model_path: str, cfg: Config, *, clip: str | None = None, cla
     ``output`` (default: ``<output_dir>/eval``). Returns the metrics (on every process)."""
     env = setup_distributed(cfg.train.device)
     try:
-        datasets = build_datasets(cfg, splits=("val",), progress=progress and env.is_main)
+        datasets = build_datasets(cfg, splits=("val",), progress=progress and env.is_main,
+                                  verbose=env.is_main)
         names = datasets.class_names
         path = Path(model_path)
         if path.is_dir():

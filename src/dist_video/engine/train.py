@@ -148,7 +148,8 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str, progress: bool) -> Tra
     barrier()
 
     torch.manual_seed(cfg.train.seed)
-    datasets = build_datasets(cfg, splits=("train", "val"), progress=progress and env.is_main)
+    datasets = build_datasets(cfg, splits=("train", "val"), progress=progress and env.is_main,
+                              verbose=env.is_main)
     class_names = datasets.class_names
     clip = load_clip_for(cfg.model) if not cfg.model.init else None
     model = build_classifier(cfg.model, clip)
