@@ -132,7 +132,6 @@ class TrainConfig:
     log_every: int = 10  # steps between metric lines in metrics.jsonl
     nonfinite_loss: str = "stop"  # stop | skip
     max_steps: int = 0  # stop after this many optimizer updates (0: no limit); for smoke tests
-    compile: bool = False
 
 
 @dataclass
