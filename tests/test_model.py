@@ -412,3 +412,23 @@ def test_quick_gelu_in_place_without_autograd():
         y = QuickGELU(inplace=True)(x)
     assert y.data_ptr() == x.data_ptr()  # overwritten in place
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_branch_without_autograd_equals_the_autograd_path(name):
+    """The inference shortcuts (in-place token updates, broadcast upsampling, fused MLPs) give
+    the branch's autograd-path values, in float64, on every variant's shapes."""
+    v = VARIANTS[name]
+    clip = tiny_clip(**v["clip"]).double()
+    torch.manual_seed(3)
+    model = DiSTVideoModel(clip, DiSTConfig(**v["dist"]), clip_dtype=torch.float64).double()
+    for n, p in model.branch.named_parameters():  # non-zero everywhere, so every path counts
+        torch.nn.init.normal_(p, mean=1.0 if n.endswith("ln.weight") else 0.0, std=0.05)
+    size = clip.visual.image_size
+    video = torch.randn(2, 3, model.config.num_frames, size, size, dtype=torch.float64)
+    layers = model.clip_layers(video)
+    with_grad = model.branch(video, layers)
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        without = model.branch(video, layers)
+    torch.testing.assert_close(without, with_grad.detach(), rtol=1e-10, atol=1e-12)

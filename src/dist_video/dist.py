@@ -223,6 +223,15 @@ class IntegrationToTemporal(nn.Module):
         x = x.view(batch, bt // batch, grid[0], grid[1], c).permute(0, 4, 1, 2, 3)  # B x C_t x T' x g x g
         return x.repeat_interleave(self.alpha, dim=2)  # nearest-neighbour upsampling in time
 
+    def added_to(self, x_t: torch.Tensor, m: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
+        """``x_t + forward(m)`` (B x C_t x T x g x g) without materialising the upsampled copy:
+        each of the alpha dense frames of a sparse frame gets the same update by broadcasting."""
+        x = self.linear_fuse(m[:, 1:])  # B*T' x N x C_t
+        bt, _, c = x.shape
+        x = x.view(batch, bt // batch, 1, grid[0], grid[1], c).permute(0, 5, 1, 2, 3, 4)  # B x C_t x T' x 1 x g x g
+        b, c_t, t, g1, g2 = x_t.shape
+        return (x_t.view(b, c_t, t // self.alpha, self.alpha, g1, g2) + x).reshape(b, c_t, t, g1, g2)
+
 
 class TemporalToIntegration(nn.Module):
     """Temporal features -> integration tokens: Conv3d(C_t -> C_i, kernel/stride (alpha,1,1)),
@@ -241,6 +250,18 @@ class TemporalToIntegration(nn.Module):
         x = x.flatten(3).permute(0, 2, 3, 1)  # B x T' x N x C_i
         cls = self.cls_token[0].expand(b, t, c).unsqueeze(2).to(x.dtype)  # B x T' x 1 x C_i
         return torch.cat([cls, x], dim=2).flatten(0, 1)  # B*T' x (N+1) x C_i
+
+    def added_to(self, m: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """``m + forward(x_t)`` (B*T' x (N+1) x C_i). Without autograd ``m`` is updated in place
+        (no concatenated copy); with autograd it is left untouched."""
+        if torch.is_grad_enabled():
+            return m + self.forward(x_t)
+        x = self.linear_fuse(x_t)  # B x C_i x T' x g x g
+        b, c, t = x.shape[:3]
+        tokens = m.view(b, t, -1, c)  # B x T' x (N+1) x C_i
+        tokens[:, :, 1:] += x.flatten(3).permute(0, 2, 3, 1)
+        tokens[:, :, :1] += self.cls_token[0].unsqueeze(2).to(m.dtype)  # 1 x T' x 1 x C_i
+        return m
 
 
 class IntegrationBlock(nn.Module):
@@ -428,8 +449,8 @@ class DiSTBranch(nn.Module):
             clip_tokens = clip_tokens.to(self.proj.dtype)
         m = self.input_linears[i](clip_tokens) + res  # B*T' x (N+1) x C_i
         last = i == len(self.selected_layers) - 1
-        x_t_new = x_t if last else x_t + self.integration2temporal_nets[i](m, batch, grid)
-        m = m + self.temporal2integration_nets[i](x_t)
+        x_t_new = x_t if last else self.integration2temporal_nets[i].added_to(x_t, m, batch, grid)
+        m = self.temporal2integration_nets[i].added_to(m, x_t)  # in place without autograd
         res = self.integration_nets[i](m)
         return x_t_new, m, res
 
