@@ -6,7 +6,8 @@ CLIP with random weights at 224 x 224, 8 CLIP frames (16 dense frames for DiST),
 
 - dist: frozen CLIP in bf16 without autograd, the branch under bf16 autocast;
 - adapter: frozen bf16 CLIP with trainable adapters, back-propagating through CLIP;
-- full-finetune: fp32 master weights under bf16 autocast.
+- full-finetune: fp32 master weights under bf16 autocast;
+- dist-sel, dist-ckpt: DiST with activation checkpointing ``selective`` / ``full``.
 
 Each (method, batch) runs in a fresh subprocess so its peak memory (peak RSS on CPU,
 ``max_memory_allocated`` on CUDA) is its own; all runs happen in one invocation, methods
@@ -41,7 +42,9 @@ from common import bf16_matmul_rate, build_method, machine, median_time  # noqa:
 from dist_video.engine.optim import adamw  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TRAINED_METHODS = ("dist", "dist-ckpt", "adapter", "full-finetune")  # dist-ckpt: activation checkpointing
+#: dist-sel / dist-ckpt: DiST with model.activation_checkpointing = selective / full
+TRAINED_METHODS = ("dist", "dist-sel", "dist-ckpt", "adapter", "full-finetune")
+CHECKPOINTING = {"dist-sel": "selective", "dist-ckpt": "full"}
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -55,9 +58,9 @@ def worker(method: str, batch: int, steps: int, arch: str, res: int, device_name
     """One (method, batch) measurement, in this process."""
     device = torch.device(device_name)
     torch.set_grad_enabled(True)
-    model = build_method("dist" if method == "dist-ckpt" else method, arch, num_frames=16, alpha=2, device=device)
-    if method == "dist-ckpt":
-        model.branch.activation_checkpointing = True  # recompute each branch layer in backward
+    model = build_method("dist" if method in CHECKPOINTING else method, arch, num_frames=16, alpha=2, device=device)
+    if method in CHECKPOINTING:  # activations recomputed in backward
+        model.branch.activation_checkpointing = CHECKPOINTING[method]
     model.train()
     params = [p for _, p in model.trainable_parameters()]
     optimizer = adamw(params, lr=1e-5)  # the trainer's AdamW (fused kernel where available)
@@ -137,7 +140,7 @@ def plot(results: dict, path: Path) -> None:
     width = 0.8 / len(TRAINED_METHODS)
     for i, m in enumerate(TRAINED_METHODS):
         rows = [r for r in results["runs"] if r["method"] == m]
-        axes[0].bar([b + (i - 1.5) * width for b in range(len(batches))], [r["step_seconds"] for r in rows],
+        axes[0].bar([b + (i - (len(TRAINED_METHODS) - 1) / 2) * width for b in range(len(batches))], [r["step_seconds"] for r in rows],
                     width, label=m)
         axes[1].plot(batches, [r["peak_memory_bytes"] / 2**30 for r in rows], "o-", label=m)
     bound = results["dist_flop_bound"]["seconds_per_clip"]
@@ -162,13 +165,15 @@ def plot(results: dict, path: Path) -> None:
 def table(results: dict) -> str:
     ms = TRAINED_METHODS
     rows = ["| clips/step | " + " | ".join(f"{m} s/step" for m in ms) +
-            " | DiST / full-FT | DiST / adapter | DiST / FLOP bound | dist-ckpt / full-FT |", "|---" * 9 + "|"]
+            " | DiST / full-FT | DiST / adapter | DiST / FLOP bound | dist-sel / full-FT | dist-ckpt / full-FT |",
+            "|---" * 11 + "|"]
     bound = results["dist_flop_bound"]["seconds_per_clip"]
     for b in results["batches"]:
         t = {r["method"]: r["step_seconds"] for r in results["runs"] if r["batch"] == b}
         rows.append(f"| {b} | " + " | ".join(f"{t[m]:.2f}" for m in ms) +
                     f" | {t['dist'] / t['full-finetune']:.2f} | {t['dist'] / t['adapter']:.2f} | "
-                    f"{t['dist'] / (bound * b):.2f} | {t['dist-ckpt'] / t['full-finetune']:.2f} |")
+                    f"{t['dist'] / (bound * b):.2f} | {t['dist-sel'] / t['full-finetune']:.2f} | "
+                    f"{t['dist-ckpt'] / t['full-finetune']:.2f} |")
     peak = "GPU max_memory_allocated" if results["machine"]["device"] == "cuda" else "peak RSS"
     measures = [(f"memory added per clip ({peak} slope)", results["memory_per_clip_bytes"])]
     if "tensor_memory_per_clip_bytes" in results:

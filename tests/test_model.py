@@ -286,10 +286,16 @@ def test_activation_checkpointing_gives_the_same_gradients():
         model.encode_video(video).square().sum().backward()
         return {n: p.grad.clone() for n, p in model.branch.named_parameters() if p.grad is not None}
 
-    plain, checkpointed = grads(False), grads(True)
-    assert plain.keys() == checkpointed.keys() and len(plain) > 50
-    for name in plain:
-        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+    plain = grads(False)
+    assert len(plain) > 50
+    for mode in (True, "selective", "full"):
+        checkpointed = grads(mode)
+        assert plain.keys() == checkpointed.keys()
+        for name in plain:
+            torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+    model.branch.activation_checkpointing = "some"
+    with pytest.raises(ValueError, match="off, selective, full"):
+        model.encode_video(video)
 
 
 def test_patch_stem_equals_the_3d_convolution():
@@ -432,3 +438,30 @@ def test_branch_without_autograd_equals_the_autograd_path(name):
     with torch.no_grad():
         without = model.branch(video, layers)
     torch.testing.assert_close(without, with_grad.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_activation_checkpointing_modes_store_less():
+    """Bytes that autograd keeps for backward (outside the recomputed regions): each mode
+    keeps less than the one before it."""
+    clip = tiny_clip(width=64, layers=3)
+    torch.manual_seed(0)
+    model = DiSTVideoModel(clip, DiSTConfig(num_frames=4, alpha=2, temporal_dim=8, integration_dim=64,
+                                            pooling_layers=1), clip_dtype="fp32")
+    video = torch.randn(2, 3, 4, 64, 64)
+    layers = model.clip_layers(video)
+
+    def stored_bytes(mode):
+        model.branch.activation_checkpointing = mode
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            if not isinstance(t, torch.nn.Parameter):
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.branch(video, layers).sum().backward()
+        return sum(seen.values())
+
+    off, selective, full = stored_bytes("off"), stored_bytes("selective"), stored_bytes("full")
+    assert off > 1.5 * selective and selective > full > 0, (off, selective, full)

@@ -19,7 +19,7 @@ from typing import Any, Union
 
 import yaml
 
-from .dist import DiSTConfig
+from .dist import CHECKPOINTING_MODES, DiSTConfig
 
 __all__ = [
     "ModelConfig", "DataConfig", "AugmentConfig", "OptimConfig", "TrainConfig", "EvalConfig",
@@ -48,8 +48,14 @@ class ModelConfig:
     dist: DiSTConfig = field(default_factory=DiSTConfig)
     adapter_dim: int = 64  # bottleneck width of the `adapter` baseline
     adapter_kernel: int = 3  # temporal kernel of the `adapter` baseline
-    # DiST: recompute the branch (stem, layers, pooling) in backward: less memory, ~1 more branch forward
-    activation_checkpointing: bool = False
+    # DiST: activations recomputed in backward instead of stored: off (false) | selective (the
+    # stem, integration blocks and pooling) | full (true: everything, ~1 more branch forward)
+    activation_checkpointing: bool | str = False
+
+    def __post_init__(self):
+        if not isinstance(self.activation_checkpointing, bool) and self.activation_checkpointing not in CHECKPOINTING_MODES:
+            raise ValueError(f"activation_checkpointing must be true, false or one of "
+                             f"{', '.join(CHECKPOINTING_MODES)}, got {self.activation_checkpointing!r}")
 
 
 @dataclass
