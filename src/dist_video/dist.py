@@ -373,8 +373,8 @@ def _call(fn, *args):
 
 #: What ``DiSTBranch.activation_checkpointing`` recomputes in backward instead of storing:
 #: ``off``: nothing; ``selective``: the stem, the integration blocks and the pooling layers
-#: (on ViT-B/16 8+16f: 114 instead of 192 MiB per clip for about 6% more step time); ``full``:
-#: the stem, every whole layer and the pooling layers (68 MiB per clip, about 20% more time).
+#: (on ViT-B/16 8+16f: 114 instead of 198 MiB per clip for about 8% more step time); ``full``:
+#: the stem, every whole layer and the pooling layers (69 MiB per clip, about 15% more time).
 CHECKPOINTING_MODES = ("off", "selective", "full")
 
 
