@@ -206,7 +206,7 @@ class ResidualAttentionBlock(nn.Module):
         n, length, width = x.shape
         out_proj, fc, proj = self.attn.out_proj, self.mlp.c_fc, self.mlp.c_proj
         heads = self.attn.attend(self.ln_1(x), is_causal=is_causal).view(-1, width)  # N*L x D
-        x = torch.addmm(x.view(-1, width), heads, out_proj.weight.t())  # N*L x D
+        x = torch.addmm(x.reshape(-1, width), heads, out_proj.weight.t())  # N*L x D
         x = x.add_(out_proj.bias.to(x.dtype))
         x = mlp_without_autograd(self.ln_2(x), fc.weight, fc.bias, self.mlp.gelu, proj.weight, proj.bias,
                                  residual=x)
