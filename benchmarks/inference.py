@@ -3,13 +3,13 @@
 1. Throughput: clips per second of DiST (K400 ViT-B/16 8+16f: 16 dense frames, 8 through CLIP)
    and of CLIP alone on the same 8 frames (the frozen-mean model: frame embeddings averaged),
    224 x 224, random weights, each at its best precision (bf16 CLIP where supported, the branch
-   under bf16 autocast), batches of 1 and 4 clips, medians over repetitions, the two models
+   under bf16 autocast), batches of 1, 4 and 16 clips, medians over repetitions, the two models
    interleaved repetition by repetition so machine noise hits both alike.
 2. Counted cost of one view for every published preset: multiply-accumulates from PyTorch's
    FLOP counter (FLOPs / 2) for CLIP and for the DiST branch, CLIP's attention products listed
    apart (the authors' count leaves them out), and parameters.
 
-    python benchmarks/inference.py              # about 5 minutes on 2 CPU cores
+    python benchmarks/inference.py              # about 6 minutes on 2 CPU cores
     python benchmarks/inference.py --repeats 3 --batches 1 --skip-large   # quicker
 """
 
@@ -121,7 +121,8 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16],
+                    help="clips per forward (16: the evaluation default, eval.batch_size)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--skip-large", action="store_true", help="skip ViT-L/14 and 32+64f presets in the cost table")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
