@@ -465,3 +465,25 @@ def test_activation_checkpointing_modes_store_less():
 
     off, selective, full = stored_bytes("off"), stored_bytes("selective"), stored_bytes("full")
     assert off > 1.5 * selective and selective > full > 0, (off, selective, full)
+
+
+@pytest.mark.parametrize("alpha", [1, 2, 4])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_temporal_to_integration_matrix_product_equals_the_3d_convolution(alpha, channels_last):
+    from dist_video.dist import TemporalToIntegration
+
+    torch.manual_seed(4)
+    t2i = TemporalToIntegration(6, 10, alpha, sparse_frames=8 // alpha).double()
+    torch.nn.init.normal_(t2i.linear_fuse.bias)
+    x_t = torch.randn(2, 8, 3, 5, 6, dtype=torch.float64).permute(0, 4, 1, 2, 3)  # B x C_t x T x g x g
+    if not channels_last:
+        x_t = x_t.contiguous()
+    x_t.requires_grad_()
+    ours = t2i.patch_tokens(x_t)
+    conv = torch.nn.functional.conv3d(x_t, t2i.linear_fuse.weight, t2i.linear_fuse.bias, stride=(alpha, 1, 1))
+    theirs = conv.flatten(3).permute(0, 2, 3, 1)  # B x T' x N x C_i
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    g_ours = torch.autograd.grad(ours.square().sum(), [x_t, t2i.linear_fuse.weight])
+    g_theirs = torch.autograd.grad(theirs.square().sum(), [x_t, t2i.linear_fuse.weight])
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -245,10 +245,24 @@ class TemporalToIntegration(nn.Module):
                                      stride=(alpha, 1, 1))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, sparse_frames, integration_dim))
 
+    def patch_tokens(self, x_t: torch.Tensor) -> torch.Tensor:
+        """The convolution, token-last: B x C_t x T x g x g -> B x T' x N x C_i.
+
+        Kernel and stride are (alpha, 1, 1), so it is one linear map of each position's alpha
+        frames' features (same parameters and values), computed as a matrix product on the
+        channels-last temporal features instead of a convolution plus a permuted copy."""
+        b, c_t, t, g1, g2 = x_t.shape
+        conv = self.linear_fuse
+        a = conv.kernel_size[0]
+        # B x T' x N x (alpha*C_t), frame-major within a position: one copy of the features
+        pairs = x_t.permute(0, 2, 3, 4, 1).reshape(b, t // a, a, g1 * g2, c_t).transpose(2, 3)
+        pairs = pairs.reshape(b, t // a, g1 * g2, a * c_t)
+        weight = conv.weight.flatten(2).transpose(1, 2).reshape(conv.out_channels, a * c_t)  # C_i x alpha*C_t
+        return F.linear(pairs, weight, conv.bias)
+
     def forward(self, x_t: torch.Tensor) -> torch.Tensor:
-        x = self.linear_fuse(x_t)  # B x C_i x T' x g x g
-        b, c, t = x.shape[:3]
-        x = x.flatten(3).permute(0, 2, 3, 1)  # B x T' x N x C_i
+        x = self.patch_tokens(x_t)  # B x T' x N x C_i
+        b, t, _, c = x.shape
         cls = self.cls_token[0].expand(b, t, c).unsqueeze(2).to(x.dtype)  # B x T' x 1 x C_i
         return torch.cat([cls, x], dim=2).flatten(0, 1)  # B*T' x (N+1) x C_i
 
@@ -257,10 +271,10 @@ class TemporalToIntegration(nn.Module):
         (no concatenated copy); with autograd it is left untouched."""
         if torch.is_grad_enabled():
             return m + self.forward(x_t)
-        x = self.linear_fuse(x_t)  # B x C_i x T' x g x g
-        b, c, t = x.shape[:3]
+        x = self.patch_tokens(x_t)  # B x T' x N x C_i
+        b, t, _, c = x.shape
         tokens = m.view(b, t, -1, c)  # B x T' x (N+1) x C_i
-        tokens[:, :, 1:] += x.flatten(3).permute(0, 2, 3, 1)
+        tokens[:, :, 1:] += x
         tokens[:, :, :1] += self.cls_token[0].unsqueeze(2).to(m.dtype)  # 1 x T' x 1 x C_i
         return m
 
