@@ -211,33 +211,28 @@ class TemporalEncoder(nn.Module):
 
 class IntegrationToTemporal(nn.Module):
     """Integration tokens -> temporal features: Linear(C_i -> C_t) on the patch tokens,
-    upsampled x alpha in time. B*T' x (N+1) x C_i -> B x C_t x T x g x g."""
+    upsampled x alpha in time and added to the temporal features.
+    x_t: B x C_t x T x g x g, m: B*T' x (N+1) x C_i -> B x C_t x T x g x g."""
 
     def __init__(self, integration_dim: int, temporal_dim: int, alpha: int):
         super().__init__()
         self.alpha = alpha
         self.linear_fuse = nn.Linear(integration_dim, temporal_dim)
 
-    def forward(self, m: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, m: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
         x = self.linear_fuse(m[:, 1:])  # B*T' x N x C_t (class token dropped)
-        bt, _, c = x.shape
-        x = x.view(batch, bt // batch, grid[0], grid[1], c).permute(0, 4, 1, 2, 3)  # B x C_t x T' x g x g
-        return x.repeat_interleave(self.alpha, dim=2)  # nearest-neighbour upsampling in time
-
-    def added_to(self, x_t: torch.Tensor, m: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
-        """``x_t + forward(m)`` (B x C_t x T x g x g) without materialising the upsampled copy:
-        each of the alpha dense frames of a sparse frame gets the same update by broadcasting."""
-        x = self.linear_fuse(m[:, 1:])  # B*T' x N x C_t
         bt, _, c = x.shape
         x = x.view(batch, bt // batch, 1, grid[0], grid[1], c).permute(0, 5, 1, 2, 3, 4)  # B x C_t x T' x 1 x g x g
         b, c_t, t, g1, g2 = x_t.shape
+        # Nearest-neighbour upsampling in time by broadcasting: each of a sparse frame's alpha
+        # dense frames gets the same update, without an upsampled copy.
         return (x_t.view(b, c_t, t // self.alpha, self.alpha, g1, g2) + x).reshape(b, c_t, t, g1, g2)
 
 
 class TemporalToIntegration(nn.Module):
     """Temporal features -> integration tokens: Conv3d(C_t -> C_i, kernel/stride (alpha,1,1)),
-    with a learnable per-frame class token in front.
-    B x C_t x T x g x g -> B*T' x (N+1) x C_i."""
+    with a learnable per-frame class token in front, added to the integration tokens.
+    m: B*T' x (N+1) x C_i, x_t: B x C_t x T x g x g -> B*T' x (N+1) x C_i."""
 
     def __init__(self, temporal_dim: int, integration_dim: int, alpha: int, sparse_frames: int):
         super().__init__()
@@ -260,22 +255,17 @@ class TemporalToIntegration(nn.Module):
         weight = conv.weight.flatten(2).transpose(1, 2).reshape(conv.out_channels, a * c_t)  # C_i x alpha*C_t
         return F.linear(pairs, weight, conv.bias)
 
-    def forward(self, x_t: torch.Tensor) -> torch.Tensor:
+    def forward(self, m: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """Without autograd ``m`` is updated in place (no concatenated copy); with autograd it
+        is left untouched."""
         x = self.patch_tokens(x_t)  # B x T' x N x C_i
         b, t, _, c = x.shape
-        cls = self.cls_token[0].expand(b, t, c).unsqueeze(2).to(x.dtype)  # B x T' x 1 x C_i
-        return torch.cat([cls, x], dim=2).flatten(0, 1)  # B*T' x (N+1) x C_i
-
-    def added_to(self, m: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-        """``m + forward(x_t)`` (B*T' x (N+1) x C_i). Without autograd ``m`` is updated in place
-        (no concatenated copy); with autograd it is left untouched."""
+        cls = self.cls_token[0].unsqueeze(2).to(x.dtype)  # 1 x T' x 1 x C_i
         if torch.is_grad_enabled():
-            return m + self.forward(x_t)
-        x = self.patch_tokens(x_t)  # B x T' x N x C_i
-        b, t, _, c = x.shape
+            return m + torch.cat([cls.expand(b, t, 1, c), x], dim=2).flatten(0, 1)
         tokens = m.view(b, t, -1, c)  # B x T' x (N+1) x C_i
         tokens[:, :, 1:] += x
-        tokens[:, :, :1] += self.cls_token[0].unsqueeze(2).to(m.dtype)  # 1 x T' x 1 x C_i
+        tokens[:, :, :1] += cls
         return m
 
 
@@ -481,8 +471,8 @@ class DiSTBranch(nn.Module):
             clip_tokens = clip_tokens.to(self.proj.dtype)
         m = self.input_linears[i](clip_tokens) + res  # B*T' x (N+1) x C_i
         last = i == len(self.selected_layers) - 1
-        x_t_new = x_t if last else self.integration2temporal_nets[i].added_to(x_t, m, batch, grid)
-        m = self.temporal2integration_nets[i].added_to(m, x_t)  # in place without autograd
+        x_t_new = x_t if last else self.integration2temporal_nets[i](x_t, m, batch, grid)
+        m = self.temporal2integration_nets[i](m, x_t)  # in place without autograd
         res = (self._checkpointed if recompute_block else _call)(self.integration_nets[i], m)
         return x_t_new, m, res
 
