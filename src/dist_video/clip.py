@@ -74,6 +74,16 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+def _add_linear(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                scale: float = 1.0) -> torch.Tensor:
+    """``residual + scale * x @ weight.T + bias`` (2-D), the residual as the product's
+    accumulator instead of a separate add."""
+    out = torch.addmm(residual, x, weight.t(), alpha=scale)
+    if bias is not None:
+        out = out.add_(bias.to(out.dtype))  # a float32 bias would make add_ convert all of out
+    return out
+
+
 def mlp_without_autograd(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None,
                          act: nn.Module, proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
                          residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,9 +106,7 @@ def mlp_without_autograd(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torc
         out = torch.mm(h, proj_weight.t()).mul_(1 / scale) if proj_bias is None else \
             torch.addmm(proj_bias, h, proj_weight.t(), alpha=1 / scale)
     else:
-        out = torch.addmm(residual.reshape(-1, proj_weight.shape[0]), h, proj_weight.t(), alpha=1 / scale)
-        if proj_bias is not None:
-            out = out.add_(proj_bias.to(out.dtype))  # a float32 bias would make add_ convert all of out
+        out = _add_linear(residual.reshape(-1, proj_weight.shape[0]), h, proj_weight, proj_bias, 1 / scale)
     return out.view(*lead, -1)
 
 
@@ -206,8 +214,7 @@ class ResidualAttentionBlock(nn.Module):
         n, length, width = x.shape
         out_proj, fc, proj = self.attn.out_proj, self.mlp.c_fc, self.mlp.c_proj
         heads = self.attn.attend(self.ln_1(x), is_causal=is_causal).view(-1, width)  # N*L x D
-        x = torch.addmm(x.reshape(-1, width), heads, out_proj.weight.t())  # N*L x D
-        x = x.add_(out_proj.bias.to(x.dtype))
+        x = _add_linear(x.reshape(-1, width), heads, out_proj.weight, out_proj.bias)  # N*L x D
         x = mlp_without_autograd(self.ln_2(x), fc.weight, fc.bias, self.mlp.gelu, proj.weight, proj.bias,
                                  residual=x)
         return x.view(n, length, width)

@@ -19,7 +19,7 @@ from typing import Any, Union
 
 import yaml
 
-from .dist import CHECKPOINTING_MODES, DiSTConfig
+from .dist import DiSTConfig, checkpointing_mode
 
 __all__ = [
     "ModelConfig", "DataConfig", "AugmentConfig", "OptimConfig", "TrainConfig", "EvalConfig",
@@ -53,9 +53,7 @@ class ModelConfig:
     activation_checkpointing: bool | str = False
 
     def __post_init__(self):
-        if not isinstance(self.activation_checkpointing, bool) and self.activation_checkpointing not in CHECKPOINTING_MODES:
-            raise ValueError(f"activation_checkpointing must be true, false or one of "
-                             f"{', '.join(CHECKPOINTING_MODES)}, got {self.activation_checkpointing!r}")
+        checkpointing_mode(self.activation_checkpointing)  # a bad value stops the run here
 
 
 @dataclass

@@ -41,6 +41,7 @@ __all__ = [
     "AdaptivePooling",
     "DiSTBranch",
     "CHECKPOINTING_MODES",
+    "checkpointing_mode",
 ]
 
 
@@ -382,6 +383,16 @@ def _call(fn, *args):
 CHECKPOINTING_MODES = ("off", "selective", "full")
 
 
+def checkpointing_mode(value: bool | str) -> str:
+    """An ``activation_checkpointing`` setting as one of :data:`CHECKPOINTING_MODES`
+    (False = "off", True = "full"); anything else is a ``ValueError``."""
+    mode = {False: "off", True: "full"}.get(value, value) if isinstance(value, (bool, str)) else value
+    if mode not in CHECKPOINTING_MODES:
+        raise ValueError(f"activation_checkpointing must be true, false or one of "
+                         f"{', '.join(CHECKPOINTING_MODES)}, got {value!r}")
+    return mode
+
+
 class DiSTBranch(nn.Module):
     """The trainable part of DiST.
 
@@ -451,15 +462,6 @@ class DiSTBranch(nn.Module):
         # instead of its patches, a layer its inputs, a pooling layer its queries).
         return checkpoint(fn, *args, use_reentrant=False)
 
-    def checkpointing_mode(self) -> str:
-        """``activation_checkpointing`` as one of :data:`CHECKPOINTING_MODES` (False = "off",
-        True = "full")."""
-        mode = {False: "off", True: "full"}.get(self.activation_checkpointing, self.activation_checkpointing)
-        if mode not in CHECKPOINTING_MODES:
-            raise ValueError(f"activation_checkpointing must be one of {', '.join(CHECKPOINTING_MODES)} "
-                             f"(or true / false), got {self.activation_checkpointing!r}")
-        return mode
-
     def _layer(self, i: int, x_t: torch.Tensor, clip_tokens: torch.Tensor, res: torch.Tensor | float,
                batch: int, grid: tuple[int, int], recompute_block: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -484,7 +486,7 @@ class DiSTBranch(nn.Module):
                              f"got a clip of {t}")
         grid = (h // self.patch_size, w // self.patch_size)
         dtype = self.proj.dtype
-        mode = self.checkpointing_mode() if torch.is_grad_enabled() else "off"
+        mode = checkpointing_mode(self.activation_checkpointing) if torch.is_grad_enabled() else "off"
         run = _call if mode == "off" else self._checkpointed  # the stem and the pooling layers
         run_layer = self._checkpointed if mode == "full" else _call
         x_t = run(self.temporal_encoder.stem, video.to(dtype))  # B x C_t x T x g x g
