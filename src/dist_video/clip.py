@@ -75,10 +75,14 @@ class QuickGELU(nn.Module):
 
 
 def _add_linear(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                scale: float = 1.0) -> torch.Tensor:
+                scale: float = 1.0, overwrite: bool = False) -> torch.Tensor:
     """``residual + scale * x @ weight.T + bias`` (2-D), the residual as the product's
-    accumulator instead of a separate add."""
-    out = torch.addmm(residual, x, weight.t(), alpha=scale)
+    accumulator instead of a separate add. ``overwrite``: the result is written into
+    ``residual`` (no copy of it first)."""
+    if overwrite:
+        out = residual.addmm_(x, weight.t(), alpha=scale)
+    else:
+        out = torch.addmm(residual, x, weight.t(), alpha=scale)
     if bias is not None:
         out = out.add_(bias.to(out.dtype))  # a float32 bias would make add_ convert all of out
     return out
@@ -86,13 +90,15 @@ def _add_linear(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
 
 def mlp_without_autograd(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None,
                          act: nn.Module, proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
-                         residual: torch.Tensor | None = None) -> torch.Tensor:
+                         residual: torch.Tensor | None = None, overwrite_residual: bool = False
+                         ) -> torch.Tensor:
     """``residual + proj(act(fc(x)))`` for inference, with fewer passes over the activations.
 
     x: ... x C_in -> ... x C_out (``residual``: ... x C_out or None). QuickGELU becomes one fused
     SiLU pass, x sigmoid(1.702 x) = silu(1.702 x) / 1.702, with both factors applied as the
-    scales of the matrix products; the residual is the output product's accumulator. Only for
-    tensors that need no gradient (the same values as the module path, up to rounding)."""
+    scales of the matrix products; the residual is the output product's accumulator
+    (``overwrite_residual``: in place, for a residual nothing else reads). Only for tensors
+    that need no gradient (the same values as the module path, up to rounding)."""
     lead, c_in = x.shape[:-1], x.shape[-1]
     x = x.reshape(-1, c_in)
     quick = isinstance(act, QuickGELU)
@@ -106,7 +112,9 @@ def mlp_without_autograd(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torc
         out = torch.mm(h, proj_weight.t()).mul_(1 / scale) if proj_bias is None else \
             torch.addmm(proj_bias, h, proj_weight.t(), alpha=1 / scale)
     else:
-        out = _add_linear(residual.reshape(-1, proj_weight.shape[0]), h, proj_weight, proj_bias, 1 / scale)
+        out = _add_linear(residual.view(-1, proj_weight.shape[0]) if overwrite_residual else
+                          residual.reshape(-1, proj_weight.shape[0]), h, proj_weight, proj_bias, 1 / scale,
+                          overwrite=overwrite_residual)
     return out.view(*lead, -1)
 
 
@@ -216,7 +224,7 @@ class ResidualAttentionBlock(nn.Module):
         heads = self.attn.attend(self.ln_1(x), is_causal=is_causal).view(-1, width)  # N*L x D
         x = _add_linear(x.reshape(-1, width), heads, out_proj.weight, out_proj.bias)  # N*L x D
         x = mlp_without_autograd(self.ln_2(x), fc.weight, fc.bias, self.mlp.gelu, proj.weight, proj.bias,
-                                 residual=x)
+                                 residual=x, overwrite_residual=True)  # x is _add_linear's fresh output
         return x.view(n, length, width)
 
 

@@ -16,6 +16,7 @@ Parameter names mirror the authors' release (``input_linears``, ``integration_ne
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
 
@@ -28,6 +29,50 @@ from .clip import LayerNorm, MultiheadAttention, QuickGELU, mlp_without_autograd
 
 # Every QuickGELU here acts on a fresh output of a linear layer or a sum, so without autograd
 # (inference) it may overwrite its input: ``QuickGELU(inplace=True)``.
+
+#: QuickGELU(z) = z sigmoid(1.702 z) = silu(1.702 z) / 1.702.
+_QUICK_GELU_SCALE = 1.702
+
+_inference_cache: dict | None = None  # active inside cached_inference_weights()
+
+
+@contextmanager
+def cached_inference_weights():
+    """Inside this context the inference (no-autograd) paths compute the weights they derive
+    from parameters once and reuse them: casts to the compute dtype, LayerNorm affines folded
+    into the following linear maps, merged biases. Without it they are derived on every call,
+    which on one clip costs about a tenth of the branch's time on a 2-core CPU. Parameters must
+    not change inside the context (as with ``torch.nn.utils.parametrize.cached``); evaluation
+    and prediction loops use it. Nested contexts share the outer cache."""
+    global _inference_cache
+    outer = _inference_cache
+    if outer is None:
+        _inference_cache = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _inference_cache = None
+
+
+def _derived(owner: nn.Module, tag: str, dtype: torch.dtype, make):
+    """``make()`` (tensors derived from ``owner``'s parameters for inference, in ``dtype``),
+    cached per (owner, tag, dtype) inside :func:`cached_inference_weights` and never while
+    autograd records."""
+    if _inference_cache is None or torch.is_grad_enabled():
+        return make()
+    key = (id(owner), tag, dtype)
+    hit = _inference_cache.get(key)
+    if hit is None or hit[0] is not owner:  # the owner is kept, so its id cannot be reused
+        hit = _inference_cache[key] = (owner, make())
+    return hit[1]
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor | None:
+    """``scale * t`` in ``dtype`` (the product in t's own precision), or None."""
+    if t is None:
+        return None
+    return (t * scale if scale != 1.0 else t).to(dtype)
 
 __all__ = [
     "DiSTConfig",
@@ -42,6 +87,7 @@ __all__ = [
     "DiSTBranch",
     "CHECKPOINTING_MODES",
     "checkpointing_mode",
+    "cached_inference_weights",
 ]
 
 
@@ -151,7 +197,21 @@ class TemporalBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.ln(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)  # LN over channels
+        if not torch.is_grad_enabled():
+            return self._forward_no_grad(x, y)
         return self.gelu(x + self.temporal_net(y))
+
+    def _forward_no_grad(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Inference: each QuickGELU(z) = silu(s z) / s (s = 1.702) with the factors moved into
+        the convolutions' weights and the residual add, so the block makes three elementwise
+        passes (SiLU, add, SiLU) plus one division instead of nine."""
+        s = _QUICK_GELU_SCALE
+        c1, c2 = self.temporal_net.c_fc1, self.temporal_net.c_fc2
+        w1, b1, w2, b2 = _derived(self, "scaled convolutions", y.dtype, lambda: (
+            _cast(c1.weight, y.dtype, s), _cast(c1.bias, y.dtype, s), _cast(c2.weight, y.dtype), _cast(c2.bias, y.dtype, s)))
+        h = F.silu(F.conv3d(y, w1, b1, padding=c1.padding), inplace=True)  # s * QuickGELU(c_fc1(y))
+        z = F.conv3d(h, w2, b2, padding=c2.padding)  # s * c_fc2(QuickGELU(c_fc1(y)))
+        return F.silu(z.add_(x, alpha=s), inplace=True).div_(s)
 
 
 class PatchStem(nn.Conv3d):
@@ -181,8 +241,9 @@ class PatchStem(nn.Conv3d):
         patches[:, k // 2 + t:].zero_()
         src = video[..., :g1 * p, :g2 * p].unflatten(4, (g2, p)).unflatten(3, (g1, p))  # B x 3 x T x g x P x g x P
         patches[:, k // 2:k // 2 + t].view(b, t, g1, g2, c, p, p).copy_(src.permute(0, 2, 3, 5, 1, 4, 6))
-        weight = self.weight.to(dtype).permute(2, 0, 1, 3, 4).reshape(k, self.out_channels, c * p * p)
-        bias = self.bias.to(dtype)
+        weight, bias = _derived(self, "patch weights", dtype, lambda: (
+            self.weight.to(dtype).permute(2, 0, 1, 3, 4).reshape(k, self.out_channels, c * p * p),
+            _cast(self.bias, dtype)))
         rows = t * g1 * g2
         outs = []
         with torch.autocast(video.device.type, enabled=False):
@@ -221,9 +282,33 @@ class IntegrationToTemporal(nn.Module):
         self.linear_fuse = nn.Linear(integration_dim, temporal_dim)
 
     def forward(self, x_t: torch.Tensor, m: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
-        x = self.linear_fuse(m[:, 1:])  # B*T' x N x C_t (class token dropped)
+        return self._add_upsampled(x_t, self.linear_fuse(m[:, 1:]), batch, grid)  # class token dropped
+
+    def forward_no_grad(self, x_t: torch.Tensor, m: torch.Tensor, batch: int, grid: tuple[int, int],
+                        shift: torch.Tensor | None = None) -> torch.Tensor:
+        """Inference: ``forward(x_t, m - shift)`` (``shift``: C_i, a bias that m holds on every
+        token, removed through the linear map's bias: ``W (m - s) + b = W m + (b - W s)``).
+        The linear map runs on all N+1 tokens, a contiguous matrix, instead of copying the
+        patch tokens out first."""
+        fuse = self.linear_fuse
+
+        def weights():
+            bias = fuse.bias
+            if shift is not None:
+                w_shift = (fuse.weight * shift.to(fuse.weight.dtype)).sum(dim=1)  # elementwise: full precision
+                bias = -w_shift if bias is None else bias - w_shift
+            return fuse.weight.to(m.dtype), _cast(bias, m.dtype)
+
+        weight, bias = _derived(self, "weights, shifted", m.dtype, weights)
+        bt, length, c_i = m.shape
+        x2d = m.reshape(-1, c_i)
+        x = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
+        return self._add_upsampled(x_t, x.view(bt, length, -1)[:, 1:], batch, grid)
+
+    def _add_upsampled(self, x_t: torch.Tensor, x: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
+        """x_t: B x C_t x T x g x g, x: B*T' x N x C_t -> x_t + x upsampled x alpha in time."""
         bt, _, c = x.shape
-        x = x.view(batch, bt // batch, 1, grid[0], grid[1], c).permute(0, 5, 1, 2, 3, 4)  # B x C_t x T' x 1 x g x g
+        x = x.reshape(batch, bt // batch, 1, grid[0], grid[1], c).permute(0, 5, 1, 2, 3, 4)  # B x C_t x T' x 1 x g x g
         b, c_t, t, g1, g2 = x_t.shape
         # Nearest-neighbour upsampling in time by broadcasting: each of a sparse frame's alpha
         # dense frames gets the same update, without an upsampled copy.
@@ -269,6 +354,32 @@ class TemporalToIntegration(nn.Module):
         tokens[:, :, :1] += cls
         return m
 
+    def add_no_grad(self, m: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """Inference: ``forward(m, x_t)`` in place, for an m that already holds the
+        convolution's bias on every token (the DiST branch adds it with the input linear
+        map's). The product accumulates straight into m: the features are laid out with a zero
+        row for each class token, so one matrix product covers every token, and the class
+        tokens then get ``cls_token - bias``. m: B*T' x (N+1) x C_i (contiguous) -> m."""
+        b, c_t, t, g1, g2 = x_t.shape
+        conv = self.linear_fuse
+        a = conv.kernel_size[0]
+        _, length, c_i = m.shape
+        dtype = m.dtype
+        pairs = x_t.new_empty(b, t // a, length, a * c_t, dtype=dtype)  # B x T' x (N+1) x alpha*C_t
+        pairs[:, :, 0].zero_()
+        src = x_t.permute(0, 2, 3, 4, 1).reshape(b, t // a, a, g1 * g2, c_t).transpose(2, 3)
+        pairs[:, :, 1:].view(b, t // a, g1 * g2, a, c_t).copy_(src)
+        def weights():
+            cls = self.cls_token[0, 0]  # T' x C_i, one per frame
+            if conv.bias is not None:
+                cls = cls - conv.bias.to(cls.dtype)
+            return conv.weight.flatten(2).transpose(1, 2).reshape(c_i, a * c_t).to(dtype), cls.to(dtype)
+
+        weight, cls = _derived(self, "weights, class tokens", dtype, weights)
+        m.view(-1, c_i).addmm_(pairs.view(-1, a * c_t), weight.t())
+        m.view(b, t // a, length, c_i)[:, :, 0] += cls
+        return m
+
 
 class IntegrationBlock(nn.Module):
     """``res = FFN(LN(m)) + TFFN(LN'(m))`` on B*T' x (N+1) x C_i.
@@ -298,29 +409,103 @@ class IntegrationBlock(nn.Module):
         self.ln_temporal = LayerNorm(dim)
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            return self.ffn(self.ln(m)) + self.temporal_mix(self.ln_temporal(m))
-        fc, proj = self.ffn.c_fc, self.ffn.c_proj  # inference: TFFN's output accumulates the FFN
-        return mlp_without_autograd(self.ln(m), fc.weight, fc.bias, self.ffn.gelu, proj.weight, proj.bias,
-                                    residual=self.temporal_mix(self.ln_temporal(m)))
+        if not torch.is_grad_enabled():
+            return self.forward_no_grad(m)
+        return self.ffn(self.ln(m)) + self.temporal_mix(self.ln_temporal(m))
+
+    def forward_no_grad(self, m: torch.Tensor, extra_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Inference, ``forward(m) + extra_bias`` with fewer passes over the tokens.
+
+        m: B*T' x (N+1) x C_i -> B*T' x (N+1) x C_i (``extra_bias``: C_i or None, added at no
+        cost: the DiST branch passes the next layer's input biases). Both LayerNorms read the
+        same m, so it is normalised once and each affine is folded into the linear map after
+        it: ``LN(m) W^T + b = n (W diag(gamma))^T + (W beta + b)``. TFFN's output, created
+        with both output biases, accumulates the FFN's."""
+        bt, length, c = m.shape
+        dtype = m.dtype
+        x = m.reshape(-1, c)
+        fc, fc1 = self.ffn.c_fc, self.temporal_ffn.c_fc1
+        shared = self.ln.eps == self.ln_temporal.eps
+
+        def weights():
+            if shared:
+                folded = (*_fold_layer_norm(self.ln, fc.weight, fc.bias, dtype),
+                          *_fold_layer_norm(self.ln_temporal, fc1.weight.flatten(1), fc1.bias, dtype))
+            else:
+                folded = (fc.weight.to(dtype), _cast(fc.bias, dtype), fc1.weight.flatten(1).to(dtype),
+                          _cast(fc1.bias, dtype))
+            out_bias = _sum_biases(self.temporal_ffn.c_proj.bias, self.ffn.c_proj.bias, extra_bias, dtype=dtype)
+            return (*folded, self.ffn.c_proj.weight.to(dtype), out_bias)
+
+        fc_w, fc_b, fc1_w, fc1_b, proj_w, out_bias = _derived(
+            self, "folded weights" + (", extra bias" if extra_bias is not None else ""), dtype, weights)
+        if shared:
+            n = n_temporal = F.layer_norm(x, (c,), None, None, self.ln.eps)  # one normalisation
+        else:
+            n, n_temporal = self.ln(x), self.ln_temporal(x)
+        h = torch.addmm(fc1_b, n_temporal, fc1_w.t()) if fc1_b is not None else n_temporal @ fc1_w.t()
+        out = self._temporal_conv_mlp(h.view(bt, length, -1), out_bias)  # B*T'*(N+1) x C_i
+        out = mlp_without_autograd(n, fc_w, fc_b, self.ffn.gelu, proj_w, None, residual=out, overwrite_residual=True)
+        return out.view(bt, length, c)
 
     def temporal_mix(self, y: torch.Tensor) -> torch.Tensor:
         """TFFN on B*T' x (N+1) x C_i, token-last: the 1x1x1 convolutions are linear layers and
         the (k,1,1) convolution one matrix product over k time-shifted copies, so no layout
         change is needed (same parameters and values as the convolutions)."""
-        bt, length, c = y.shape
+        fc1 = self.temporal_ffn.c_fc1
+        h = F.linear(y, fc1.weight.flatten(1), fc1.bias)  # B*T' x (N+1) x C_h
+        return self._temporal_conv_mlp(h, self.temporal_ffn.c_proj.bias).view_as(y)
+
+    def _temporal_conv_mlp(self, h: torch.Tensor, proj_bias: torch.Tensor | None) -> torch.Tensor:
+        """TFFN after its first linear map: conv (k,1,1), QuickGELU, 1x1x1 conv (with
+        ``proj_bias``). h: B*T' x (N+1) x C_h -> B*T'*(N+1) x C_i."""
+        bt, length, _ = h.shape
         t = self.sparse_frames
-        fc1, fc2, proj = self.temporal_ffn.c_fc1, self.temporal_ffn.c_fc2, self.temporal_ffn.c_proj
-        h = F.linear(y, fc1.weight.flatten(1), fc1.bias).view(bt // t, t, length, -1)  # B x T' x (N+1) x C_h
+        fc2, proj = self.temporal_ffn.c_fc2, self.temporal_ffn.c_proj
+        h = h.view(bt // t, t, length, -1)  # B x T' x (N+1) x C_h
         k = fc2.kernel_size[0]
         padded = F.pad(h, (0, 0, 0, 0, k // 2, k // 2))  # zero frames before and after
         shifted = torch.cat([padded[:, dt:dt + t] for dt in range(k)], dim=-1)  # B x T' x (N+1) x k*C_h
-        weight = fc2.weight.flatten(2).permute(0, 2, 1).reshape(fc2.out_channels, -1)  # C_h x k*C_h
+
+        def weights(dtype):  # the (k,1,1) conv as C_h x k*C_h, the 1x1x1 conv as C_i x C_h
+            return (fc2.weight.flatten(2).permute(0, 2, 1).reshape(fc2.out_channels, -1).to(dtype),
+                    _cast(fc2.bias, dtype), proj.weight.flatten(1).to(dtype))
+
         if not torch.is_grad_enabled():
-            return mlp_without_autograd(shifted, weight, fc2.bias, self.temporal_ffn.gelu1,
-                                        proj.weight.flatten(1), proj.bias).view(bt, length, c)
-        h = self.temporal_ffn.gelu1(F.linear(shifted, weight, fc2.bias))
-        return F.linear(h, proj.weight.flatten(1), proj.bias).view(bt, length, c)
+            dtype = h.dtype
+            w2, b2, wp = _derived(self, "temporal conv weights", dtype, lambda: weights(dtype))
+            return mlp_without_autograd(shifted, w2, b2, self.temporal_ffn.gelu1, wp,
+                                        _cast(proj_bias, dtype)).view(-1, proj.out_channels)
+        w2, b2, wp = weights(fc2.weight.dtype)
+        h = self.temporal_ffn.gelu1(F.linear(shifted, w2, b2))
+        return F.linear(h, wp, proj_bias).view(-1, proj.out_channels)
+
+
+def _sum_biases(*biases: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The sum of the given biases (``None`` entries skipped; ``None`` if all are), in
+    ``dtype``, summed in their own precision first."""
+    present = [b for b in biases if b is not None]
+    if not present:
+        return None
+    total = present[0]
+    for b in present[1:]:
+        total = total + b.to(total.dtype)
+    return total.to(dtype)
+
+
+def _fold_layer_norm(ln: nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A LayerNorm's affine folded into the linear map after it: ``LN(x) W^T + b =
+    norm(x) (W diag(gamma))^T + (W beta + b)``, norm without affine. W: C_out x C -> the folded
+    (W', b') in ``dtype``, computed in the parameters' precision."""
+    if ln.weight is not None:
+        weight_folded = weight * ln.weight
+    else:
+        weight_folded = weight
+    if ln.bias is not None:
+        shift = (weight * ln.bias).sum(dim=1)  # W beta, elementwise so autocast leaves it in full precision
+        bias = shift if bias is None else bias + shift
+    return weight_folded.to(dtype), _cast(bias, dtype)
 
 
 class CrossAttention(nn.Module):
@@ -334,6 +519,34 @@ class CrossAttention(nn.Module):
     def forward(self, query: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         # query: S x Lq x C, kv: S x Lk x C -> S x Lq x C
         return self.attn(self.ln_1(query), kv=self.ln_1(kv))
+
+    def forward_normalized(self, query: torch.Tensor, normalized: torch.Tensor) -> torch.Tensor:
+        """Inference: ``forward(query, kv)`` from ``normalized``, kv normalised without the
+        affine (S x Lk x C; several layers share it), for a few queries (Lq << Lk).
+
+        Keys and values are never formed. LayerNorm's affine is folded into their projections
+        (W_k', b_k', W_v', b_v'); then per head h, ``q_h . k_j = (W_k'_h^T q_h) . n_j + q_h . b_k'_h``,
+        where the last term is the same for every key and cancels in the softmax, and
+        ``sum_j a_j v_j = W_v'_h (sum_j a_j n_j) + b_v'_h`` since the weights sum to one. That is
+        two products of the queries with ``normalized`` instead of projecting all Lk tokens
+        (on DiST's pooling: ~60x fewer multiply-accumulates)."""
+        s, lq, c = query.shape
+        attn = self.attn
+        heads = attn.heads
+        d = c // heads
+        dtype = normalized.dtype
+        w, b = attn.in_proj_weight, attn.in_proj_bias
+        w_q, b_q, w_k, w_v, b_v, w_o, b_o = _derived(self, "folded weights", dtype, lambda: (
+            w[:c].to(dtype), _cast(b[:c], dtype), _fold_layer_norm(self.ln_1, w[c:2 * c], None, dtype)[0],
+            *_fold_layer_norm(self.ln_1, w[2 * c:], b[2 * c:], dtype),
+            attn.out_proj.weight.to(dtype), _cast(attn.out_proj.bias, dtype)))
+        q = F.linear(self.ln_1(query), w_q, b_q)  # S x Lq x C
+        q = q.view(s, lq, heads, d) * d ** -0.5
+        u = torch.einsum("slhd,hdc->slhc", q, w_k.view(heads, d, c))  # W_k'_h^T q_h
+        scores = u.reshape(s, lq * heads, c) @ normalized.transpose(1, 2)  # S x Lq*H x Lk
+        z = torch.softmax(scores, dim=-1).to(dtype) @ normalized  # S x Lq*H x C
+        out = torch.einsum("slhc,hdc->slhd", z.view(s, lq, heads, c), w_v.view(heads, d, c)) + b_v.view(heads, d)
+        return F.linear(out.reshape(s, lq, c), w_o, b_o)
 
 
 def _mlp(dim: int, ratio: float = 4.0) -> nn.Sequential:
@@ -370,6 +583,32 @@ class AdaptivePooling(nn.Module):
         video_query = video_query + self.temporal_transformer(video_query, frames)
         video_query = video_query + self.output_map_cls_token(self.ln_out_temp_cls_token(video_query))
         return video_query, frame_query
+
+    def forward_no_grad(self, normalized: torch.Tensor, video_query: torch.Tensor, frame_query: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference: ``forward(feat, ...)`` from ``normalized``, feat normalised without the
+        LayerNorm affine (shared by all pooling layers, see
+        :meth:`CrossAttention.forward_normalized`)."""
+        spatial, temporal = self.spatial_transformer, self.temporal_transformer
+        frame_query = frame_query + spatial.forward_normalized(frame_query, normalized)
+        frame_query = _mlp_no_grad(self.output_map_spatial_cls_token, self.ln_out_spat_cls_token(frame_query),
+                                   frame_query)
+        b, c = video_query.shape[0], frame_query.shape[-1]
+        frames = frame_query.reshape(b, -1, c) + self.positional_embedding.to(frame_query.dtype)  # B x T' x C_i
+        frames = F.layer_norm(frames, (c,), None, None, temporal.ln_1.eps)
+        video_query = video_query + temporal.forward_normalized(video_query, frames)
+        video_query = _mlp_no_grad(self.output_map_cls_token, self.ln_out_temp_cls_token(video_query), video_query)
+        return video_query, frame_query
+
+
+def _mlp_no_grad(mlp: nn.Sequential, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + mlp(x)`` for a :func:`_mlp` without autograd (weights cast once per
+    :func:`cached_inference_weights`)."""
+    dtype = x.dtype
+    fc_w, fc_b, proj_w, proj_b = _derived(mlp, "weights", dtype, lambda: (
+        mlp.c_fc.weight.to(dtype), _cast(mlp.c_fc.bias, dtype), mlp.c_proj.weight.to(dtype),
+        _cast(mlp.c_proj.bias, dtype)))
+    return mlp_without_autograd(x, fc_w, fc_b, mlp.gelu, proj_w, proj_b, residual=residual)
 
 
 def _call(fn, *args):
@@ -478,6 +717,46 @@ class DiSTBranch(nn.Module):
         res = (self._checkpointed if recompute_block else _call)(self.integration_nets[i], m)
         return x_t_new, m, res
 
+    def _input_weights(self, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer i's input linear weight (C_i x D) and its input biases: the input linear
+        map's plus the temporal->integration convolution's (C_i), in ``dtype``."""
+        linear = self.input_linears[i]
+        return _derived(linear, "weight, input biases", dtype, lambda: (
+            linear.weight.to(dtype),
+            _sum_biases(linear.bias, self.temporal2integration_nets[i].linear_fuse.bias, dtype=dtype)))
+
+    def _layers_no_grad(self, x_t: torch.Tensor, clip_layers: dict[int, torch.Tensor], batch: int,
+                        grid: tuple[int, int]) -> torch.Tensor:
+        """The selected layers without autograd: the same values as :meth:`_layer` with fewer
+        passes over the integration tokens. Each layer's input biases (input linear map and
+        temporal->integration) ride in the previous integration block's output bias, the
+        input map accumulates into that output in place, and the temporal->integration product
+        accumulates straight into the tokens. x_t: B x C_t x T x g x g -> B*T' x (N+1) x C_i."""
+        dtype = x_t.dtype  # the compute dtype (the stem's output follows autocast)
+        res: torch.Tensor | None = None  # the previous block's output + this layer's input biases
+        last = len(self.selected_layers) - 1
+        for i, layer in enumerate(self.selected_layers):
+            x_t = self.temporal_encoder.blocks[i](x_t)
+            tokens = clip_layers[layer]  # B*T' x (N+1) x D
+            frames, length, width = tokens.shape
+            tokens = tokens.reshape(-1, width).to(dtype)
+            weight, bias = self._input_weights(i, dtype)
+            if res is None:
+                m = torch.mm(tokens, weight.t()) if bias is None else torch.addmm(bias, tokens, weight.t())
+            else:
+                m = res.view(-1, weight.shape[0]).addmm_(tokens, weight.t())
+            m = m.view(frames, length, -1)  # the tokens + the temporal->integration bias
+            t2i = self.temporal2integration_nets[i]
+            if i < last:
+                x_t_next = self.integration2temporal_nets[i].forward_no_grad(
+                    x_t, m, batch, grid, shift=t2i.linear_fuse.bias)
+            m = t2i.add_no_grad(m, x_t)
+            next_bias = self._input_weights(i + 1, dtype)[1] if i < last else None
+            res = self.integration_nets[i].forward_no_grad(m, extra_bias=next_bias)
+            if i < last:
+                x_t = x_t_next
+        return res.add_(m)
+
     def forward(self, video: torch.Tensor, clip_layers: dict[int, torch.Tensor]) -> torch.Tensor:
         """video: B x 3 x T x H x W; clip_layers: {layer: B*T' x (N+1) x D} -> B x E."""
         b, _, t, h, w = video.shape
@@ -490,15 +769,24 @@ class DiSTBranch(nn.Module):
         run = _call if mode == "off" else self._checkpointed  # the stem and the pooling layers
         run_layer = self._checkpointed if mode == "full" else _call
         x_t = run(self.temporal_encoder.stem, video.to(dtype))  # B x C_t x T x g x g
-        res: torch.Tensor | float = 0.0
-        for i, layer in enumerate(self.selected_layers):
-            x_t, m, res = run_layer(self._layer, i, x_t, clip_layers[layer], res, b, grid, mode == "selective")
-        feat = res + m  # B*T' x (N+1) x C_i
+        if torch.is_grad_enabled():
+            res: torch.Tensor | float = 0.0
+            for i, layer in enumerate(self.selected_layers):
+                x_t, m, res = run_layer(self._layer, i, x_t, clip_layers[layer], res, b, grid, mode == "selective")
+            feat = res + m  # B*T' x (N+1) x C_i
+        else:
+            feat = self._layers_no_grad(x_t, clip_layers, b, grid)
 
         video_query = self.aggregated_cls_token.expand(b, 1, -1).to(feat.dtype)
         frame_query = self.aggregated_spatial_cls_token.expand(feat.shape[0], 1, -1).to(feat.dtype)
-        for pooling in self.adapooling_nets:
-            video_query, frame_query = run(pooling, feat, video_query, frame_query)
+        eps = {p.spatial_transformer.ln_1.eps for p in self.adapooling_nets}
+        if not torch.is_grad_enabled() and len(eps) == 1:  # one normalisation for every pooling layer
+            normalized = F.layer_norm(feat, feat.shape[-1:], None, None, eps.pop())
+            for pooling in self.adapooling_nets:
+                video_query, frame_query = pooling.forward_no_grad(normalized, video_query, frame_query)
+        else:
+            for pooling in self.adapooling_nets:
+                video_query, frame_query = run(pooling, feat, video_query, frame_query)
 
         last = clip_layers[self.selected_layers[-1]]
         cls_mean = last[:, 0].to(dtype).view(b, -1, last.shape[-1]).mean(dim=1)  # B x D
