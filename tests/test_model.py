@@ -440,6 +440,57 @@ def test_branch_without_autograd_equals_the_autograd_path(name):
     torch.testing.assert_close(without, with_grad.detach(), rtol=1e-10, atol=1e-12)
 
 
+def test_cross_attention_from_normalized_tokens_equals_the_module_path():
+    """Keys and values never formed (queries folded into the key projection, the value
+    projection after the weighted sum): same values as projecting every token, for several
+    queries and heads, with non-trivial LayerNorm affines."""
+    import torch.nn.functional as F
+    from dist_video.dist import CrossAttention
+
+    torch.manual_seed(4)
+    attn = CrossAttention(128, 2).double()
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, mean=0.0, std=0.2)
+    query, kv = torch.randn(3, 4, 128, dtype=torch.float64), torch.randn(3, 9, 128, dtype=torch.float64)
+    with torch.no_grad():
+        expected = attn(query, kv)
+        normalized = F.layer_norm(kv, (128,), None, None, attn.ln_1.eps)
+        fast = attn.forward_normalized(query, normalized)
+    torch.testing.assert_close(fast, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_cached_inference_weights_reuses_derived_weights_inside_the_context_only():
+    from dist_video import dist as dist_module
+
+    v = VARIANTS[next(iter(VARIANTS))]
+    clip = tiny_clip(**v["clip"]).double()
+    torch.manual_seed(5)
+    model = DiSTVideoModel(clip, DiSTConfig(**v["dist"]), clip_dtype=torch.float64).double().eval()
+    for n, p in model.branch.named_parameters():
+        torch.nn.init.normal_(p, mean=1.0 if n.endswith("ln.weight") else 0.0, std=0.05)
+    size = clip.visual.image_size
+    video = torch.randn(2, 3, model.config.num_frames, size, size, dtype=torch.float64)
+    with torch.no_grad():
+        plain = model.encode_video(video)
+        with dist_module.cached_inference_weights():
+            first = model.encode_video(video)
+            assert dist_module._inference_cache  # derived weights were stored
+            bias = model.branch.input_linears[0].bias
+            bias += 1.0  # inside the context parameters are taken as fixed: the cached weights are used
+            second = model.encode_video(video)
+            with torch.enable_grad():  # autograd never uses (or fills) the cache
+                size_before = len(dist_module._inference_cache)
+                graded = model.encode_video(video)
+                assert graded.requires_grad
+                assert len(dist_module._inference_cache) == size_before
+        assert dist_module._inference_cache is None
+        after = model.encode_video(video)
+    torch.testing.assert_close(first, plain, rtol=0, atol=0)
+    torch.testing.assert_close(second, plain, rtol=0, atol=0)
+    assert not torch.allclose(graded, plain) and not torch.allclose(after, plain)
+    torch.testing.assert_close(after, graded.detach(), rtol=1e-10, atol=1e-12)
+
+
 def test_activation_checkpointing_modes_store_less():
     """Bytes that autograd keeps for backward (outside the recomputed regions): each mode
     keeps less than the one before it."""

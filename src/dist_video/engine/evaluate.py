@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from ..dist import cached_inference_weights
 from .distributed import DistEnv, all_gather_objects
 from .metrics import classification_metrics, plot_confusion_matrix, write_predictions_csv
 
@@ -58,15 +59,16 @@ def predict_dataset(model, dataset, env: DistEnv, *, batch_size: int, workers: i
     if progress and env.is_main:
         from tqdm import tqdm
         iterator = tqdm(loader, desc="evaluate", unit="batch", dynamic_ncols=True, leave=False)
-    for batch in iterator:
-        video = batch["video"].to(env.device, non_blocking=True)
-        with autocast_context(env.device, amp_dtype):
-            logits = model(video)
-        probs = logits.float().softmax(dim=1).cpu()
-        for p, idx, y in zip(probs, batch["index"].tolist(), batch["label"].tolist()):
-            sums[idx] = sums[idx] + p if idx in sums else p.clone()
-            counts[idx] = counts.get(idx, 0) + 1
-            labels[idx] = y
+    with cached_inference_weights():  # the weights do not change during the loop
+        for batch in iterator:
+            video = batch["video"].to(env.device, non_blocking=True)
+            with autocast_context(env.device, amp_dtype):
+                logits = model(video)
+            probs = logits.float().softmax(dim=1).cpu()
+            for p, idx, y in zip(probs, batch["index"].tolist(), batch["label"].tolist()):
+                sums[idx] = sums[idx] + p if idx in sums else p.clone()
+                counts[idx] = counts.get(idx, 0) + 1
+                labels[idx] = y
     merged_sums: dict[int, torch.Tensor] = {}
     merged_counts: dict[int, int] = {}
     merged_labels: dict[int, int] = {}

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 
+from ..dist import cached_inference_weights
 from ..model import VideoClassifier
 from .builder import resolve_clip_path
 from .distributed import resolve_device
@@ -104,12 +105,13 @@ def predict_files(model: VideoClassifier, videos: Sequence[str], preprocess: dic
     device = model.clip.logit_scale.device
     names = model.class_names or [str(i) for i in range(model.num_classes)]
     out = []
-    for path in videos:
-        clips = test_clips_of_file(path, preprocess, num_frames=model.config.num_frames, views=views)
-        probs = model(clips.to(device)).float().softmax(dim=1).mean(dim=0)
-        p, idx = probs.topk(min(topk, probs.numel()))
-        out.append({"video": str(path), "views": int(clips.shape[0]),
-                    "top": [{"class": names[i], "probability": float(v)} for v, i in zip(p.tolist(), idx.tolist())]})
+    with cached_inference_weights():  # the weights do not change during the loop
+        for path in videos:
+            clips = test_clips_of_file(path, preprocess, num_frames=model.config.num_frames, views=views)
+            probs = model(clips.to(device)).float().softmax(dim=1).mean(dim=0)
+            p, idx = probs.topk(min(topk, probs.numel()))
+            out.append({"video": str(path), "views": int(clips.shape[0]),
+                        "top": [{"class": names[i], "probability": float(v)} for v, i in zip(p.tolist(), idx.tolist())]})
     return out
 
 
