@@ -491,6 +491,39 @@ def test_cached_inference_weights_reuses_derived_weights_inside_the_context_only
     torch.testing.assert_close(after, graded.detach(), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_temporal_block_backward_equals_autograd_of_the_plain_expression(channels_last):
+    """The temporal block's own backward (three saved activations, the convolution inputs
+    recomputed) gives the gradients of the written-out block, for the input and every
+    parameter."""
+    from dist_video.dist import TemporalBlock
+
+    torch.manual_seed(6)
+    block = TemporalBlock(8, 3, 1.5).double()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 8, 6, 3, 4, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_()
+
+    def plain(x):
+        quick_gelu = lambda v: v * torch.sigmoid(1.702 * v)  # noqa: E731
+        y = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 4, 1), (8,), block.ln.weight, block.ln.bias,
+                                           block.ln.eps).permute(0, 4, 1, 2, 3)
+        h = quick_gelu(block.temporal_net.c_fc1(y))
+        return quick_gelu(x + block.temporal_net.c_fc2(h))
+
+    ours, expected = block(x), plain(x)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ours)
+    inputs = [x, *block.parameters()]
+    for a, b in zip(torch.autograd.grad(ours, inputs, g), torch.autograd.grad(expected, inputs, g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    small = x[:1, :, :3].detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(block, (small,))
+
+
 def test_activation_checkpointing_modes_store_less():
     """Bytes that autograd keeps for backward (outside the recomputed regions): each mode
     keeps less than the one before it."""

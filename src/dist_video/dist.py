@@ -178,6 +178,62 @@ def _published_presets() -> dict[str, dict]:
 PRESETS: dict[str, dict] = _published_presets()
 
 
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """QuickGELU out of place in two passes: silu(1.702 x) / 1.702."""
+    return F.silu(x * _QUICK_GELU_SCALE, inplace=True).div_(_QUICK_GELU_SCALE)
+
+
+def _quick_gelu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d/dx [x sigmoid(1.702 x)] times grad: silu'(1.702 x), PyTorch's fused SiLU backward."""
+    return torch.ops.aten.silu_backward(grad, x * _QUICK_GELU_SCALE)
+
+
+class _TemporalBlockFunction(torch.autograd.Function):
+    """A :class:`TemporalBlock` with its own backward that keeps the block input and the two
+    pre-activations (plus the LayerNorm statistics) and recomputes the two convolution inputs
+    (the LayerNorm output and the first QuickGELU's output, elementwise passes) instead of
+    storing them: three saved activations instead of six. Inputs are in the compute dtype;
+    x: B x C_t x T x g x g (channels-last in practice) -> same."""
+
+    @staticmethod
+    def forward(ctx, x, ln_weight, ln_bias, eps, w1, b1, pad1, w2, b2, pad2):
+        with torch.autocast(x.device.type, enabled=False):
+            c = x.shape[1]
+            y, mean, rstd = torch.native_layer_norm(x.permute(0, 2, 3, 4, 1), (c,), ln_weight, ln_bias, eps)
+            h1 = F.conv3d(y.permute(0, 4, 1, 2, 3), w1, b1, padding=pad1)  # the first pre-activation
+            z = F.conv3d(_quick_gelu(h1), w2, b2, padding=pad2).add_(x)  # the second
+        ctx.save_for_backward(x, mean, rstd, h1, z, ln_weight, ln_bias, w1, w2)
+        ctx.eps, ctx.pad1, ctx.pad2 = eps, pad1, pad2
+        ctx.has_bias = (b1 is not None, b2 is not None)
+        return _quick_gelu(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, rstd, h1, z, ln_weight, ln_bias, w1, w2 = ctx.saved_tensors
+        c = x.shape[1]
+        conv_backward = torch.ops.aten.convolution_backward
+        with torch.autocast(x.device.type, enabled=False):
+            grad_z = _quick_gelu_backward(grad, z)
+            g1 = _quick_gelu(h1)  # recomputed: c_fc2's input
+            grad_g1, grad_w2, grad_b2 = conv_backward(
+                grad_z, g1, w2, [w2.shape[0]] if ctx.has_bias[1] else None, [1, 1, 1], list(ctx.pad2), [1, 1, 1],
+                False, [0, 0, 0], 1, [True, True, ctx.has_bias[1]])
+            del g1
+            grad_h1 = _quick_gelu_backward(grad_g1, h1)
+            del grad_g1
+            x_last = x.permute(0, 2, 3, 4, 1)
+            y = torch.native_layer_norm(x_last, (c,), ln_weight, ln_bias, ctx.eps)[0]  # recomputed: c_fc1's input
+            grad_y, grad_w1, grad_b1 = conv_backward(
+                grad_h1, y.permute(0, 4, 1, 2, 3), w1, [w1.shape[0]] if ctx.has_bias[0] else None, [1, 1, 1],
+                list(ctx.pad1), [1, 1, 1], False, [0, 0, 0], 1, [True, True, ctx.has_bias[0]])
+            del y, grad_h1
+            grad_x, grad_ln_w, grad_ln_b = torch.ops.aten.native_layer_norm_backward(
+                grad_y.permute(0, 2, 3, 4, 1), x_last, (c,), mean, rstd, ln_weight, ln_bias,
+                [True, ln_weight is not None, ln_bias is not None])
+            grad_x = grad_x.permute(0, 4, 1, 2, 3).add_(grad_z)  # the residual
+        return grad_x, grad_ln_w, grad_ln_b, None, grad_w1, grad_b1, None, grad_w2, grad_b2, None
+
+
 class TemporalBlock(nn.Module):
     """One block of the temporal encoder, on B x C_t x T x g x g.
 
@@ -196,10 +252,19 @@ class TemporalBlock(nn.Module):
         self.gelu = QuickGELU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return self._forward_autograd(x)
         y = self.ln(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)  # LN over channels
-        if not torch.is_grad_enabled():
-            return self._forward_no_grad(x, y)
-        return self.gelu(x + self.temporal_net(y))
+        return self._forward_no_grad(x, y)
+
+    def _forward_autograd(self, x: torch.Tensor) -> torch.Tensor:
+        """Training: through :class:`_TemporalBlockFunction`, which keeps three activations
+        per block for backward instead of six (same values and gradients)."""
+        dtype = x.dtype  # the compute dtype: the stem's output follows autocast
+        c1, c2 = self.temporal_net.c_fc1, self.temporal_net.c_fc2
+        return _TemporalBlockFunction.apply(
+            x, self.ln.weight.to(dtype), self.ln.bias.to(dtype), self.ln.eps, c1.weight.to(dtype),
+            c1.bias.to(dtype), c1.padding, c2.weight.to(dtype), c2.bias.to(dtype), c2.padding)
 
     def _forward_no_grad(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Inference: each QuickGELU(z) = silu(s z) / s (s = 1.702) with the factors moved into
@@ -768,7 +833,11 @@ class DiSTBranch(nn.Module):
         mode = checkpointing_mode(self.activation_checkpointing) if torch.is_grad_enabled() else "off"
         run = _call if mode == "off" else self._checkpointed  # the stem and the pooling layers
         run_layer = self._checkpointed if mode == "full" else _call
-        x_t = run(self.temporal_encoder.stem, video.to(dtype))  # B x C_t x T x g x g
+        device = video.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
+        # In the compute dtype before the stem (which would cast it the same way): a checkpointed
+        # stem then keeps a bf16 video for backward instead of a float32 one.
+        x_t = run(self.temporal_encoder.stem, video.to(compute))  # B x C_t x T x g x g
         if torch.is_grad_enabled():
             res: torch.Tensor | float = 0.0
             for i, layer in enumerate(self.selected_layers):
