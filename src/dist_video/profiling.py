@@ -13,14 +13,33 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .model import DiSTVideoModel, VideoClassifier
 
-__all__ = ["count_macs", "cost_per_view", "count_parameters"]
+__all__ = ["count_macs", "cost_per_view", "inference_cost_per_view", "count_parameters"]
+
+
+def _in_place_products() -> dict:
+    """FLOP formulas for the in-place matrix products that the no-autograd paths use to
+    accumulate into a residual (``addmm_``): PyTorch's counter knows only the out-of-place
+    forms, and would silently skip them."""
+    from torch.utils.flop_counter import flop_registry
+
+    aten = torch.ops.aten
+    mapping = {}
+    for in_place, out_of_place in ((aten.addmm_, aten.addmm), (aten.baddbmm_, aten.baddbmm)):
+        formula = flop_registry[out_of_place]  # already takes tensors (shape-wrapped)
+
+        def raw(*args, _formula=formula, **kwargs):
+            return _formula(*args, **kwargs)
+
+        raw._get_raw = True  # tells the counter not to wrap it a second time
+        mapping[in_place] = raw
+    return mapping
 
 
 def count_macs(fn, *args, **kwargs) -> int:
     """Multiply-accumulates of ``fn(*args, **kwargs)`` as PyTorch's FLOP counter sees them."""
     # Run with autograd on: the counter's module tracker fails on no-grad tensors that
     # require grad (expanded parameters).
-    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+    with torch.enable_grad(), FlopCounterMode(display=False, custom_mapping=_in_place_products()) as counter:
         fn(*args, **kwargs)
     return counter.get_total_flops() // 2
 
@@ -43,6 +62,31 @@ def attention_macs(model: VideoClassifier, height: int, width: int) -> int:
     tokens = (height // v.patch_size) * (width // v.patch_size) + 1
     frames = model.config.num_frames // model.config.alpha
     return 2 * tokens * tokens * v.width * v.num_layers * frames
+
+
+def inference_cost_per_view(model: DiSTVideoModel, height: int = 224, width: int = 224) -> dict:
+    """MACs of one view as the no-autograd (evaluation) path executes them: ``{"clip": ...,
+    "branch": ...}``. The branch's inference path computes the same function with fewer
+    products than the architecture's count (:func:`cost_per_view`): its pooling layers never
+    form keys and values (see ``CrossAttention.forward_normalized``)."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    video = torch.zeros(1, 3, cfg.num_frames, height, width, device=device)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:  # the counter's module tracker needs tensors that do not require grad under no_grad
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with torch.no_grad():
+            with FlopCounterMode(display=False, custom_mapping=_in_place_products()) as counter:
+                layers = model.clip_layers(video)
+            clip = counter.get_total_flops() // 2
+            with FlopCounterMode(display=False, custom_mapping=_in_place_products()) as counter:
+                model.branch(video, layers)
+            branch = counter.get_total_flops() // 2
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return {"clip": clip, "branch": branch, "total": clip + branch}
 
 
 def cost_per_view(model: VideoClassifier, height: int = 224, width: int = 224) -> dict:

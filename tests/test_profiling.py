@@ -1,0 +1,32 @@
+"""Counting multiply-accumulates: in-place products are counted, and the inference path's count."""
+
+from __future__ import annotations
+
+import torch
+
+from dist_video import DiSTConfig, DiSTVideoModel
+from dist_video.profiling import cost_per_view, count_macs, inference_cost_per_view
+
+from test_model import tiny_clip
+
+
+def test_in_place_matrix_products_are_counted():
+    a, b, c = torch.randn(6, 5), torch.randn(5, 7), torch.randn(6, 7)
+    batch = torch.randn(3, 6, 5), torch.randn(3, 5, 7), torch.randn(3, 6, 7)
+    assert count_macs(lambda: torch.addmm(c, a, b)) == 6 * 5 * 7
+    assert count_macs(lambda: c.clone().addmm_(a, b)) == 6 * 5 * 7
+    assert count_macs(lambda: batch[2].clone().baddbmm_(batch[0], batch[1])) == 3 * 6 * 5 * 7
+
+
+def test_inference_count_matches_the_architecture_for_clip_and_is_lower_for_the_branch():
+    clip = tiny_clip(width=64, layers=3)
+    model = DiSTVideoModel(clip, DiSTConfig(num_frames=4, alpha=2, temporal_dim=8, integration_dim=64,
+                                            pooling_layers=2), clip_dtype="fp32")
+    flags = [p.requires_grad for p in model.parameters()]
+    architecture = cost_per_view(model, 64, 64)
+    executed = inference_cost_per_view(model, 64, 64)
+    assert [p.requires_grad for p in model.parameters()] == flags  # restored
+    assert executed["clip"] == architecture["clip"] > 0
+    # The pooling layers' keys and values (2 layers x 2 frames x 17 tokens x 64 x 128) are not formed;
+    # the queries' products with the normalised tokens take their place.
+    assert 0 < executed["branch"] < architecture["branch"] - 2 * 2 * 17 * 64 * 128 // 2
