@@ -833,11 +833,14 @@ class DiSTBranch(nn.Module):
         mode = checkpointing_mode(self.activation_checkpointing) if torch.is_grad_enabled() else "off"
         run = _call if mode == "off" else self._checkpointed  # the stem and the pooling layers
         run_layer = self._checkpointed if mode == "full" else _call
-        device = video.device.type
-        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
-        # In the compute dtype before the stem (which would cast it the same way): a checkpointed
-        # stem then keeps a bf16 video for backward instead of a float32 one.
-        x_t = run(self.temporal_encoder.stem, video.to(compute))  # B x C_t x T x g x g
+        video_dtype = dtype
+        if run is not _call:
+            # A checkpointed stem keeps its input for backward: cast it to the compute dtype
+            # first (the stem would cast it the same way), so that is a bf16 video, not float32.
+            device = video.device.type
+            if torch.is_autocast_enabled(device):
+                video_dtype = torch.get_autocast_dtype(device)
+        x_t = run(self.temporal_encoder.stem, video.to(video_dtype))  # B x C_t x T x g x g
         if torch.is_grad_enabled():
             res: torch.Tensor | float = 0.0
             for i, layer in enumerate(self.selected_layers):
