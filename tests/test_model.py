@@ -524,6 +524,41 @@ def test_temporal_block_backward_equals_autograd_of_the_plain_expression(channel
     assert torch.autograd.gradcheck(block, (small,))
 
 
+def test_fused_convolutions_equal_the_plain_ones():
+    """The oneDNN conv+SiLU and conv+add calls used without autograd on CPUs (float32 here)."""
+    import torch.nn.functional as F
+    from dist_video.dist import _conv_add, _conv_silu, _fused_conv_available
+
+    torch.manual_seed(7)
+    x = torch.randn(2, 8, 6, 5, 4).contiguous(memory_format=torch.channels_last_3d)
+    other = torch.randn(2, 8, 6, 5, 4).contiguous(memory_format=torch.channels_last_3d)
+    w1, w2, b = torch.randn(8, 8, 3, 1, 1) * 0.2, torch.randn(8, 8, 1, 3, 3) * 0.2, torch.randn(8)
+    if not _fused_conv_available(x):
+        pytest.skip("no oneDNN on this build")
+    with torch.no_grad():
+        torch.testing.assert_close(_conv_silu(x, w1, b, (1, 0, 0)), F.silu(F.conv3d(x, w1, b, padding=(1, 0, 0))),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_conv_add(x, other, w2, b, (0, 1, 1)), F.conv3d(x, w2, b, padding=(0, 1, 1)) + other,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_branch_without_autograd_in_float32_matches_the_autograd_path():
+    """Float32 takes the fused oneDNN convolutions on CPUs (float64 does not)."""
+    v = VARIANTS[next(iter(VARIANTS))]
+    clip = tiny_clip(**v["clip"])
+    torch.manual_seed(8)
+    model = DiSTVideoModel(clip, DiSTConfig(**v["dist"]), clip_dtype="fp32")
+    for n, p in model.branch.named_parameters():
+        torch.nn.init.normal_(p, mean=1.0 if n.endswith("ln.weight") else 0.0, std=0.05)
+    size = clip.visual.image_size
+    video = torch.randn(2, 3, model.config.num_frames, size, size)
+    layers = model.clip_layers(video)
+    with_grad = model.branch(video, layers)
+    with torch.no_grad():
+        without = model.branch(video, layers)
+    torch.testing.assert_close(without, with_grad.detach(), rtol=1e-4, atol=1e-5)
+
+
 def test_activation_checkpointing_modes_store_less():
     """Bytes that autograd keeps for backward (outside the recomputed regions): each mode
     keeps less than the one before it."""

@@ -188,6 +188,28 @@ def _quick_gelu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.silu_backward(grad, x * _QUICK_GELU_SCALE)
 
 
+def _fused_conv_available(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+def _conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding) -> torch.Tensor:
+    """``silu(conv3d(x))`` (stride 1), one oneDNN call with the SiLU fused where available."""
+    if _fused_conv_available(x):
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(padding), [1, 1, 1], [1, 1, 1], 1,
+                                                       "swish", [], "")
+    return F.silu(F.conv3d(x, weight, bias, padding=padding), inplace=True)
+
+
+def _conv_add(x: torch.Tensor, other: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              padding) -> torch.Tensor:
+    """``conv3d(x) + other`` (stride 1), one oneDNN call with the add fused where available."""
+    if _fused_conv_available(x):
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, other, weight, bias, list(padding), [1, 1, 1],
+                                                              [1, 1, 1], 1, "add", 1.0, None, [], "")
+    return F.conv3d(x, weight, bias, padding=padding).add_(other)
+
+
 class _TemporalBlockFunction(torch.autograd.Function):
     """A :class:`TemporalBlock` with its own backward that keeps the block input and the two
     pre-activations (plus the LayerNorm statistics) and recomputes the two convolution inputs
@@ -254,8 +276,7 @@ class TemporalBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             return self._forward_autograd(x)
-        y = self.ln(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)  # LN over channels
-        return self._forward_no_grad(x, y)
+        return self.forward_scaled_no_grad(x, input_scaled=False).div_(_QUICK_GELU_SCALE)
 
     def _forward_autograd(self, x: torch.Tensor) -> torch.Tensor:
         """Training: through :class:`_TemporalBlockFunction`, which keeps three activations
@@ -266,17 +287,29 @@ class TemporalBlock(nn.Module):
             x, self.ln.weight.to(dtype), self.ln.bias.to(dtype), self.ln.eps, c1.weight.to(dtype),
             c1.bias.to(dtype), c1.padding, c2.weight.to(dtype), c2.bias.to(dtype), c2.padding)
 
-    def _forward_no_grad(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Inference: each QuickGELU(z) = silu(s z) / s (s = 1.702) with the factors moved into
-        the convolutions' weights and the residual add, so the block makes three elementwise
-        passes (SiLU, add, SiLU) plus one division instead of nine."""
+    def forward_scaled_no_grad(self, x: torch.Tensor, input_scaled: bool = True) -> torch.Tensor:
+        """Inference on features carried scaled by s = 1.702 (QuickGELU's factor): returns
+        ``s * forward(x)`` for an input ``s * x`` (``input_scaled``) or ``x``.
+
+        QuickGELU(z) = silu(s z) / s, so with the factors moved into the convolutions' weights
+        the block is: LayerNorm (scale-invariant: the input's scale goes into its epsilon),
+        conv + SiLU, conv + residual add, SiLU, and its output is s times the block's. On CPUs
+        with oneDNN each conv runs fused with its SiLU or its residual add (two passes over the
+        features instead of five, and no division)."""
         s = _QUICK_GELU_SCALE
         c1, c2 = self.temporal_net.c_fc1, self.temporal_net.c_fc2
-        w1, b1, w2, b2 = _derived(self, "scaled convolutions", y.dtype, lambda: (
-            _cast(c1.weight, y.dtype, s), _cast(c1.bias, y.dtype, s), _cast(c2.weight, y.dtype), _cast(c2.bias, y.dtype, s)))
-        h = F.silu(F.conv3d(y, w1, b1, padding=c1.padding), inplace=True)  # s * QuickGELU(c_fc1(y))
-        z = F.conv3d(h, w2, b2, padding=c2.padding)  # s * c_fc2(QuickGELU(c_fc1(y)))
-        return F.silu(z.add_(x, alpha=s), inplace=True).div_(s)
+        dtype = x.dtype
+        ln_w, ln_b, w1, b1, w2, b2 = _derived(self, "scaled weights", dtype, lambda: (
+            _cast(self.ln.weight, dtype), _cast(self.ln.bias, dtype), _cast(c1.weight, dtype, s),
+            _cast(c1.bias, dtype, s), _cast(c2.weight, dtype), _cast(c2.bias, dtype, s)))
+        eps = self.ln.eps * (s * s if input_scaled else 1.0)  # LN(s x; s^2 eps) = LN(x; eps)
+        y = F.layer_norm(x.permute(0, 2, 3, 4, 1), x.shape[1:2], ln_w, ln_b, eps).permute(0, 4, 1, 2, 3)
+        h = _conv_silu(y, w1, b1, c1.padding)  # s * QuickGELU(c_fc1(y))
+        if input_scaled:
+            z = _conv_add(h, x, w2, b2, c2.padding)  # s * (x + c_fc2(QuickGELU(c_fc1(y))))
+        else:
+            z = F.conv3d(h, w2, b2, padding=c2.padding).add_(x, alpha=s)
+        return F.silu(z, inplace=True)
 
 
 class PatchStem(nn.Conv3d):
@@ -350,11 +383,12 @@ class IntegrationToTemporal(nn.Module):
         return self._add_upsampled(x_t, self.linear_fuse(m[:, 1:]), batch, grid)  # class token dropped
 
     def forward_no_grad(self, x_t: torch.Tensor, m: torch.Tensor, batch: int, grid: tuple[int, int],
-                        shift: torch.Tensor | None = None) -> torch.Tensor:
-        """Inference: ``forward(x_t, m - shift)`` (``shift``: C_i, a bias that m holds on every
-        token, removed through the linear map's bias: ``W (m - s) + b = W m + (b - W s)``).
-        The linear map runs on all N+1 tokens, a contiguous matrix, instead of copying the
-        patch tokens out first."""
+                        shift: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+        """Inference: ``forward(x_t, m - shift)`` for temporal features carried scaled
+        (``x_t`` = scale * the features, and so is the result). ``shift``: C_i, a bias that m
+        holds on every token, removed through the linear map's bias: ``W (m - s) + b =
+        W m + (b - W s)``. The linear map runs on all N+1 tokens, a contiguous matrix, instead
+        of copying the patch tokens out first."""
         fuse = self.linear_fuse
 
         def weights():
@@ -362,9 +396,9 @@ class IntegrationToTemporal(nn.Module):
             if shift is not None:
                 w_shift = (fuse.weight * shift.to(fuse.weight.dtype)).sum(dim=1)  # elementwise: full precision
                 bias = -w_shift if bias is None else bias - w_shift
-            return fuse.weight.to(m.dtype), _cast(bias, m.dtype)
+            return _cast(fuse.weight, m.dtype, scale), _cast(bias, m.dtype, scale)
 
-        weight, bias = _derived(self, "weights, shifted", m.dtype, weights)
+        weight, bias = _derived(self, f"weights, shifted, x{scale}", m.dtype, weights)
         bt, length, c_i = m.shape
         x2d = m.reshape(-1, c_i)
         x = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
@@ -419,12 +453,13 @@ class TemporalToIntegration(nn.Module):
         tokens[:, :, :1] += cls
         return m
 
-    def add_no_grad(self, m: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    def add_no_grad(self, m: torch.Tensor, x_t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """Inference: ``forward(m, x_t)`` in place, for an m that already holds the
         convolution's bias on every token (the DiST branch adds it with the input linear
         map's). The product accumulates straight into m: the features are laid out with a zero
         row for each class token, so one matrix product covers every token, and the class
-        tokens then get ``cls_token - bias``. m: B*T' x (N+1) x C_i (contiguous) -> m."""
+        tokens then get ``cls_token - bias``. m: B*T' x (N+1) x C_i (contiguous) -> m; ``x_t``
+        may be carried scaled (scale * the temporal features)."""
         b, c_t, t, g1, g2 = x_t.shape
         conv = self.linear_fuse
         a = conv.kernel_size[0]
@@ -438,9 +473,10 @@ class TemporalToIntegration(nn.Module):
             cls = self.cls_token[0, 0]  # T' x C_i, one per frame
             if conv.bias is not None:
                 cls = cls - conv.bias.to(cls.dtype)
-            return conv.weight.flatten(2).transpose(1, 2).reshape(c_i, a * c_t).to(dtype), cls.to(dtype)
+            weight = conv.weight.flatten(2).transpose(1, 2).reshape(c_i, a * c_t)
+            return _cast(weight, dtype, 1 / scale), cls.to(dtype)
 
-        weight, cls = _derived(self, "weights, class tokens", dtype, weights)
+        weight, cls = _derived(self, f"weights, class tokens, /{scale}", dtype, weights)
         m.view(-1, c_i).addmm_(pairs.view(-1, a * c_t), weight.t())
         m.view(b, t // a, length, c_i)[:, :, 0] += cls
         return m
@@ -801,7 +837,9 @@ class DiSTBranch(nn.Module):
         res: torch.Tensor | None = None  # the previous block's output + this layer's input biases
         last = len(self.selected_layers) - 1
         for i, layer in enumerate(self.selected_layers):
-            x_t = self.temporal_encoder.blocks[i](x_t)
+            # The temporal features are carried scaled by QuickGELU's factor after the first
+            # block (see TemporalBlock.forward_scaled_no_grad); the fusion maps absorb the scale.
+            x_t = self.temporal_encoder.blocks[i].forward_scaled_no_grad(x_t, input_scaled=i > 0)
             tokens = clip_layers[layer]  # B*T' x (N+1) x D
             frames, length, width = tokens.shape
             tokens = tokens.reshape(-1, width).to(dtype)
@@ -814,8 +852,8 @@ class DiSTBranch(nn.Module):
             t2i = self.temporal2integration_nets[i]
             if i < last:
                 x_t_next = self.integration2temporal_nets[i].forward_no_grad(
-                    x_t, m, batch, grid, shift=t2i.linear_fuse.bias)
-            m = t2i.add_no_grad(m, x_t)
+                    x_t, m, batch, grid, shift=t2i.linear_fuse.bias, scale=_QUICK_GELU_SCALE)
+            m = t2i.add_no_grad(m, x_t, scale=_QUICK_GELU_SCALE)
             next_bias = self._input_weights(i + 1, dtype)[1] if i < last else None
             res = self.integration_nets[i].forward_no_grad(m, extra_bias=next_bias)
             if i < last:
