@@ -376,6 +376,21 @@ def test_transformer_block_without_autograd_equals_the_autograd_path(act):
     torch.testing.assert_close(fast, expected.detach(), rtol=1e-10, atol=1e-12)
 
 
+def test_float32_transformer_block_under_bf16_autocast_without_autograd():
+    """Full fine-tuning's evaluation: float32 CLIP weights, bf16 autocast, no autograd (the
+    in-place residual accumulation must not mix dtypes: in-place ops are outside autocast)."""
+    from dist_video.clip import ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(128, 2)
+    x = torch.randn(3, 7, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = block(x.requires_grad_()).float()
+        with torch.no_grad():
+            fast = block(x.detach()).float()
+    torch.testing.assert_close(fast, expected.detach(), rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("residual", [True, False])

@@ -30,3 +30,20 @@ def test_inference_count_matches_the_architecture_for_clip_and_is_lower_for_the_
     # The pooling layers' keys and values (2 layers x 2 frames x 17 tokens x 64 x 128) are not formed;
     # the queries' products with the normalised tokens take their place.
     assert 0 < executed["branch"] < architecture["branch"] - 2 * 2 * 17 * 64 * 128 // 2
+
+
+def test_fused_convolutions_are_counted_like_plain_ones():
+    import pytest
+    import torch.nn.functional as F
+    from dist_video.dist import _conv_add, _conv_silu, _fused_conv_available
+
+    x = torch.randn(1, 8, 6, 5, 4).contiguous(memory_format=torch.channels_last_3d)
+    w1, w2, b = torch.randn(8, 8, 3, 1, 1), torch.randn(8, 8, 1, 3, 3), torch.randn(8)
+    if not _fused_conv_available(x):
+        pytest.skip("no oneDNN on this build")
+    with torch.no_grad():
+        plain = count_macs(lambda: F.conv3d(x, w1, b, padding=(1, 0, 0)))
+        assert plain == 8 * 6 * 5 * 4 * 8 * 3
+        assert count_macs(lambda: _conv_silu(x, w1, b, (1, 0, 0))) == plain
+        assert count_macs(lambda: _conv_add(x, x, w2, b, (0, 1, 1))) == count_macs(
+            lambda: F.conv3d(x, w2, b, padding=(0, 1, 1)))

@@ -79,8 +79,8 @@ def _add_linear(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
     """``residual + scale * x @ weight.T + bias`` (2-D), the residual as the product's
     accumulator instead of a separate add. ``overwrite``: the result is written into
     ``residual`` (no copy of it first)."""
-    if overwrite:
-        out = residual.addmm_(x, weight.t(), alpha=scale)
+    if overwrite:  # in-place ops are outside autocast: bring the operands to the residual's dtype
+        out = residual.addmm_(x.to(residual.dtype), weight.to(residual.dtype).t(), alpha=scale)
     else:
         out = torch.addmm(residual, x, weight.t(), alpha=scale)
     if bias is not None:

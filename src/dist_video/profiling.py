@@ -16,10 +16,11 @@ from .model import DiSTVideoModel, VideoClassifier
 __all__ = ["count_macs", "cost_per_view", "inference_cost_per_view", "count_parameters"]
 
 
-def _in_place_products() -> dict:
-    """FLOP formulas for the in-place matrix products that the no-autograd paths use to
-    accumulate into a residual (``addmm_``): PyTorch's counter knows only the out-of-place
-    forms, and would silently skip them."""
+def _extra_flop_formulas() -> dict:
+    """FLOP formulas for products that PyTorch's counter does not know and would silently
+    skip: the in-place matrix products the no-autograd paths use to accumulate into a
+    residual (``addmm_``, ``baddbmm_``), and oneDNN's fused convolutions (conv + SiLU, conv +
+    add) of the inference temporal blocks."""
     from torch.utils.flop_counter import flop_registry
 
     aten = torch.ops.aten
@@ -32,6 +33,16 @@ def _in_place_products() -> dict:
 
         raw._get_raw = True  # tells the counter not to wrap it a second time
         mapping[in_place] = raw
+
+    def fused_convolution(*args, out_val=None, **kwargs):
+        # (input, weight, bias, padding, ...) or .binary (input, other, weight, bias, padding, ...)
+        weight = args[1] if isinstance(args[3], (list, tuple)) else args[2]
+        return 2 * out_val.numel() * weight[0].numel()
+
+    fused_convolution._get_raw = True
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    if mkldnn is not None and hasattr(mkldnn, "_convolution_pointwise"):
+        mapping[mkldnn._convolution_pointwise] = fused_convolution
     return mapping
 
 
@@ -39,7 +50,7 @@ def count_macs(fn, *args, **kwargs) -> int:
     """Multiply-accumulates of ``fn(*args, **kwargs)`` as PyTorch's FLOP counter sees them."""
     # Run with autograd on: the counter's module tracker fails on no-grad tensors that
     # require grad (expanded parameters).
-    with torch.enable_grad(), FlopCounterMode(display=False, custom_mapping=_in_place_products()) as counter:
+    with torch.enable_grad(), FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
         fn(*args, **kwargs)
     return counter.get_total_flops() // 2
 
@@ -77,10 +88,10 @@ def inference_cost_per_view(model: DiSTVideoModel, height: int = 224, width: int
         for p, _ in flags:
             p.requires_grad_(False)
         with torch.no_grad():
-            with FlopCounterMode(display=False, custom_mapping=_in_place_products()) as counter:
+            with FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
                 layers = model.clip_layers(video)
             clip = counter.get_total_flops() // 2
-            with FlopCounterMode(display=False, custom_mapping=_in_place_products()) as counter:
+            with FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
                 model.branch(video, layers)
             branch = counter.get_total_flops() // 2
     finally:
