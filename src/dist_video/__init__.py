@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .clip import CLIP, CLIPConfig
-from .dist import DiSTConfig, PRESETS
+from .dist import DiSTConfig, PRESETS, cached_inference_weights
 from .model import DiSTVideoModel
 from .checkpoints import load_official_checkpoint
 from .clip_loaders import load_clip
@@ -11,4 +11,4 @@ from .tokenizer import tokenize
 
 __all__ = ["CLIP", "CLIPConfig", "DiSTConfig", "PRESETS", "DiSTVideoModel", "load_official_checkpoint",
            "__version__"]
-__all__ += ["load_clip", "tokenize"]
+__all__ += ["load_clip", "tokenize", "cached_inference_weights"]
