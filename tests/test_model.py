@@ -557,6 +557,26 @@ def test_fused_convolutions_equal_the_plain_ones():
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_fused_convolutions_fall_back_when_onednn_refuses(monkeypatch):
+    import torch.nn.functional as F
+    from dist_video import dist as dist_module
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("not supported here")
+
+    class FakeOps:
+        _convolution_pointwise = refuse
+
+    monkeypatch.setattr(dist_module.torch.ops, "mkldnn", FakeOps(), raising=False)
+    monkeypatch.setattr(dist_module, "_fused_conv_failed", False)
+    monkeypatch.setattr(dist_module.torch.backends.mkldnn, "is_available", lambda: True)
+    x, w, b = torch.randn(1, 4, 3, 2, 2), torch.randn(4, 4, 3, 1, 1), torch.randn(4)
+    with torch.no_grad():
+        out = dist_module._conv_silu(x, w, b, (1, 0, 0))
+    torch.testing.assert_close(out, F.silu(F.conv3d(x, w, b, padding=(1, 0, 0))))
+    assert dist_module._fused_conv_failed  # remembered: later calls go straight to the plain kernels
+
+
 def test_branch_without_autograd_in_float32_matches_the_autograd_path():
     """Float32 takes the fused oneDNN convolutions on CPUs (float64 does not)."""
     v = VARIANTS[next(iter(VARIANTS))]

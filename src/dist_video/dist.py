@@ -188,16 +188,31 @@ def _quick_gelu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.silu_backward(grad, x * _QUICK_GELU_SCALE)
 
 
+_fused_conv_failed = False  # set if oneDNN refused a fused call on this machine: plain kernels from then on
+
+
 def _fused_conv_available(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    return (not _fused_conv_failed and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+def _try_fused(call):
+    """Run a fused oneDNN call; None if this build or CPU refuses it (remembered)."""
+    global _fused_conv_failed
+    try:
+        return call()
+    except RuntimeError:
+        _fused_conv_failed = True
+        return None
 
 
 def _conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding) -> torch.Tensor:
     """``silu(conv3d(x))`` (stride 1), one oneDNN call with the SiLU fused where available."""
     if _fused_conv_available(x):
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(padding), [1, 1, 1], [1, 1, 1], 1,
-                                                       "swish", [], "")
+        out = _try_fused(lambda: torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, list(padding), [1, 1, 1], [1, 1, 1], 1, "swish", [], ""))
+        if out is not None:
+            return out
     return F.silu(F.conv3d(x, weight, bias, padding=padding), inplace=True)
 
 
@@ -205,8 +220,10 @@ def _conv_add(x: torch.Tensor, other: torch.Tensor, weight: torch.Tensor, bias: 
               padding) -> torch.Tensor:
     """``conv3d(x) + other`` (stride 1), one oneDNN call with the add fused where available."""
     if _fused_conv_available(x):
-        return torch.ops.mkldnn._convolution_pointwise.binary(x, other, weight, bias, list(padding), [1, 1, 1],
-                                                              [1, 1, 1], 1, "add", 1.0, None, [], "")
+        out = _try_fused(lambda: torch.ops.mkldnn._convolution_pointwise.binary(
+            x, other, weight, bias, list(padding), [1, 1, 1], [1, 1, 1], 1, "add", 1.0, None, [], ""))
+        if out is not None:
+            return out
     return F.conv3d(x, weight, bias, padding=padding).add_(other)
 
 
