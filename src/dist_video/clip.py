@@ -30,12 +30,30 @@ __all__ = [
     "ResidualAttentionBlock",
     "MultiheadAttention",
     "QuickGELU",
+    "QUICK_GELU_SCALE",
+    "quick_gelu",
+    "quick_gelu_backward",
     "LayerNorm",
     "make_activation",
     "mlp_without_autograd",
     "ARCHITECTURES",
     "clip_config_for_architecture",
 ]
+
+
+#: QuickGELU(x) = x sigmoid(1.702 x) = silu(1.702 x) / 1.702.
+QUICK_GELU_SCALE = 1.702
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """QuickGELU out of place: one allocation, one fused SiLU pass and a division."""
+    return F.silu(x * QUICK_GELU_SCALE, inplace=True).div_(QUICK_GELU_SCALE)
+
+
+def quick_gelu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """grad times d/dx [x sigmoid(1.702 x)] = silu'(1.702 x): PyTorch's fused SiLU backward,
+    one pass instead of six elementwise kernels."""
+    return torch.ops.aten.silu_backward(grad, x * QUICK_GELU_SCALE)
 
 
 class _QuickGELUFunction(torch.autograd.Function):
@@ -45,14 +63,12 @@ class _QuickGELUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        return F.silu(x * 1.702, inplace=True).div_(1.702)  # one allocation, one fused SiLU pass
+        return quick_gelu(x)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        # d/dx [x sigmoid(1.702 x)] = silu'(1.702 x): PyTorch's fused SiLU backward, one pass
-        # instead of six elementwise kernels.
-        return torch.ops.aten.silu_backward(grad, 1.702 * x)
+        return quick_gelu_backward(grad, x)
 
 
 class QuickGELU(nn.Module):
@@ -70,7 +86,7 @@ class QuickGELU(nn.Module):
         if x.requires_grad and torch.is_grad_enabled():
             return _QuickGELUFunction.apply(x)
         if self.inplace:  # x sigmoid(1.702 x) = silu(1.702 x) / 1.702: three passes, no allocation
-            return F.silu(x.mul_(1.702), inplace=True).div_(1.702)
+            return F.silu(x.mul_(QUICK_GELU_SCALE), inplace=True).div_(QUICK_GELU_SCALE)
         return x * torch.sigmoid(1.702 * x)
 
 
@@ -102,7 +118,7 @@ def mlp_without_autograd(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torc
     lead, c_in = x.shape[:-1], x.shape[-1]
     x = x.reshape(-1, c_in)
     quick = isinstance(act, QuickGELU)
-    scale = 1.702 if quick else 1.0
+    scale = QUICK_GELU_SCALE if quick else 1.0
     if fc_bias is None:
         h = torch.mm(x, fc_weight.t()).mul_(scale)
     else:

@@ -25,13 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .clip import LayerNorm, MultiheadAttention, QuickGELU, mlp_without_autograd
+from .clip import (QUICK_GELU_SCALE, LayerNorm, MultiheadAttention, QuickGELU, mlp_without_autograd, quick_gelu,
+                   quick_gelu_backward)
 
 # Every QuickGELU here acts on a fresh output of a linear layer or a sum, so without autograd
 # (inference) it may overwrite its input: ``QuickGELU(inplace=True)``.
-
-#: QuickGELU(z) = z sigmoid(1.702 z) = silu(1.702 z) / 1.702.
-_QUICK_GELU_SCALE = 1.702
 
 _inference_cache: dict | None = None  # active inside cached_inference_weights()
 
@@ -178,16 +176,6 @@ def _published_presets() -> dict[str, dict]:
 PRESETS: dict[str, dict] = _published_presets()
 
 
-def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """QuickGELU out of place in two passes: silu(1.702 x) / 1.702."""
-    return F.silu(x * _QUICK_GELU_SCALE, inplace=True).div_(_QUICK_GELU_SCALE)
-
-
-def _quick_gelu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """d/dx [x sigmoid(1.702 x)] times grad: silu'(1.702 x), PyTorch's fused SiLU backward."""
-    return torch.ops.aten.silu_backward(grad, x * _QUICK_GELU_SCALE)
-
-
 _fused_conv_failed = False  # set if oneDNN refused a fused call on this machine: plain kernels from then on
 
 
@@ -240,11 +228,11 @@ class _TemporalBlockFunction(torch.autograd.Function):
             c = x.shape[1]
             y, mean, rstd = torch.native_layer_norm(x.permute(0, 2, 3, 4, 1), (c,), ln_weight, ln_bias, eps)
             h1 = F.conv3d(y.permute(0, 4, 1, 2, 3), w1, b1, padding=pad1)  # the first pre-activation
-            z = F.conv3d(_quick_gelu(h1), w2, b2, padding=pad2).add_(x)  # the second
+            z = F.conv3d(quick_gelu(h1), w2, b2, padding=pad2).add_(x)  # the second
         ctx.save_for_backward(x, mean, rstd, h1, z, ln_weight, ln_bias, w1, w2)
         ctx.eps, ctx.pad1, ctx.pad2 = eps, pad1, pad2
         ctx.has_bias = (b1 is not None, b2 is not None)
-        return _quick_gelu(z)
+        return quick_gelu(z)
 
     @staticmethod
     def backward(ctx, grad):
@@ -252,13 +240,13 @@ class _TemporalBlockFunction(torch.autograd.Function):
         c = x.shape[1]
         conv_backward = torch.ops.aten.convolution_backward
         with torch.autocast(x.device.type, enabled=False):
-            grad_z = _quick_gelu_backward(grad, z)
-            g1 = _quick_gelu(h1)  # recomputed: c_fc2's input
+            grad_z = quick_gelu_backward(grad, z)
+            g1 = quick_gelu(h1)  # recomputed: c_fc2's input
             grad_g1, grad_w2, grad_b2 = conv_backward(
                 grad_z, g1, w2, [w2.shape[0]] if ctx.has_bias[1] else None, [1, 1, 1], list(ctx.pad2), [1, 1, 1],
                 False, [0, 0, 0], 1, [True, True, ctx.has_bias[1]])
             del g1
-            grad_h1 = _quick_gelu_backward(grad_g1, h1)
+            grad_h1 = quick_gelu_backward(grad_g1, h1)
             del grad_g1
             x_last = x.permute(0, 2, 3, 4, 1)
             y = torch.native_layer_norm(x_last, (c,), ln_weight, ln_bias, ctx.eps)[0]  # recomputed: c_fc1's input
@@ -293,7 +281,7 @@ class TemporalBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             return self._forward_autograd(x)
-        return self.forward_scaled_no_grad(x, input_scaled=False).div_(_QUICK_GELU_SCALE)
+        return self.forward_scaled_no_grad(x, input_scaled=False).div_(QUICK_GELU_SCALE)
 
     def _forward_autograd(self, x: torch.Tensor) -> torch.Tensor:
         """Training: through :class:`_TemporalBlockFunction`, which keeps three activations
@@ -313,7 +301,7 @@ class TemporalBlock(nn.Module):
         conv + SiLU, conv + residual add, SiLU, and its output is s times the block's. On CPUs
         with oneDNN each conv runs fused with its SiLU or its residual add (two passes over the
         features instead of five, and no division)."""
-        s = _QUICK_GELU_SCALE
+        s = QUICK_GELU_SCALE
         c1, c2 = self.temporal_net.c_fc1, self.temporal_net.c_fc2
         dtype = x.dtype
         ln_w, ln_b, w1, b1, w2, b2 = _derived(self, "scaled weights", dtype, lambda: (
@@ -869,8 +857,8 @@ class DiSTBranch(nn.Module):
             t2i = self.temporal2integration_nets[i]
             if i < last:
                 x_t_next = self.integration2temporal_nets[i].forward_no_grad(
-                    x_t, m, batch, grid, shift=t2i.linear_fuse.bias, scale=_QUICK_GELU_SCALE)
-            m = t2i.add_no_grad(m, x_t, scale=_QUICK_GELU_SCALE)
+                    x_t, m, batch, grid, shift=t2i.linear_fuse.bias, scale=QUICK_GELU_SCALE)
+            m = t2i.add_no_grad(m, x_t, scale=QUICK_GELU_SCALE)
             next_bias = self._input_weights(i + 1, dtype)[1] if i < last else None
             res = self.integration_nets[i].forward_no_grad(m, extra_bias=next_bias)
             if i < last:
