@@ -276,7 +276,6 @@ class TemporalBlock(nn.Module):
             ("gelu1", QuickGELU(inplace=True)),
             ("c_fc2", nn.Conv3d(hidden, dim, (1, 3, 3), padding=(0, 1, 1))),
         ]))
-        self.gelu = QuickGELU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
@@ -446,17 +445,10 @@ class TemporalToIntegration(nn.Module):
         return F.linear(pairs, weight, conv.bias)
 
     def forward(self, m: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-        """Without autograd ``m`` is updated in place (no concatenated copy); with autograd it
-        is left untouched."""
         x = self.patch_tokens(x_t)  # B x T' x N x C_i
         b, t, _, c = x.shape
         cls = self.cls_token[0].unsqueeze(2).to(x.dtype)  # 1 x T' x 1 x C_i
-        if torch.is_grad_enabled():
-            return m + torch.cat([cls.expand(b, t, 1, c), x], dim=2).flatten(0, 1)
-        tokens = m.view(b, t, -1, c)  # B x T' x (N+1) x C_i
-        tokens[:, :, 1:] += x
-        tokens[:, :, :1] += cls
-        return m
+        return m + torch.cat([cls.expand(b, t, 1, c), x], dim=2).flatten(0, 1)
 
     def add_no_grad(self, m: torch.Tensor, x_t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """Inference: ``forward(m, x_t)`` in place, for an m that already holds the
@@ -819,7 +811,7 @@ class DiSTBranch(nn.Module):
         m = self.input_linears[i](clip_tokens) + res  # B*T' x (N+1) x C_i
         last = i == len(self.selected_layers) - 1
         x_t_new = x_t if last else self.integration2temporal_nets[i](x_t, m, batch, grid)
-        m = self.temporal2integration_nets[i](m, x_t)  # in place without autograd
+        m = self.temporal2integration_nets[i](m, x_t)
         res = (self._checkpointed if recompute_block else _call)(self.integration_nets[i], m)
         return x_t_new, m, res
 
