@@ -833,6 +833,7 @@ class DiSTBranch(nn.Module):
         dtype = x_t.dtype  # the compute dtype (the stem's output follows autocast)
         res: torch.Tensor | None = None  # the previous block's output + this layer's input biases
         last = len(self.selected_layers) - 1
+        weight, bias = self._input_weights(0, dtype)
         for i, layer in enumerate(self.selected_layers):
             # The temporal features are carried scaled by QuickGELU's factor after the first
             # block (see TemporalBlock.forward_scaled_no_grad); the fusion maps absorb the scale.
@@ -840,7 +841,6 @@ class DiSTBranch(nn.Module):
             tokens = clip_layers[layer]  # B*T' x (N+1) x D
             frames, length, width = tokens.shape
             tokens = tokens.reshape(-1, width).to(dtype)
-            weight, bias = self._input_weights(i, dtype)
             if res is None:
                 m = torch.mm(tokens, weight.t()) if bias is None else torch.addmm(bias, tokens, weight.t())
             else:
@@ -851,10 +851,12 @@ class DiSTBranch(nn.Module):
                 x_t_next = self.integration2temporal_nets[i].forward_no_grad(
                     x_t, m, batch, grid, shift=t2i.linear_fuse.bias, scale=QUICK_GELU_SCALE)
             m = t2i.add_no_grad(m, x_t, scale=QUICK_GELU_SCALE)
-            next_bias = self._input_weights(i + 1, dtype)[1] if i < last else None
-            res = self.integration_nets[i].forward_no_grad(m, extra_bias=next_bias)
-            if i < last:
+            if i < last:  # the next layer's input biases ride in this block's output
+                weight, bias = self._input_weights(i + 1, dtype)
+                res = self.integration_nets[i].forward_no_grad(m, extra_bias=bias)
                 x_t = x_t_next
+            else:
+                res = self.integration_nets[i].forward_no_grad(m)
         return res.add_(m)
 
     def forward(self, video: torch.Tensor, clip_layers: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -886,8 +888,8 @@ class DiSTBranch(nn.Module):
 
         video_query = self.aggregated_cls_token.expand(b, 1, -1).to(feat.dtype)
         frame_query = self.aggregated_spatial_cls_token.expand(feat.shape[0], 1, -1).to(feat.dtype)
-        eps = {p.spatial_transformer.ln_1.eps for p in self.adapooling_nets}
-        if not torch.is_grad_enabled() and len(eps) == 1:  # one normalisation for every pooling layer
+        eps = set() if torch.is_grad_enabled() else {p.spatial_transformer.ln_1.eps for p in self.adapooling_nets}
+        if len(eps) == 1:  # without autograd: one normalisation for every pooling layer
             normalized = F.layer_norm(feat, feat.shape[-1:], None, None, eps.pop())
             for pooling in self.adapooling_nets:
                 video_query, frame_query = pooling.forward_no_grad(normalized, video_query, frame_query)
