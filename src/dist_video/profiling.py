@@ -46,11 +46,15 @@ def _extra_flop_formulas() -> dict:
     return mapping
 
 
+def _flop_counter() -> FlopCounterMode:
+    return FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas())
+
+
 def count_macs(fn, *args, **kwargs) -> int:
     """Multiply-accumulates of ``fn(*args, **kwargs)`` as PyTorch's FLOP counter sees them."""
     # Run with autograd on: the counter's module tracker fails on no-grad tensors that
     # require grad (expanded parameters).
-    with torch.enable_grad(), FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
+    with torch.enable_grad(), _flop_counter() as counter:
         fn(*args, **kwargs)
     return counter.get_total_flops() // 2
 
@@ -88,10 +92,10 @@ def inference_cost_per_view(model: DiSTVideoModel, height: int = 224, width: int
         for p, _ in flags:
             p.requires_grad_(False)
         with torch.no_grad():
-            with FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
+            with _flop_counter() as counter:
                 layers = model.clip_layers(video)
             clip = counter.get_total_flops() // 2
-            with FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
+            with _flop_counter() as counter:
                 model.branch(video, layers)
             branch = counter.get_total_flops() // 2
     finally:
