@@ -370,6 +370,7 @@ class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.config = config
+        self.tokenizer = None  # the text tower's Tokenizer (dist_video.tokenizer), set by load_clip; None if unknown
         c = config
         self.visual = VisionTransformer(c.image_size, c.patch_size, c.vision_width, c.vision_layers,
                                         c.vision_heads, c.embed_dim if c.vision_proj else None,
