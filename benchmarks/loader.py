@@ -48,7 +48,8 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "torch": torch.__version__, "av": av.__version__, "ffmpeg": ".".join(map(str, av.library_versions["libavcodec"])),
+            "torch": torch.__version__, "av": av.__version__,
+            "ffmpeg": ".".join(map(str, av.library_versions["libavcodec"])),
             "numpy": np.__version__, "platform": platform.platform(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
@@ -215,7 +216,8 @@ def write_markdown(result: dict, path: Path) -> None:
                   f"Raw decode (every frame, nothing converted): {cps['raw']:.1f} videos/s "
                   f"({res['raw_frames_per_second']:.0f} frames/s). Cold probe (demux only): "
                   f"{res['probe_cold_ms']:.1f} ms per video; counted by {', '.join(res['probe_counted_by'])}.", "",
-                  "| backend | decode 16 frames (clips/s) | ratio to raw | full loader: decode + sample + augment 224 (clips/s) | ratio to raw |",
+                  "| backend | decode 16 frames (clips/s) | ratio to raw "
+                  "| full loader: decode + sample + augment 224 (clips/s) | ratio to raw |",
                   "| --- | --- | --- | --- | --- |"]
         for b in result["settings"]["backends"]:
             lines.append(f"| {b} | {cps[f'{b}/decode']:.1f} | {res['ratio_to_raw'][f'{b}/decode']:.2f} | "

@@ -7,7 +7,8 @@ each motion with its time-reverse (left/right, approach/recede), so a model blin
 order is capped at its *appearance ceiling* (computed from the held-out labels: 50% when
 balanced).
 
-    python benchmarks/temporal.py                   # the demo's budget (30 epochs) for every method: about 10 minutes on 2 CPU cores
+    python benchmarks/temporal.py                   # the demo's budget (30 epochs) for every method:
+                                                    # about 10 minutes on 2 CPU cores
     python benchmarks/temporal.py --epochs 60       # twice the budget for every method
     python benchmarks/temporal.py --methods dist frozen-mean --epochs 2   # quicker
 """

@@ -140,8 +140,8 @@ def plot(results: dict, path: Path) -> None:
     width = 0.8 / len(TRAINED_METHODS)
     for i, m in enumerate(TRAINED_METHODS):
         rows = [r for r in results["runs"] if r["method"] == m]
-        axes[0].bar([b + (i - (len(TRAINED_METHODS) - 1) / 2) * width for b in range(len(batches))], [r["step_seconds"] for r in rows],
-                    width, label=m)
+        axes[0].bar([b + (i - (len(TRAINED_METHODS) - 1) / 2) * width for b in range(len(batches))],
+                    [r["step_seconds"] for r in rows], width, label=m)
         axes[1].plot(batches, [r["peak_memory_bytes"] / 2**30 for r in rows], "o-", label=m)
     bound = results["dist_flop_bound"]["seconds_per_clip"]
     axes[0].plot(range(len(batches)), [bound * b for b in batches], "k_", markersize=25,
@@ -154,8 +154,9 @@ def plot(results: dict, path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    host = results["machine"]
     fig.suptitle(f"Training cost, {results['arch']} {results['resolution']}px, 8 CLIP frames "
-                 f"({results['machine']['cpu'] if results['machine']['device'] == 'cpu' else results['machine'].get('gpu')})",
+                 f"({host['cpu'] if host['device'] == 'cpu' else host.get('gpu')})",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -236,7 +237,8 @@ def main() -> None:
         "command": " ".join(["python", "benchmarks/train_cost.py"] + sys.argv[1:]),
     }
     results["memory_per_clip_bytes"] = {
-        m: slope([r["batch"] for r in runs if r["method"] == m], [r["peak_memory_bytes"] for r in runs if r["method"] == m])
+        m: slope([r["batch"] for r in runs if r["method"] == m],
+                 [r["peak_memory_bytes"] for r in runs if r["method"] == m])
         for m in TRAINED_METHODS}
     if all("peak_tensor_bytes" in r for r in runs):
         results["tensor_memory_per_clip_bytes"] = {

@@ -171,7 +171,8 @@ def openai_jit() -> None:
     assert torch.allclose(jit.encode_text(tokens), txt, atol=1e-5)
     exp = save_expected("openai_jit", images=images, image_embeddings=img, tokens=tokens, text_embeddings=txt)
     record("openai_jit", path, library="openai-clip", expected=exp,
-           writer="clip.model.CLIP -> torch.jit.trace_module -> .half() -> torch.jit.save; reference clip.load(jit=False)",
+           writer="clip.model.CLIP -> torch.jit.trace_module -> .half() -> torch.jit.save; "
+                  "reference clip.load(jit=False)",
            config=dict(embed_dim=32, image_size=32, patch_size=16, vision_width=64, vision_layers=2, vision_heads=1,
                        vision_mlp_ratio=4.0, context_length=77, vocab_size=600, text_width=64, text_heads=1,
                        text_layers=2, text_mlp_ratio=4.0, act="quick_gelu", layer_norm_eps=1e-5, vision_proj=True))
@@ -336,8 +337,9 @@ def open_clip_hub() -> None:
                         text_embeddings=ref.encode_text(tokens), prompt_tokens=prompt_tokens,
                         prompt_embeddings=ref.encode_text(prompt_tokens))
     record("open_clip_hub", folder, library="open_clip", expected=exp, prompts=PROMPTS,
-           writer="open_clip.push_to_hf_hub.save_for_hf(safe_serialization=True) of an fp16 model with a transformers CLIPTokenizer "
-                  "of the small vocabulary; reference open_clip.create_model('local-dir:...')",
+           writer="open_clip.push_to_hf_hub.save_for_hf(safe_serialization=True) of an fp16 model with a "
+                  "transformers CLIPTokenizer of the small vocabulary; "
+                  "reference open_clip.create_model('local-dir:...')",
            config=oc_config(32, vision, text, False))
 
 
@@ -350,7 +352,8 @@ def hf_config_fields(vc: dict, tc: dict | None, proj: int | None):
     out = dict(image_size=vc["image_size"], patch_size=vc["patch_size"], vision_width=vc["hidden_size"],
                vision_layers=vc["num_hidden_layers"], vision_heads=vc["num_attention_heads"],
                vision_mlp_ratio=vc["intermediate_size"] / vc["hidden_size"],
-               act={"gelu_new": "gelu_tanh"}.get(vc.get("hidden_act", "quick_gelu"), vc.get("hidden_act", "quick_gelu")),
+               act={"gelu_new": "gelu_tanh"}.get(vc.get("hidden_act", "quick_gelu"),
+                                                 vc.get("hidden_act", "quick_gelu")),
                layer_norm_eps=vc.get("layer_norm_eps", 1e-5), vision_proj=proj is not None,
                embed_dim=proj if proj is not None else vc["hidden_size"])
     if tc is None:

@@ -60,7 +60,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -598,7 +598,8 @@ def main(argv=None) -> int:
     if args.check:
         return 0 if check(args.out_dir, workers=args.render_workers) else 1
     command = "python scripts/pretrain_digits_encoder.py" + "".join(
-        f" {flag} {value}" for flag, value in (("--steps", args.steps), ("--threads", args.threads)) if value is not None)
+        f" {flag} {value}" for flag, value in (("--steps", args.steps), ("--threads", args.threads))
+        if value is not None)
     res = run(recipe, args.out_dir, workers=args.render_workers, command=command)
     show = {k: v for k, v in res.items() if not k.startswith("_") and k not in ("recipe", "clip_config")}
     print(json.dumps(show, indent=2))
