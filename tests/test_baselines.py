@@ -8,8 +8,6 @@ import torch
 from dist_video.baselines import AdapterClassifier, BaselineConfig, FrozenMeanClassifier, FullFinetuneClassifier
 from dist_video.model import VideoClassifier
 
-from test_model import tiny_clip
-
 CFG = BaselineConfig(num_frames=4, alpha=2, adapter_dim=8)
 
 
@@ -20,7 +18,7 @@ def swap_sparse_frames(video):
     return out
 
 
-def test_frozen_mean_is_the_average_of_clip_frame_embeddings():
+def test_frozen_mean_is_the_average_of_clip_frame_embeddings(tiny_clip):
     clip = tiny_clip(width=64, layers=2)
     model = FrozenMeanClassifier(clip, CFG, clip_dtype="fp32")
     video = torch.randn(2, 3, 4, 64, 64)
@@ -34,7 +32,7 @@ def test_frozen_mean_is_the_average_of_clip_frame_embeddings():
     torch.testing.assert_close(model.encode_video(swap_sparse_frames(video)), z, atol=1e-5, rtol=0)
 
 
-def test_full_finetune_trains_the_image_tower_only():
+def test_full_finetune_trains_the_image_tower_only(tiny_clip):
     model = FullFinetuneClassifier(tiny_clip(width=64, layers=2), CFG)
     model.set_linear_head(3)
     names = {n for n, _ in model.trainable_parameters()}
@@ -44,7 +42,7 @@ def test_full_finetune_trains_the_image_tower_only():
     assert model.clip.visual.conv1.weight.grad is not None
 
 
-def test_adapter_starts_as_clip_and_backpropagates_through_it():
+def test_adapter_starts_as_clip_and_backpropagates_through_it(tiny_clip):
     clip = tiny_clip(width=64, layers=2)
     model = AdapterClassifier(clip, CFG, clip_dtype="fp32")
     video = torch.randn(2, 3, 4, 64, 64)
@@ -64,7 +62,7 @@ def test_adapter_starts_as_clip_and_backpropagates_through_it():
 
 
 @pytest.mark.parametrize("cls", [FrozenMeanClassifier, FullFinetuneClassifier, AdapterClassifier])
-def test_baselines_save_and_load(cls, tmp_path):
+def test_baselines_save_and_load(cls, tmp_path, tiny_clip):
     model = cls(tiny_clip(width=64, layers=2), CFG, clip_dtype="fp32").eval()
     model.set_linear_head(3, ["a", "b", "c"])
     with torch.no_grad():

@@ -7,8 +7,6 @@ import torch
 from dist_video import DiSTConfig, DiSTVideoModel
 from dist_video.profiling import cost_per_view, count_macs, inference_cost_per_view
 
-from test_model import tiny_clip
-
 
 def test_in_place_matrix_products_are_counted():
     a, b, c = torch.randn(6, 5), torch.randn(5, 7), torch.randn(6, 7)
@@ -18,7 +16,7 @@ def test_in_place_matrix_products_are_counted():
     assert count_macs(lambda: batch[2].clone().baddbmm_(batch[0], batch[1])) == 3 * 6 * 5 * 7
 
 
-def test_inference_count_matches_the_architecture_for_clip_and_is_lower_for_the_branch():
+def test_inference_count_matches_the_architecture_for_clip_and_is_lower_for_the_branch(tiny_clip):
     clip = tiny_clip(width=64, layers=3)
     model = DiSTVideoModel(clip, DiSTConfig(num_frames=4, alpha=2, temporal_dim=8, integration_dim=64,
                                             pooling_layers=2), clip_dtype="fp32")
