@@ -7,7 +7,6 @@ The fixtures and the owning libraries' outputs come from ``scripts/make_clip_for
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import shutil
@@ -326,7 +325,8 @@ def test_open_clip_config_variants_are_refused(tmp_path):
     cfg = json.loads((hub / "open_clip_config.json").read_text())
     cfg["model_cfg"]["text_cfg"]["pool_type"] = "last"
     (hub / "open_clip_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="open_clip_model.safetensors: unsupported open_clip variant.*pool_type='last'"):
+    with pytest.raises(ValueError,
+                       match="open_clip_model.safetensors: unsupported open_clip variant.*pool_type='last'"):
         load_clip(hub)
     (hub / "open_clip_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="has open_clip_config.json but no weights"):

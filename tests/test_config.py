@@ -61,9 +61,11 @@ def test_config_file_with_base_and_unknown_key(tmp_path):
     assert cfg.optim.epochs == 3 and cfg.data.root == "/videos" and cfg.model.dist.pooling_layers == 2
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim:\n  weight_decy: 0.1\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'optim.weight_decy'; did you mean 'optim.weight_decay'"):
+    with pytest.raises(ConfigError,
+                       match=r"bad.yaml: unknown key 'optim.weight_decy'; did you mean 'optim.weight_decay'"):
         load_config(config_file=str(bad))
-    with pytest.raises(ConfigError, match=re.escape("unknown preset 'k400-vit-b16-8+16'; did you mean 'k400-vit-b16-8+16f'")):
+    with pytest.raises(ConfigError,
+                       match=re.escape("unknown preset 'k400-vit-b16-8+16'; did you mean 'k400-vit-b16-8+16f'")):
         load_config("k400-vit-b16-8+16")
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(config_file=str(tmp_path / "missing.yaml"))

@@ -181,7 +181,8 @@ def test_hmdb51_splits(tmp_path):
 def test_csv_names_indices_header_and_tsv(tmp_path):
     for name in ["a.mp4", "b.mp4", "sub/c.mp4"]:
         touch(tmp_path / name)
-    (tmp_path / "named.csv").write_text("path,label\na.mp4,jumping_jacks\nb.mp4,push up\n# comment\nsub/c.mp4,Push up\n")
+    (tmp_path / "named.csv").write_text("path,label\na.mp4,jumping_jacks\nb.mp4,push up\n"
+                                        "# comment\nsub/c.mp4,Push up\n")
     records, names = parse_csv(tmp_path / "named.csv")
     assert names == ["jumping jacks", "push up"]
     assert [r.label for r in records] == [0, 1, 1]
