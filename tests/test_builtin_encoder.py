@@ -6,6 +6,7 @@ import json
 from importlib import resources
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +40,7 @@ def _frames(indices: np.ndarray, seed: int) -> tuple[torch.Tensor, np.ndarray]:
     return x, targets[indices]
 
 
+@pytest.mark.slow
 def test_loads_as_an_image_only_clip_and_separates_held_out_digits():
     from sklearn.linear_model import LogisticRegression
 

@@ -6,7 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_demo_with_a_tiny_budget(tmp_path):
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, "-m", "dist_video.cli", "demo", "--out", str(out), "--train-videos", "64",

@@ -87,6 +87,7 @@ def test_resumable_batch_sampler_shards_and_resumes():
 
 # ----------------------------------------------------------------------------- the happy path
 
+@pytest.mark.slow
 def test_train_evaluate_predict_info_through_the_cli(data, tmp_path):
     run = tmp_path / "run"
     proc = cli("train", *tiny(data, run, "train.eval_every=1"))
@@ -142,6 +143,7 @@ def test_train_evaluate_predict_info_through_the_cli(data, tmp_path):
     assert 0 < info["gmacs_per_view"]["branch"] < info["gmacs_per_view"]["total"]
 
 
+@pytest.mark.slow
 def test_python_predict_clip(data, tmp_path):
     from dist_video.engine.data import test_clips_of_file
     from dist_video.engine.predict import load_for_inference, predict_clip
@@ -177,6 +179,7 @@ def _popen(*args: str) -> subprocess.Popen:
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(data, tmp_path):
     extra = ("train.checkpoint_every_steps=1", "data.workers=0")
     ref = tmp_path / "uninterrupted"
@@ -204,6 +207,7 @@ def test_sigkill_then_resume_equals_uninterrupted(data, tmp_path):
     assert steps == list(range(1, 9))  # the log was cut back to the checkpoint: no duplicate steps
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
     run = tmp_path / "run"
     proc = _popen("train", *tiny(data, run, "optim.epochs=50"))
@@ -218,6 +222,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
 
 # ----------------------------------------------------------------------------- several processes
 
+@pytest.mark.slow
 def test_two_process_gloo_training_and_evaluation(data, tmp_path):
     # the same global batch (2 processes x 2 clips x accumulation 2 = 4 x 2 on one process)
     common = ("train.precision=fp32", "model.clip_dtype=fp32", "augment.mixup_alpha=0.0",
@@ -252,6 +257,7 @@ def test_two_process_gloo_training_and_evaluation(data, tmp_path):
 
 # ----------------------------------------------------------------------------- failures
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(data, tmp_path):
     huge = ("optim.lr=1e36", "optim.grad_clip=null", "optim.warmup_epochs=0")
     proc = cli("train", *tiny(data, tmp_path / "stop", *huge), check=False)
@@ -266,6 +272,7 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(data, tmp_path):
     assert "skipped" in proc.stderr
 
 
+@pytest.mark.slow
 def test_bad_config_keys_name_the_nearest_valid_key(data, tmp_path):
     proc = cli("train", *tiny(data, tmp_path / "r", "optim.lrr=0.1"), check=False)
     assert "optim.lr" in one_line_error(proc, "train")
@@ -274,11 +281,13 @@ def test_bad_config_keys_name_the_nearest_valid_key(data, tmp_path):
     assert not (tmp_path / "r").exists()  # nothing was written
 
 
+@pytest.mark.slow
 def test_missing_clip_weights(data, tmp_path):
     proc = cli("train", *tiny(data, tmp_path / "r", f"model.clip={tmp_path / 'nope.pt'}"), check=False)
     assert "nope.pt" in one_line_error(proc, "train")
 
 
+@pytest.mark.slow
 def test_unwritable_output_folder(data, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -293,6 +302,7 @@ def test_unwritable_output_folder(data, tmp_path):
         locked.chmod(0o700)
 
 
+@pytest.mark.slow
 def test_unwritable_output_folder_as_a_file(data, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -300,6 +310,7 @@ def test_unwritable_output_folder_as_a_file(data, tmp_path):
     assert str(afile) in one_line_error(proc, "train")
 
 
+@pytest.mark.slow
 def test_mismatched_checkpoints(data, tmp_path):
     run = tmp_path / "run"
     cli("train", *tiny(data, run, "optim.epochs=1", "train.max_steps=1"))
@@ -335,6 +346,7 @@ def test_full_disk_is_reported_before_training(tmp_path, monkeypatch):
     assert checkpoint.check_output_dir(tmp_path / "run", need_bytes=1 << 20).is_dir()
 
 
+@pytest.mark.slow
 def test_read_only_filesystem_output_is_reported(data):
     target = Path("/proc/dist-video-run")  # cannot be created, not even by root
     proc = cli("train", *tiny(data, target), check=False)
@@ -356,6 +368,7 @@ print(applied, sum(faults_of_a_fresh_64mib_tensor() for _ in range(3)))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="the allocator setting is for glibc")
 def test_keep_freed_memory_reuses_large_blocks_instead_of_new_pages():
