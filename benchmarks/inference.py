@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_method, machine, sync  # noqa: E402
 
 from dist_video.dist import PRESETS, cached_inference_weights  # noqa: E402
+from dist_video.fused import fuse_dist, fuse_frames  # noqa: E402
 from dist_video.profiling import attention_macs, cost_per_view, count_parameters, inference_cost_per_view  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,35 +40,50 @@ def arch_of(preset: str) -> str:
     return "ViT-L/14" if "vit-l14" in preset else "ViT-B/16"
 
 
-def throughput(batches: list[int], repeats: int, device: torch.device) -> list[dict]:
-    """Seconds per batch for DiST and CLIP alone, interleaved."""
+def throughput(batches: list[int], repeats: int, device: torch.device, compare_unfused: bool) -> list[dict]:
+    """Seconds per batch for the fused DiST model and fused CLIP alone, interleaved (and, with
+    ``compare_unfused``, the unfused no-autograd path of both in the same loop)."""
     dist = build_method("dist", "ViT-B/16", 16, 2, device, dist_preset="k400-vit-b16-8+16f").eval()
     clip_only = build_method("frozen-mean", "ViT-B/16", 16, 2, device).eval()
+    models = {"dist": fuse_dist(dist), "clip": fuse_frames(clip_only)}
+    if compare_unfused:
+        models.update({"dist_unfused": dist, "clip_unfused": clip_only})
     rows = []
     for b in batches:
         video = torch.randn(b, 3, 16, 224, 224, device=device)
-        times = {"dist": [], "clip": []}
+        times = {name: [] for name in models}
 
-        def run(model):
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-                model(video)
+        def run(name):
+            with torch.no_grad():
+                if name.endswith("_unfused"):  # as the evaluation loop ran it before the fused form
+                    with cached_inference_weights(), torch.autocast(device.type, dtype=torch.bfloat16):
+                        models[name](video)
+                else:
+                    models[name](video)
             sync(device)
 
-        # As the evaluation loop runs them: the weights derived for inference (casts, folded
-        # LayerNorms) are made once, in the warm-up, and reused.
-        with cached_inference_weights():
-            run(dist), run(clip_only)  # warm-up
-            for _ in range(repeats):
-                for name, model in (("dist", dist), ("clip", clip_only)):
-                    t = time.perf_counter()
-                    run(model)
-                    times[name].append(time.perf_counter() - t)
+        for name in models:  # warm-up
+            run(name)
+        for _ in range(repeats):
+            for name in models:
+                t = time.perf_counter()
+                run(name)
+                times[name].append(time.perf_counter() - t)
         med = {k: statistics.median(v) for k, v in times.items()}
-        rows.append({"batch": b, "dist_seconds": med["dist"], "clip_seconds": med["clip"],
-                     "dist_clips_per_second": b / med["dist"], "clip_clips_per_second": b / med["clip"],
-                     "ratio_dist_to_clip": med["dist"] / med["clip"], "times": times})
-        print(f"batch {b}: DiST {b / med['dist']:.2f} clips/s, CLIP alone {b / med['clip']:.2f} clips/s, "
-              f"time ratio {med['dist'] / med['clip']:.3f}", flush=True)
+        row = {"batch": b, "times": times}
+        for name in models:
+            row[f"{name}_seconds"] = med[name]
+            row[f"{name}_clips_per_second"] = b / med[name]
+        row["ratio_dist_to_clip"] = med["dist"] / med["clip"]
+        line = f"batch {b}: fused DiST {b / med['dist']:.2f} clips/s, fused CLIP alone {b / med['clip']:.2f} clips/s, " \
+               f"time ratio {row['ratio_dist_to_clip']:.3f}"
+        if compare_unfused:
+            row["ratio_unfused_dist_to_unfused_clip"] = med["dist_unfused"] / med["clip_unfused"]
+            row["ratio_fused_dist_to_unfused_dist"] = med["dist"] / med["dist_unfused"]
+            line += f"; unfused ratio {row['ratio_unfused_dist_to_unfused_clip']:.3f}, " \
+                    f"fused / unfused DiST time {row['ratio_fused_dist_to_unfused_dist']:.3f}"
+        rows.append(row)
+        print(line, flush=True)
     return rows
 
 
@@ -103,11 +119,20 @@ def markdown(result: dict) -> str:
     lines = [f"# Inference cost", "",
              f"`python benchmarks/inference.py` on {m['date']}: {m['cpu']} ({m['cores']} cores, "
              f"{m['device']}), torch {m['torch']}. Medians of {result['repeats']} repetitions.", "",
-             "## DiST vs CLIP alone on the same 8 frames (K400 ViT-B/16 8+16f, 224 px)", "",
+             "## DiST vs CLIP alone on the same 8 frames (K400 ViT-B/16 8+16f, 224 px), fused inference form", "",
              "| batch | DiST clips/s | CLIP alone clips/s | DiST time / CLIP time |", "|---|---|---|---|"]
     for r in result["throughput"]:
         lines.append(f"| {r['batch']} | {r['dist_clips_per_second']:.2f} | {r['clip_clips_per_second']:.2f} | "
                      f"{r['ratio_dist_to_clip']:.3f} |")
+    if "ratio_unfused_dist_to_unfused_clip" in result["throughput"][0]:
+        lines += ["", "Side by side in the same loop: the unfused no-autograd path (the model under `no_grad` and "
+                  "bf16 autocast with its derived weights cached).", "",
+                  "| batch | unfused DiST clips/s | unfused CLIP clips/s | unfused DiST / unfused CLIP "
+                  "| fused DiST time / unfused DiST time |", "|---|---|---|---|---|"]
+        for r in result["throughput"]:
+            lines.append(f"| {r['batch']} | {r['dist_unfused_clips_per_second']:.2f} | "
+                         f"{r['clip_unfused_clips_per_second']:.2f} | {r['ratio_unfused_dist_to_unfused_clip']:.3f} | "
+                         f"{r['ratio_fused_dist_to_unfused_dist']:.3f} |")
     lines += ["", "## Cost per view of every preset (counted)", "",
               "| preset | CLIP | frames (CLIP/dense) | CLIP GMACs | branch GMACs | total | CLIP attention (not counted) "
               "| branch GMACs executed at inference | branch params |",
@@ -136,12 +161,14 @@ def main() -> None:
                     help="clips per forward (16: the evaluation default, eval.batch_size)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--skip-large", action="store_true", help="skip ViT-L/14 and 32+64f presets in the cost table")
+    ap.add_argument("--compare-unfused", action="store_true",
+                    help="also time the unfused no-autograd path side by side")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     device = torch.device(args.device)
     result = {"machine": machine(), "repeats": args.repeats,
-              "throughput": throughput(args.batches, args.repeats, device),
+              "throughput": throughput(args.batches, args.repeats, device, args.compare_unfused),
               "presets": preset_costs(device, args.skip_large)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -274,6 +274,16 @@ class Transformer(nn.Module):
         return x, kept
 
 
+def resize_positional_embedding(pos: torch.Tensor, grid: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """A (1 + grid*grid) x D position embedding bicubically resized to (1 + grid_h*grid_w) x D
+    (the class position kept)."""
+    cls_pos, patch_pos = pos[:1], pos[1:]
+    patch_pos = patch_pos.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos.float(), size=(grid_h, grid_w), mode="bicubic",
+                              align_corners=False).to(pos.dtype)
+    return torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)], dim=0)
+
+
 class VisionTransformer(nn.Module):
     """CLIP's image tower. Images N x 3 x H x W -> embeddings N x E."""
 
@@ -300,15 +310,9 @@ class VisionTransformer(nn.Module):
 
     def _positional_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """(1 + grid_h*grid_w) x D, bicubically resized when the input grid is not the trained one."""
-        pos = self.positional_embedding
         if grid_h == grid_w == self.grid_size:
-            return pos
-        cls_pos, patch_pos = pos[:1], pos[1:]
-        patch_pos = patch_pos.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos.float(), size=(grid_h, grid_w), mode="bicubic",
-                                  align_corners=False).to(pos.dtype)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
-        return torch.cat([cls_pos, patch_pos], dim=0)
+            return self.positional_embedding
+        return resize_positional_embedding(self.positional_embedding, self.grid_size, grid_h, grid_w)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch, class and position embeddings, then ``ln_pre``. N x 3 x H x W -> N x (1+g*g) x D."""
