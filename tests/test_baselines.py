@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dist_video.baselines import AdapterClassifier, BaselineConfig, FrozenMeanClassifier, FullFinetuneClassifier
-from dist_video.model import VideoClassifier
+from dist_video.classifier import VideoClassifier
 
 CFG = BaselineConfig(num_frames=4, alpha=2, adapter_dim=8)
 

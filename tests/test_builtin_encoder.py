@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from dist_video import load_clip
 from dist_video.data.synthetic import _digits, digit_image_split, render_video
 from dist_video.data.transforms import CLIP_MEAN, CLIP_STD
-from dist_video.engine.builder import resolve_clip_path
+from dist_video.clip_loaders import resolve_clip_path
 
 ASSETS = resources.files("dist_video") / "assets"
 

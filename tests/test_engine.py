@@ -44,7 +44,7 @@ def tiny(data: Path, out: Path, *extra: str) -> list[str]:
         "optim.epochs=2", "optim.warmup_epochs=0.5", "optim.lr=1e-3", "train.batch_size=4", "train.accumulation=2",
         "train.eval_every=0", "train.log_every=1", "eval.batch_size=6", *extra,
     ]
-    return ["--output", str(out), "--quiet", *[a for s in sets for a in ("--set", s)]]
+    return ["--output", str(out), "--no-progress", *[a for s in sets for a in ("--set", s)]]
 
 
 def cli(*args: str, check: bool = True, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
@@ -384,3 +384,125 @@ def test_keep_freed_memory_reuses_large_blocks_instead_of_new_pages():
     # allocation (3 x 16,384); with it later allocations reuse the earlier ones' memory.
     assert faults_off > 3 * 8000
     assert faults < 1000
+
+
+# ----------------------------------------------------------------------------- the engine asks the model
+
+def _models(tiny_clip):
+    """DiST and every baseline on a tiny CLIP, each with a linear head."""
+    from dist_video import DiSTConfig, DiSTVideoModel
+    from dist_video.baselines import AdapterClassifier, BaselineConfig, FrozenMeanClassifier, FullFinetuneClassifier
+
+    base = BaselineConfig(num_frames=4, alpha=2, adapter_dim=8)
+    models = [DiSTVideoModel(tiny_clip(width=64, layers=2), DiSTConfig(num_frames=4, alpha=2, temporal_dim=16,
+                                                                       integration_dim=64), clip_dtype="fp32")]
+    models += [cls(tiny_clip(width=64, layers=2), base, clip_dtype="fp32")
+               for cls in (FrozenMeanClassifier, FullFinetuneClassifier, AdapterClassifier)]
+    return [m.set_linear_head(3) for m in models]
+
+
+def test_weight_decay_groups_come_from_the_model_and_are_unchanged(tiny_clip):
+    from dist_video.config import OptimConfig
+    from dist_video.engine.optim import parameter_groups
+
+    # The rule the optimizer applied itself before models declared no_weight_decay().
+    tokens = ("cls_token", "positional_embedding", "class_embedding", "aggregated_cls_token",
+              "aggregated_spatial_cls_token", "token_embedding")
+    cfg = OptimConfig(weight_decay=0.05, branch_lr_mult=10)
+    for model in _models(tiny_clip):
+        before: dict[str, list[str]] = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                decay = p.ndim >= 2 and not any(t in name for t in tokens)
+                group = f"{'clip' if name.startswith('clip.') else 'new'}-{'decay' if decay else 'no_decay'}"
+                before.setdefault(group, []).append(name)
+        groups = parameter_groups(model, cfg)
+        assert {g["group_name"]: g["param_names"] for g in groups} == before, model.method
+        for g in groups:
+            assert g["weight_decay"] == (0.0 if g["group_name"].endswith("no_decay") else 0.05)
+            assert g["lr_scale"] == (10 if g["group_name"].startswith("new") else 1.0)
+    dist, full = _models(tiny_clip)[0], _models(tiny_clip)[2]
+    assert {"branch.aggregated_cls_token", "head.bias"} <= dist.no_weight_decay()
+    assert "head.weight" not in dist.no_weight_decay()
+    assert {"clip.visual.class_embedding", "clip.visual.positional_embedding"} <= full.no_weight_decay()
+
+
+def test_grad_checkpointing_is_set_through_the_model(tiny_clip):
+    from dist_video.config import ModelConfig
+    from dist_video.engine.builder import build_classifier
+
+    dist, *baselines = _models(tiny_clip)
+    for mode, expected in ((True, "full"), ("selective", "selective"), (False, "off"), ("off", "off")):
+        assert dist.set_grad_checkpointing(mode) is dist and dist.branch.activation_checkpointing == expected
+    with pytest.raises(ValueError, match="activation_checkpointing must be"):
+        dist.set_grad_checkpointing("some")
+    for model in baselines:
+        model.set_grad_checkpointing(False)
+        model.set_grad_checkpointing("off")
+        with pytest.raises(ValueError, match=f"not available for the '{model.method}' method"):
+            model.set_grad_checkpointing("selective")
+    built = build_classifier(ModelConfig(activation_checkpointing="selective"), tiny_clip(width=64, layers=2))
+    assert built.branch.activation_checkpointing == "selective"
+    with pytest.raises(ValueError, match="frozen-mean"):
+        build_classifier(ModelConfig(method="frozen-mean", activation_checkpointing=True),
+                         tiny_clip(width=64, layers=2))
+
+
+def test_methods_register_themselves():
+    import dist_video
+    from dist_video.classifier import VideoClassifier, model_class
+
+    assert model_class("dist") is dist_video.DiSTVideoModel
+    assert model_class("frozen-mean") is dist_video.FrozenMeanClassifier
+    assert model_class("adapter") is dist_video.AdapterClassifier
+    with pytest.raises(ValueError, match="unknown method 'nope': expected one of dist, frozen-mean, full-finetune, "
+                                         "adapter"):
+        model_class("nope")
+
+    class Renamed(dist_video.FrozenMeanClassifier):  # keeps its parent's method: not registered again
+        pass
+
+    assert model_class("frozen-mean") is dist_video.FrozenMeanClassifier
+    with pytest.raises(TypeError, match="method 'dist' is taken"):
+        type("Impostor", (VideoClassifier,), {"method": "dist"})
+
+
+def test_model_config_is_read_through_one_function(tiny_clip, tmp_path):
+    from dist_video.classifier import FORMAT_UPGRADES, FORMAT_VERSION, VideoClassifier, read_model_config
+
+    assert len(FORMAT_UPGRADES) == FORMAT_VERSION - 1  # one upgrade step per older version
+    model = _models(tiny_clip)[1]
+    model.save_pretrained(tmp_path / "m", metadata={"preprocess": {"crop_size": 64}})
+    meta = read_model_config(tmp_path / "m")
+    assert meta["format"] == "dist-video" and meta["format_version"] == FORMAT_VERSION
+    assert meta["method"] == "frozen-mean" and meta["preprocess"] == {"crop_size": 64}
+    with pytest.raises(ValueError, match="may not replace"):
+        model.save_pretrained(tmp_path / "m2", metadata={"method": "dist"})
+    newer = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**newer, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(ValueError, match="format_version"):
+        VideoClassifier.from_pretrained(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        read_model_config(tmp_path)
+
+
+def test_load_clip_reads_builtin_encoders():
+    import dist_video
+    from dist_video.clip_loaders import BUILTIN_ENCODERS, resolve_clip_path
+
+    clip = dist_video.load_clip("builtin:digits")
+    assert clip.config.image_size == 48 and not clip.has_text and clip.tokenizer is None
+    assert set(BUILTIN_ENCODERS) == {"digits"} and resolve_clip_path("some/file.pt") == "some/file.pt"
+    with pytest.raises(ValueError, match="unknown built-in encoder 'builtin:nope'; available: builtin:digits"):
+        dist_video.load_clip("builtin:nope")
+
+
+def test_library_calls_leave_malloc_alone(monkeypatch):
+    """Only the command line and the benchmarks change the process's allocator settings."""
+    from dist_video.engine import allocator, distributed
+
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1))
+    env = distributed.setup_distributed("cpu")
+    assert env.device.type == "cpu" and calls == []
+    assert not hasattr(distributed, "keep_freed_memory")

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .classifier import VideoClassifier
 from .clip import CLIP
-from .model import VideoClassifier
 
 __all__ = ["BaselineConfig", "FrozenMeanClassifier", "FullFinetuneClassifier", "AdapterClassifier",
            "TemporalAdapter"]

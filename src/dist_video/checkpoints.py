@@ -15,9 +15,10 @@ from typing import Mapping
 import torch
 
 from .clip import CLIP
-from .clip_loaders import clip_from_openai_state_dict
+from .classifier import load_strict_state_dict
+from .clip_loaders import clip_from_openai_state_dict, load_clip
 from .dist import DiSTConfig
-from .model import DiSTVideoModel, _load_strict
+from .model import DiSTVideoModel
 
 __all__ = ["load_official_checkpoint", "read_official_state_dict", "official_to_branch_state_dict",
            "branch_to_official_state_dict", "infer_dist_config"]
@@ -153,7 +154,6 @@ def load_official_checkpoint(path: str | os.PathLike, clip: CLIP | str | os.Path
             raise ValueError(f"{path}: the checkpoint holds no CLIP weights; pass clip=<CLIP file>")
         clip = clip_from_openai_state_dict(clip_sd, act=act, source=str(path))
     elif not isinstance(clip, CLIP):
-        from . import load_clip
         clip = load_clip(clip)
     num_branch_layers = _indices(branch_sd, "input_linears")
     config = infer_dist_config(branch_sd, **overrides)
@@ -167,5 +167,5 @@ def load_official_checkpoint(path: str | os.PathLike, clip: CLIP | str | os.Path
         raise ValueError(f"{path}: the temporal stem's patch is {stem_patch} but CLIP's is "
                          f"{clip.visual.patch_size}: their token grids cannot be fused")
     model = DiSTVideoModel(clip, config, clip_dtype=clip_dtype)
-    _load_strict(model.branch, model.branch.state_dict(), branch_sd, str(path))
+    load_strict_state_dict(model.branch, model.branch.state_dict(), branch_sd, str(path))
     return model

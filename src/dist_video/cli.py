@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
-from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
@@ -17,6 +17,29 @@ def _config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
     p.add_argument("--output", help="output folder (same as --set output_dir=...)")
+
+
+def _output_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no progress messages (only warnings "
+                   "and errors on standard error)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _configure_logging(quiet: bool) -> None:
+    """The library's messages (``dist_video.*`` loggers) go to standard error as plain lines:
+    progress at INFO, or only warnings with ``--quiet``. Other libraries' loggers: warnings."""
+    logging.basicConfig(format="%(message)s", level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger("dist_video").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _prepare_device(name: str) -> None:
+    """On a CPU, have glibc keep freed memory for reuse: the large activations of every step
+    then reuse memory instead of page-faulting fresh pages (:mod:`dist_video.engine.allocator`)."""
+    from .engine.allocator import keep_freed_memory
+    from .engine.distributed import resolve_device
+
+    if resolve_device(name, int(os.environ.get("LOCAL_RANK", "0"))).type == "cpu":
+        keep_freed_memory()
 
 
 def _load_cfg(args):
@@ -34,8 +57,9 @@ def cmd_train(args) -> int:
     from .engine.train import train
 
     cfg = _load_cfg(args)
+    _prepare_device(cfg.train.device)
     resume = False if args.no_resume else (args.resume or True)
-    result = train(cfg, resume=resume, progress=not args.quiet)
+    result = train(cfg, resume=resume, progress=args.progress)
     if result.status == "interrupted":
         return 130
     if result.metrics and (os.environ.get("RANK", "0") == "0"):
@@ -48,8 +72,9 @@ def cmd_evaluate(args) -> int:
     from .engine.run import evaluate_model
 
     cfg = _load_cfg(args)
+    _prepare_device(cfg.train.device)
     metrics = evaluate_model(args.model, cfg, clip=args.clip, classes=args.classes, output=args.output,
-                             progress=not args.quiet)
+                             progress=args.progress)
     if metrics is not None:
         print(json.dumps({k: metrics[k] for k in ("top1", "top5", "mean_class_accuracy", "num_videos")}))
     return 0
@@ -58,6 +83,7 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from .engine.predict import load_for_inference, predict_files
 
+    _prepare_device(args.device)
     model, preprocess = load_for_inference(args.model, clip=args.clip, classes=args.classes, vocab=args.vocab,
                                            prompt=args.prompt, device=args.device, clip_dtype=args.clip_dtype)
     results = predict_files(model, args.videos, preprocess, topk=args.topk, views=args.views)
@@ -104,7 +130,8 @@ def cmd_make_synthetic(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args)
+    _prepare_device(args.device)
+    run_demo(args, progress=args.progress)
     return 0
 
 
@@ -115,11 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dist-video",
         description="DiST: a frozen CLIP image model + a small temporal network = a cheap, strong video classifier.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.set_defaults(quiet=False, progress=True)  # commands without --quiet / --no-progress
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="train DiST on synthetic moving digits with the built-in encoder (no downloads)")
     from .demo import add_demo_arguments
     add_demo_arguments(p)
+    _output_arguments(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a video classifier (DiST or a baseline)")
@@ -127,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="CHECKPOINT", help="resume from this checkpoint "
                    "(default: output_dir/checkpoints/last.pt when it exists)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _output_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a model on the validation split (multi-view)")
@@ -135,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(p)
     p.add_argument("--clip", help="CLIP weights (for a .pyth checkpoint without them)")
     p.add_argument("--classes", help="class names for a .pyth checkpoint (default: the dataset's)")
-    p.add_argument("--quiet", action="store_true")
+    _output_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="top classes of video files")
@@ -186,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .engine.allocator import keep_freed_memory
-    keep_freed_memory()  # CPU runs: reuse freed memory instead of page-faulting fresh pages
+    if args.quiet:
+        args.progress = False
+    _configure_logging(args.quiet)
     if args.debug:
         return args.func(args)
     from .config import ConfigError

@@ -14,6 +14,7 @@ import os
 import re
 import zipfile
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Mapping
 
@@ -21,7 +22,11 @@ import torch
 
 from .clip import CLIP, CLIPConfig
 
-__all__ = ["clip_config_from_openai_state_dict", "clip_from_openai_state_dict", "load_clip"]
+__all__ = ["clip_config_from_openai_state_dict", "clip_from_openai_state_dict", "load_clip", "resolve_clip_path",
+           "BUILTIN_ENCODERS"]
+
+#: Encoders shipped inside the package: ``load_clip("builtin:<name>")``.
+BUILTIN_ENCODERS = {"digits": "digits-vit.safetensors"}
 
 
 def _count_blocks(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
@@ -141,9 +146,11 @@ def load_clip(path: str | os.PathLike, *, act: str | None = None,
               vocab: str | os.PathLike | None = None) -> CLIP:
     """Load CLIP ViT weights from any supported checkpoint into a float32 :class:`CLIP` (eval mode).
 
-    ``path``: an OpenAI TorchScript archive (``ViT-B-16.pt``) or OpenAI-layout state dict; an
-    open_clip state dict (``.pt``, ``.bin``, ``.safetensors``), training checkpoint
-    (``{"state_dict": ..., "epoch": ...}``, ``module.`` prefixes) or Hugging Face hub folder
+    ``path``: ``builtin:<name>`` for an encoder shipped with the package (:data:`BUILTIN_ENCODERS`:
+    ``builtin:digits``, a small image-only ViT pre-trained on digit images); an OpenAI
+    TorchScript archive (``ViT-B-16.pt``) or OpenAI-layout state dict; an open_clip state dict
+    (``.pt``, ``.bin``, ``.safetensors``), training checkpoint (``{"state_dict": ..., "epoch": ...}``,
+    ``module.`` prefixes) or Hugging Face hub folder
     (``open_clip_config.json``); a Hugging Face ``CLIPModel`` / ``CLIPVisionModel[WithProjection]``
     folder (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``, sharded or not), or a
     file inside one; a dist-video safetensors file (its metadata is honoured) or model folder
@@ -155,12 +162,12 @@ def load_clip(path: str | os.PathLike, *, act: str | None = None,
     QuickGELU (OpenAI's, and open_clip's ``-quickgelu`` models: pass ``act="gelu"`` for open_clip
     models trained without it, e.g. ``ViT-B-32`` laion weights).
 
-    The model gets ``.tokenizer`` (a :class:`~dist_video.tokenizer.Tokenizer` or None): from
+    The model's ``tokenizer`` is set (a :class:`~dist_video.tokenizer.Tokenizer` or None): from
     ``vocab``, else a vocabulary beside the checkpoint (or the Hugging Face folder's tokenizer
     files), else an installed ``open_clip``/``clip`` package's. Sizes come from tensor shapes
     (and ``config.json`` for Hugging Face); heads are width // 64 except where a config says.
     """
-    p = Path(path).expanduser()
+    p = Path(resolve_clip_path(path)).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder (CLIP weights)")
     if act is not None:
@@ -170,6 +177,18 @@ def load_clip(path: str | os.PathLike, *, act: str | None = None,
     model = _build(sd, src, act)
     model.tokenizer = _tokenizer_for(model, p, vocab)
     return model
+
+
+def resolve_clip_path(spec: str | os.PathLike) -> str:
+    """``builtin:<name>`` -> the packaged file of that encoder; anything else unchanged (as a string)."""
+    spec = os.fspath(spec)
+    if not spec.startswith("builtin:"):
+        return spec
+    name = spec.split(":", 1)[1]
+    if name not in BUILTIN_ENCODERS:
+        raise ValueError(f"unknown built-in encoder {spec!r}; available: "
+                         + ", ".join(f"builtin:{n}" for n in BUILTIN_ENCODERS))
+    return str(resources.files("dist_video") / "assets" / BUILTIN_ENCODERS[name])
 
 
 # ----------------------------------------------------------------------------- reading files

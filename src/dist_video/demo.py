@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
-__all__ = ["add_demo_arguments", "run_demo", "demo_config"]
+__all__ = ["add_demo_arguments", "run_demo", "demo_config", "appearance_ceiling", "DEFAULTS"]
+
+logger = logging.getLogger(__name__)
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,10 +29,10 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-videos", type=int, default=None, help="training videos (default: the demo's budget)")
     p.add_argument("--val-videos", type=int, default=None, help="held-out videos")
     p.add_argument("--epochs", type=int, default=None, help="training epochs of DiST (default 30)")
-    p.add_argument("--baseline-epochs", type=int, default=None, help="training epochs of the frozen-mean baseline (default 8)")
+    p.add_argument("--baseline-epochs", type=int, default=None,
+                   help="training epochs of the frozen-mean baseline (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--keep-data", action="store_true", help="reuse videos already in OUT/data")
 
 
@@ -78,7 +80,9 @@ def demo_config(data_dir: Path, out_dir: Path, method: str, epochs: int, seed: i
     return load_config(overrides=overrides + list(extra))
 
 
-def run_demo(args) -> dict:
+def run_demo(args, *, progress: bool = True) -> dict:
+    """The demo with the options of :func:`add_demo_arguments` (``progress``: progress bars);
+    prints the results table on standard output and returns the report's metrics."""
     from .data.synthetic import make_synthetic
     from .engine.train import train
 
@@ -94,21 +98,21 @@ def run_demo(args) -> dict:
     if not (args.keep_data and (data_dir / "train.csv").is_file()):
         if data_dir.exists():
             shutil.rmtree(data_dir)
-        print(f"[1/4] writing {n_train} training and {n_val} held-out synthetic videos to {data_dir}", file=sys.stderr)
+        logger.info("[1/4] writing %d training and %d held-out synthetic videos to %s", n_train, n_val, data_dir)
         make_synthetic(data_dir, num_train=n_train, num_val=n_val, seed=args.seed)
 
     results = {}
     for i, method in enumerate(("dist", "frozen-mean"), 2):
-        print(f"[{i}/4] training {method} on the frozen digits encoder", file=sys.stderr)
+        logger.info("[%d/4] training %s on the frozen digits encoder", i, method)
         cfg = demo_config(data_dir, out / "runs" / method, method, epochs[method], args.seed, args.device)
-        result = train(cfg, resume=False, progress=not args.quiet)
+        result = train(cfg, resume=False, progress=progress)
         results[method] = {"top1": result.metrics["top1"], "top5": result.metrics["top5"],
                            "mean_class_accuracy": result.metrics["mean_class_accuracy"],
                            "num_videos": result.metrics["num_videos"],
                            "trainable_params": result.trainable_params, "train_seconds": result.train_seconds,
                            "per_class_accuracy": result.metrics["per_class_accuracy"]}
 
-    print("[4/4] predicting a held-out video and writing the report", file=sys.stderr)
+    logger.info("[4/4] predicting a held-out video and writing the report")
     report = _write_report(out, data_dir, results, time.perf_counter() - t_start, device=args.device)
     _print_table(results, out)
     return report
@@ -121,7 +125,7 @@ def _held_out(data_dir: Path):
     return parse_csv(data_dir / "val.csv", classes=data_dir / "classes.txt")
 
 
-def _appearance_ceiling(data_dir: Path) -> float:
+def appearance_ceiling(data_dir: str | os.PathLike) -> float:
     """The best top-1 any frame-order-blind model can reach on the held-out videos.
 
     Each motion is rendered as its pair's forward motion played backwards, so the two classes
@@ -130,10 +134,10 @@ def _appearance_ceiling(data_dir: Path) -> float:
     class count / number of videos (0.5 for balanced classes)."""
     from collections import Counter
 
-    from .data.synthetic import MOTION_PAIRS, _PHRASES
+    from .data.synthetic import MOTION_PAIRS, MOTION_PHRASES
 
-    phrase_to_motion = {v: k for k, v in _PHRASES.items()}
-    records, class_names = _held_out(data_dir)
+    phrase_to_motion = {v: k for k, v in MOTION_PHRASES.items()}
+    records, class_names = _held_out(Path(data_dir))
     counts = Counter(class_names[r.label] for r in records)
     groups: dict[tuple[str, str], list[int]] = {}
     for name, n in counts.items():
@@ -163,7 +167,7 @@ def _write_report(out: Path, data_dir: Path, results: dict, seconds: float, devi
     film_strip(video_path, out / "film_strip.png", title=f"true: {true_label}   |   DiST: "
                f"{prediction['top'][0]['class']} ({100 * prediction['top'][0]['probability']:.0f}%)")
 
-    ceiling = _appearance_ceiling(data_dir)
+    ceiling = appearance_ceiling(data_dir)
     metrics = {m: {k: v for k, v in r.items() if k != "per_class_accuracy"} for m, r in results.items()}
     metrics["frozen-mean"]["appearance_ceiling"] = ceiling
     metrics["prediction"] = {"video": str(video_rel), "true": true_label, "top": prediction["top"]}

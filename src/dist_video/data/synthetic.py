@@ -37,8 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DEFAULT_DIGITS", "DEFAULT_MOTIONS", "MOTION_PAIRS", "digit_image_split", "synthetic_class_names",
-           "render_video", "make_synthetic", "add_make_synthetic_arguments", "run_make_synthetic"]
+__all__ = ["DEFAULT_DIGITS", "DEFAULT_MOTIONS", "MOTION_PAIRS", "MOTION_PHRASES", "digit_image_split",
+           "synthetic_class_names", "render_video", "make_synthetic", "add_make_synthetic_arguments",
+           "run_make_synthetic"]
 
 DEFAULT_DIGITS = (0, 1, 2)
 DEFAULT_MOTIONS = ("left", "right", "approach", "recede")
@@ -46,8 +47,9 @@ DEFAULT_MOTIONS = ("left", "right", "approach", "recede")
 MOTION_PAIRS = {"right": ("right", False), "left": ("right", True),
                 "down": ("down", False), "up": ("down", True),
                 "approach": ("approach", False), "recede": ("approach", True)}
-_PHRASES = {"left": "moving left", "right": "moving right", "up": "moving up", "down": "moving down",
-            "approach": "approaching", "recede": "receding"}
+#: motion -> how class names say it ("digit 3 moving left")
+MOTION_PHRASES = {"left": "moving left", "right": "moving right", "up": "moving up", "down": "moving down",
+                  "approach": "approaching", "recede": "receding"}
 _SPLIT_CODES = {"train": 1, "val": 2}
 
 
@@ -80,7 +82,7 @@ def synthetic_class_names(digits: Sequence[int] = DEFAULT_DIGITS,
     for m in motions:
         if m not in MOTION_PAIRS:
             raise ValueError(f"unknown motion {m!r}; choose from {', '.join(MOTION_PAIRS)}")
-    return [f"digit {d} {_PHRASES[m]}" for d in digits for m in motions]
+    return [f"digit {d} {MOTION_PHRASES[m]}" for d in digits for m in motions]
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -3,15 +3,15 @@
 PyTorch's CPU tensors come from ``malloc``. glibc serves blocks above its mmap threshold
 (128 KiB, raised on the fly to at most 32 MiB) with fresh ``mmap`` pages and returns them to
 the kernel on ``free``, so every large activation of every step is zero-filled and
-page-faulted again: on a 2-core Xeon a 38 MiB tensor costs 9 ms to allocate and fill instead
-of 1.5 ms, and a ViT-B/16 training step is 10-20% slower (README, "Training cost").
+page-faulted again (README, "Training cost", has the measured effect on a training step).
 Raising the threshold and the trim limit keeps freed blocks in malloc's heap, which is what
 tcmalloc or jemalloc (the allocators Intel recommends for PyTorch on CPUs) do too.
 
-The setting is process-wide and only changes where memory comes from, never values. It is
-applied by the command line and by :func:`dist_video.engine.distributed.setup_distributed` on
-CPU devices; set ``DIST_VIDEO_KEEP_FREED_MEMORY=0`` to leave malloc alone. It is skipped when
-``LD_PRELOAD`` brings in another allocator or ``MALLOC_MMAP_THRESHOLD_`` is set already.
+The setting is process-wide and only changes where memory comes from, never values. The
+library never makes it on its own: the command line applies it for CPU runs, and the
+benchmarks for theirs; set ``DIST_VIDEO_KEEP_FREED_MEMORY=0`` to leave malloc alone. It is
+skipped when ``LD_PRELOAD`` brings in another allocator or ``MALLOC_MMAP_THRESHOLD_`` is set
+already.
 """
 
 from __future__ import annotations
@@ -27,18 +27,13 @@ _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 _LIMIT = 2**31 - 1  # mallopt takes an int: 2 GiB
 
-_applied: bool | None = None
-
 
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of returning it to the kernel.
 
     Returns whether the setting is in effect (False on other platforms and allocators, or
-    when turned off with ``DIST_VIDEO_KEEP_FREED_MEMORY=0``). Safe to call more than once."""
-    global _applied
-    if _applied is not None:
-        return _applied
-    _applied = False
+    when turned off with ``DIST_VIDEO_KEEP_FREED_MEMORY=0``). Calling it again sets the same
+    values again."""
     if os.environ.get("DIST_VIDEO_KEEP_FREED_MEMORY", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     preload = os.environ.get("LD_PRELOAD", "")
@@ -48,8 +43,6 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, _LIMIT) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _LIMIT) == 1
+        return libc.mallopt(_M_MMAP_THRESHOLD, _LIMIT) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _LIMIT) == 1
     except (OSError, AttributeError):
         return False
-    _applied = bool(ok)
-    return _applied

@@ -2,52 +2,34 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from ..baselines import BaselineConfig
+from ..classifier import VideoClassifier, model_class
 from ..clip import CLIP
+from ..clip_loaders import load_clip, resolve_clip_path
 from ..config import ModelConfig
-from ..model import VideoClassifier, model_class
 
-__all__ = ["BUILTIN_ENCODERS", "resolve_clip_path", "load_clip_for", "build_classifier", "attach_head"]
-
-#: Encoders shipped inside the package: ``model.clip: builtin:<name>``.
-BUILTIN_ENCODERS = {"digits": "digits-vit.safetensors"}
-
-
-def resolve_clip_path(spec: str) -> str:
-    """``builtin:<name>`` -> the packaged file; anything else is a path that must exist."""
-    if not spec:
-        raise ValueError("no CLIP weights given: set model.clip to a checkpoint file or folder "
-                         "(e.g. --set model.clip=/models/ViT-B-16.pt) or to builtin:digits")
-    if spec.startswith("builtin:"):
-        name = spec.split(":", 1)[1]
-        if name not in BUILTIN_ENCODERS:
-            raise ValueError(f"unknown built-in encoder {spec!r}; available: "
-                             + ", ".join(f"builtin:{n}" for n in BUILTIN_ENCODERS))
-        return str(resources.files("dist_video") / "assets" / BUILTIN_ENCODERS[name])
-    if not Path(spec).exists():
-        raise FileNotFoundError(f"CLIP weights not found: {spec}")
-    return spec
+# resolve_clip_path lives in dist_video.clip_loaders (load_clip takes builtin:<name> itself); it
+# stays importable from here for code written before it moved.
+__all__ = ["load_clip_for", "build_classifier", "attach_head", "resolve_clip_path"]
 
 
 def load_clip_for(cfg: ModelConfig) -> CLIP:
-    from .. import load_clip
-
-    return load_clip(resolve_clip_path(cfg.clip), act=cfg.clip_act, vocab=cfg.vocab)
+    """The CLIP of ``cfg.clip`` (a checkpoint file or folder, or ``builtin:<name>``)."""
+    if not cfg.clip:
+        raise ValueError("no CLIP weights given: set model.clip to a checkpoint file or folder "
+                         "(e.g. --set model.clip=/models/ViT-B-16.pt) or to builtin:digits")
+    return load_clip(cfg.clip, act=cfg.clip_act, vocab=cfg.vocab)
 
 
 def build_classifier(cfg: ModelConfig, clip: CLIP | None = None) -> VideoClassifier:
     """The network of ``cfg.method`` around ``clip`` (loaded from ``cfg.clip`` if not given),
     initialised from ``cfg.init`` when set. No head yet: see :func:`attach_head`."""
-    model = _network(cfg, clip)
-    if hasattr(model, "branch"):  # DiST: a run-time choice, not part of the saved model
-        model.branch.activation_checkpointing = cfg.activation_checkpointing
-    return model
+    return _network(cfg, clip).set_grad_checkpointing(cfg.activation_checkpointing)
 
 
 def _network(cfg: ModelConfig, clip: CLIP | None) -> VideoClassifier:
@@ -87,12 +69,11 @@ def attach_head(model: VideoClassifier, cfg: ModelConfig, class_names: Sequence[
         return model.set_linear_head(len(class_names), class_names)
     if cfg.head != "text":
         raise ValueError(f"model.head must be 'text' or 'linear', got {cfg.head!r}")
-    tokenizer = getattr(model.clip, "tokenizer", None)
     if not model.clip.has_text:
         raise ValueError("the CLIP weights have no text tower, so class names cannot be embedded: "
                          "use --set model.head=linear")
-    if tokenizer is None:
+    if model.clip.tokenizer is None:
         raise ValueError("no BPE vocabulary was found for CLIP's tokenizer: pass --set model.vocab=PATH "
                          "(bpe_simple_vocab_16e6.txt.gz, or a Hugging Face folder with vocab.json)")
     with torch.no_grad():
-        return model.set_class_names(class_names, tokenizer, prompt=cfg.prompt)
+        return model.set_class_names(class_names, model.clip.tokenizer, prompt=cfg.prompt)

@@ -9,9 +9,9 @@ uninterrupted run would have seen, whatever the number of DataLoader workers.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +28,8 @@ from .distributed import DistEnv
 
 __all__ = ["Datasets", "build_datasets", "train_loader", "ResumableBatchSampler", "write_bad_files",
            "test_clips_of_file", "test_transform", "train_transform"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,7 +77,7 @@ def build_datasets(cfg: Config, splits: Sequence[str] = ("train", "val"),
                    bad_files_dir: str | os.PathLike | None = None, progress: bool = False,
                    verbose: bool = True) -> Datasets:
     """Read the annotations of ``splits`` and build their clip datasets (decoded into memory
-    first with ``data.preload``; ``verbose``: say how much was preloaded, on standard error).
+    first with ``data.preload``; ``verbose``: log how much was preloaded).
 
     Both splits must name the same classes (the training split's list is authoritative when
     ``data.classes`` is not given)."""
@@ -107,8 +109,8 @@ def build_datasets(cfg: Config, splits: Sequence[str] = ("train", "val"),
         for split, dataset in out.items():
             kept = dataset.preload(progress=progress)
             if verbose:
-                print(f"preloaded the {split} split: {len(dataset.records)} videos, {kept / 2**20:.0f} MiB of frames",
-                      file=sys.stderr)
+                logger.info("preloaded the %s split: %d videos, %.0f MiB of frames", split, len(dataset.records),
+                            kept / 2**20)
     return Datasets(class_names=class_names or [], train=out.get("train"), val=out.get("val"))
 
 
@@ -166,8 +168,8 @@ def write_bad_files(dataset: VideoClipDataset, out_dir: str | os.PathLike, epoch
     """Write the list of skipped bad videos into the run folder (``bad_videos.txt``)."""
     path = write_bad_videos(dataset, out_dir, epoch=epoch)
     if path is not None:
-        print(f"{dataset.num_skipped} clips were replaced because their video could not be read; "
-              f"list in {path}", file=sys.stderr)
+        logger.warning("%d clips were replaced because their video could not be read; list in %s",
+                       dataset.num_skipped, path)
     return path
 
 

@@ -13,8 +13,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .allocator import keep_freed_memory
-
 __all__ = ["DistEnv", "setup_distributed", "cleanup_distributed", "all_gather_objects", "barrier",
            "resolve_device", "broadcast_object"]
 
@@ -54,8 +52,6 @@ def setup_distributed(device_name: str = "auto") -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
-    if device.type == "cpu":
-        keep_freed_memory()  # large activations reuse freed memory instead of fresh pages
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":

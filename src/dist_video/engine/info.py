@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
+from ..classifier import VideoClassifier, read_model_config
 from ..clip import CLIP, clip_config_for_architecture
+from ..clip_loaders import load_clip
 from ..config import Config, config_to_dict
-from ..model import VideoClassifier
 from ..profiling import attention_macs, cost_per_view, count_parameters
+from .builder import build_classifier
 
 __all__ = ["describe", "load_any_model"]
 
@@ -27,11 +27,8 @@ def load_any_model(path: str, clip: str | None = None) -> VideoClassifier:
 
 
 def _model_from_config(cfg: Config, clip_path: str | None, arch: str | None) -> VideoClassifier:
-    from .builder import build_classifier, resolve_clip_path
-
     if clip_path or (cfg.model.clip and (cfg.model.clip.startswith("builtin:") or Path(cfg.model.clip).exists())):
-        from .. import load_clip
-        clip = load_clip(resolve_clip_path(clip_path or cfg.model.clip), act=cfg.model.clip_act)
+        clip = load_clip(clip_path or cfg.model.clip, act=cfg.model.clip_act)
     else:
         name = arch or ("ViT-L/14" if "l14" in str(cfg.output_dir) or "L-14" in cfg.model.clip else "ViT-B/16")
         clip = CLIP(clip_config_for_architecture(name, text=False))  # random weights: shapes only
@@ -41,13 +38,9 @@ def _model_from_config(cfg: Config, clip_path: str | None, arch: str | None) -> 
 
 def _recorded_crop_size(model_path: str | None) -> int | None:
     """The test crop a trained model folder records (``config.json`` -> ``preprocess``)."""
-    import json
-    from pathlib import Path
-
-    meta = Path(model_path) / "config.json" if model_path else None
-    if meta is None or not meta.is_file():
+    if not model_path or not Path(model_path).is_dir():
         return None
-    return json.loads(meta.read_text()).get("preprocess", {}).get("crop_size")
+    return read_model_config(model_path).get("preprocess", {}).get("crop_size")
 
 
 def describe(model_path: str | None, cfg: Config | None, *, clip: str | None = None, arch: str | None = None,

@@ -5,30 +5,29 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
+from ..classifier import VideoClassifier
 from ..config import OptimConfig
 
 __all__ = ["parameter_groups", "build_optimizer", "CosineSchedule"]
 
-# 1-D tensors (biases, norms) and these learnable tokens/embeddings get no weight decay.
-_NO_DECAY_NAMES = ("cls_token", "positional_embedding", "class_embedding", "aggregated_cls_token",
-                   "aggregated_spatial_cls_token", "token_embedding")
 
-
-def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+def parameter_groups(model: VideoClassifier, cfg: OptimConfig) -> list[dict]:
     """Trainable parameters in four groups: {pre-trained CLIP, new} x {decay, no decay}.
 
-    New parameters (the DiST branch, adapters, a linear head) get ``branch_lr_mult`` times the
-    learning rate; CLIP's own weights (only trained by ``full-finetune``) get the base rate.
-    Each group carries ``lr_scale``, which :class:`CosineSchedule` multiplies in."""
+    The model says which parameters get no weight decay (``model.no_weight_decay()``, timm's
+    convention). New parameters (the DiST branch, adapters, a linear head) get
+    ``branch_lr_mult`` times the learning rate; CLIP's own weights (only trained by
+    ``full-finetune``) get the base rate. Each group carries ``lr_scale``, which
+    :class:`CosineSchedule` multiplies in."""
+    no_decay = model.no_weight_decay()
     groups: dict[tuple[bool, bool], list] = {}
     names: dict[tuple[bool, bool], list[str]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         new = not name.startswith("clip.")
-        decay = p.ndim >= 2 and not any(token in name for token in _NO_DECAY_NAMES)
+        decay = name not in no_decay
         groups.setdefault((new, decay), []).append(p)
         names.setdefault((new, decay), []).append(name)
     out = []
@@ -43,7 +42,7 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return out
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.AdamW | None:
+def build_optimizer(model: VideoClassifier, cfg: OptimConfig, lr: float) -> torch.optim.AdamW | None:
     """AdamW over :func:`parameter_groups`; ``None`` when nothing is trainable."""
     groups = parameter_groups(model, cfg)
     if not groups:
@@ -55,8 +54,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
 
 def adamw(params, **kwargs) -> torch.optim.AdamW:
     """AdamW with PyTorch's fused kernel where the parameters' device has one (CPU and CUDA:
-    one pass over each tensor; 26M DiST-branch parameters update in 20 ms instead of 66 ms on
-    2 CPU cores), else the default multi-tensor implementation."""
+    one pass over each tensor instead of several), else the default multi-tensor implementation."""
     params = list(params)
     try:
         return torch.optim.AdamW(params, fused=True, **kwargs)

@@ -9,9 +9,9 @@ from typing import Sequence
 
 import torch
 
+from ..classifier import VideoClassifier, read_model_config
+from ..clip_loaders import resolve_clip_path
 from ..dist import cached_inference_weights
-from ..model import VideoClassifier
-from .builder import resolve_clip_path
 from .distributed import resolve_device
 
 __all__ = ["load_for_inference", "predict_clip", "predict_files", "convert_official", "read_class_names",
@@ -39,7 +39,8 @@ def read_class_names(spec: str) -> list[str]:
     if p.suffix == ".json":
         data = json.loads(text)
         if isinstance(data, dict):  # SSv2 labels: {"template": "index"}
-            return [name.replace("[", "").replace("]", "") for name, _ in sorted(data.items(), key=lambda kv: int(kv[1]))]
+            ordered = sorted(data.items(), key=lambda kv: int(kv[1]))
+            return [name.replace("[", "").replace("]", "") for name, _ in ordered]
         return [str(x) for x in data]
     names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
@@ -56,14 +57,14 @@ def load_for_inference(model_path: str, *, clip: str | None = None, classes: str
     dev = resolve_device(device)
     if path.is_dir():
         model = VideoClassifier.from_pretrained(path, clip_dtype=clip_dtype)
-        meta = json.loads((path / "config.json").read_text())
+        meta = read_model_config(path)
         preprocess = {**DEFAULT_PREPROCESS, **meta.get("preprocess", {})}
         preprocess.setdefault("num_frames", model.config.num_frames)
         if model.head_type is None:
             raise ValueError(f"{path}: the model has no classifier head")
     elif path.is_file():
         from ..checkpoints import load_official_checkpoint
-        model = load_official_checkpoint(path, clip=resolve_clip_path(clip) if clip else None, clip_dtype=clip_dtype)
+        model = load_official_checkpoint(path, clip=clip or None, clip_dtype=clip_dtype)
         if not classes:
             raise ValueError(f"{path}: the authors' checkpoints do not store class names: pass --classes "
                              "(a file, or kinetics400 / ssv2)")
@@ -75,7 +76,7 @@ def load_for_inference(model_path: str, *, clip: str | None = None, classes: str
 
 
 def _text_head(model: VideoClassifier, names: list[str], *, vocab: str | None, checkpoint: Path, prompt: str) -> None:
-    tokenizer = getattr(model.clip, "tokenizer", None)
+    tokenizer = model.clip.tokenizer
     if tokenizer is None or vocab:
         from ..tokenizer import Tokenizer, find_vocab
         tokenizer = Tokenizer(find_vocab(checkpoint_path=checkpoint, vocab=vocab))
@@ -110,8 +111,8 @@ def predict_files(model: VideoClassifier, videos: Sequence[str], preprocess: dic
             clips = test_clips_of_file(path, preprocess, num_frames=model.config.num_frames, views=views)
             probs = model(clips.to(device)).float().softmax(dim=1).mean(dim=0)
             p, idx = probs.topk(min(topk, probs.numel()))
-            out.append({"video": str(path), "views": int(clips.shape[0]),
-                        "top": [{"class": names[i], "probability": float(v)} for v, i in zip(p.tolist(), idx.tolist())]})
+            top = [{"class": names[i], "probability": float(v)} for v, i in zip(p.tolist(), idx.tolist())]
+            out.append({"video": str(path), "views": int(clips.shape[0]), "top": top})
     return out
 
 
@@ -127,10 +128,6 @@ def convert_official(checkpoint: str, output: str, *, clip: str | None = None, c
     if classes:
         _text_head(model, read_class_names(classes), vocab=vocab, checkpoint=Path(checkpoint), prompt=prompt)
     ref = clip_path if (clip_path and not copy_clip) else None
-    out = model.save_pretrained(output, clip_path=ref)
-    meta_path = Path(out) / "config.json"
-    meta = json.loads(meta_path.read_text())
-    meta["preprocess"] = {**DEFAULT_PREPROCESS, "num_frames": model.config.num_frames}
-    meta["converted_from"] = os.path.abspath(checkpoint)
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    return Path(out)
+    return model.save_pretrained(output, clip_path=ref, metadata={
+        "preprocess": {**DEFAULT_PREPROCESS, "num_frames": model.config.num_frames},
+        "converted_from": os.path.abspath(checkpoint)})

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 
+from ..classifier import VideoClassifier
 from ..config import Config
-from ..model import VideoClassifier
-from .builder import attach_head, resolve_clip_path
+from .builder import attach_head
 from .data import build_datasets
 from .distributed import cleanup_distributed, setup_distributed
 from .evaluate import evaluate
 from .train import resolve_precision
 
 __all__ = ["evaluate_model"]
+
+logger = logging.getLogger(__name__)
 
 
 def evaluate_model(model_path: str, cfg: Config, *, clip: str | None = None, classes: str | None = None,
@@ -34,14 +36,13 @@ def evaluate_model(model_path: str, cfg: Config, *, clip: str | None = None, cla
         elif path.is_file():
             from ..checkpoints import load_official_checkpoint
             from .predict import read_class_names
-            model = load_official_checkpoint(path, clip=resolve_clip_path(clip) if clip else None,
-                                             clip_dtype=cfg.model.clip_dtype)
+            model = load_official_checkpoint(path, clip=clip or None, clip_dtype=cfg.model.clip_dtype)
             if classes:
                 given = read_class_names(classes)
                 if len(given) != len(names):
                     raise ValueError(f"--classes has {len(given)} names but the dataset has {len(names)} classes")
                 names = given
-            if cfg.model.vocab is None and getattr(model.clip, "tokenizer", None) is None:
+            if cfg.model.vocab is None and model.clip.tokenizer is None:
                 from ..tokenizer import Tokenizer, find_vocab
                 model.clip.tokenizer = Tokenizer(find_vocab(checkpoint_path=path))
             model = attach_head(model, cfg.model, names)
@@ -60,7 +61,7 @@ def evaluate_model(model_path: str, cfg: Config, *, clip: str | None = None, cla
                            out_dir=out, video_paths=datasets.val_paths, progress=progress,
                            extra={"model": str(model_path)})
         if env.is_main:
-            print(f"metrics written to {out / 'metrics.json'}", file=sys.stderr)
+            logger.info("metrics written to %s", out / "metrics.json")
         return metrics
     finally:
         cleanup_distributed()

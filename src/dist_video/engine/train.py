@@ -9,11 +9,12 @@ saved, so a resumed run continues with the very next batch.
 from __future__ import annotations
 
 import json
-import math
+import logging
 import os
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +22,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from ..classifier import bf16_supported
 from ..config import Config, config_to_dict, save_config
 from ..data.mixup import MixupCutmix, soft_target_cross_entropy
-from ..model import bf16_supported
 from .builder import attach_head, build_classifier, load_clip_for
-from .checkpoint import (check_output_dir, load_training_state, save_training_state, set_rng_state)
+from .checkpoint import check_output_dir, load_training_state, save_training_state, set_rng_state
 from .data import build_datasets, train_loader, write_bad_files
 from .distributed import DistEnv, barrier, cleanup_distributed, setup_distributed
 from .evaluate import autocast_context, evaluate
@@ -35,6 +36,8 @@ from .optim import CosineSchedule, build_optimizer
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "resolve_precision", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "last.pt"
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,8 +85,8 @@ class _StopFlag:
         if self.signum is not None:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint at the next step, "
-              "then stopping (press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        logger.warning("\n%s received: saving a checkpoint at the next step, then stopping (press Ctrl-C again "
+                       "to stop at once)", signal.Signals(signum).name)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -141,248 +144,335 @@ def train(cfg: Config, *, resume: bool | str = True, progress: bool = True) -> T
 
 def _train(cfg: Config, env: DistEnv, resume: bool | str, progress: bool) -> TrainResult:
     out = Path(cfg.output_dir)
-    ckpt_dir = out / "checkpoints"
     if env.is_main:
         check_output_dir(out)
-        check_output_dir(ckpt_dir)
+        check_output_dir(out / "checkpoints")
     barrier()
 
     torch.manual_seed(cfg.train.seed)
     datasets = build_datasets(cfg, splits=("train", "val"), progress=progress and env.is_main,
                               verbose=env.is_main)
-    class_names = datasets.class_names
     clip = load_clip_for(cfg.model) if not cfg.model.init else None
     model = build_classifier(cfg.model, clip)
-    model = attach_head(model, cfg.model, class_names).to(env.device)
-    amp_dtype = resolve_precision(cfg.train.precision, env.device)
-    trainable = sum(p.numel() for _, p in model.trainable_parameters())
-
-    # Rough checkpoint size (trainable weights + 2 Adam moments) to check disk space up front.
-    if env.is_main:
-        need = 4 * trainable * 3 + (sum(p.numel() for p in model.clip.parameters()) * 4
-                                    if model.trains_clip else 0)
-        check_output_dir(ckpt_dir, need_bytes=2 * need + (64 << 20))
-        save_config(cfg, out / "config.yaml")
-
-    accumulation = _accumulation(cfg, env)
-    global_batch = cfg.train.batch_size * env.world_size * accumulation
-    batches_per_epoch = len(datasets.train) // (cfg.train.batch_size * env.world_size)
-    updates_per_epoch = batches_per_epoch // accumulation
-    if updates_per_epoch < 1:
-        raise ValueError(f"the training set ({len(datasets.train)} clips) is smaller than one update of "
-                         f"{global_batch} clips (batch_size x processes x accumulation)")
-    total_steps = updates_per_epoch * cfg.optim.epochs
-    if cfg.train.max_steps:
-        total_steps_run = min(total_steps, cfg.train.max_steps)
-    else:
-        total_steps_run = total_steps
-    lr = cfg.optim.lr * (global_batch / cfg.optim.base_batch_size if cfg.optim.scale_lr else 1.0)
-
-    optimizer = build_optimizer(model, cfg.optim, lr)
-    scheduler = CosineSchedule(optimizer, lr, total_steps, round(cfg.optim.warmup_epochs * updates_per_epoch),
-                               cfg.optim.warmup_start_lr, cfg.optim.min_lr)
-    scaler = torch.amp.GradScaler(env.device.type) if amp_dtype == torch.float16 else None
-
-    epoch, step, batch_in_epoch, skipped = 0, 0, 0, 0
-    train_seconds = 0.0
-    log = MetricLog(out / "metrics.jsonl", out / "tensorboard" if env.is_main else None) if env.is_main else None
-    ckpt_path = ckpt_dir / CHECKPOINT_NAME
-    resume_path = Path(resume) if isinstance(resume, (str, os.PathLike)) else (ckpt_path if resume else None)
-    if isinstance(resume, (str, os.PathLike)) and not resume_path.is_file():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+    model = attach_head(model, cfg.model, datasets.class_names).to(env.device)
+    run = _Run(cfg, env, model, datasets, out, progress)
+    resume_path = _resume_path(resume, run.ckpt_path)
     if resume_path is not None and resume_path.is_file():
-        state = load_training_state(resume_path)
-        _check_resume_compatible(state["config"], cfg, resume_path)
+        run.restore(resume_path)
+    run.log_start()
+    status = run.train_epochs()
+    if status == "interrupted":
+        if env.is_main:
+            logger.warning("stopped at step %d; checkpoint saved to %s; run the same command again to resume",
+                           run.pos.step, run.ckpt_path)
+        return run.result(status, {})
+    return run.finish(status)
+
+
+def _resume_path(resume: bool | str | os.PathLike, last: Path) -> Path | None:
+    """The checkpoint to resume from (it may not exist yet), or None to start over."""
+    if isinstance(resume, (str, os.PathLike)):
+        path = Path(resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+        return path
+    return last if resume else None
+
+
+@dataclass
+class _Position:
+    """Where a run is, and what it has counted: saved in every checkpoint, restored on resume."""
+
+    epoch: int = 0
+    step: int = 0  # optimizer updates so far
+    batch_in_epoch: int = 0  # the batch of ``epoch`` the loop starts from
+    skipped: int = 0  # updates skipped for a non-finite loss
+    train_seconds: float = 0.0
+
+
+class _Window:
+    """The clips and loss since the last training log record."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.clips, self.start = 0.0, 0, time.perf_counter()
+
+    def add(self, loss: float, clips: int) -> None:
+        self.loss += loss * clips
+        self.clips += clips
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / max(1, self.clips)
+
+    def clips_per_second(self, world_size: int) -> float:
+        return self.clips * world_size / max(time.perf_counter() - self.start, 1e-9)
+
+
+class _Run:
+    """One training run: the model, optimizer, schedule and data, and the loop's parts
+    (:meth:`restore`, :meth:`train_epochs` with :meth:`forward_backward` and
+    :meth:`optimizer_step`, :meth:`log_step`, :meth:`save_checkpoint`, :meth:`finish`)."""
+
+    def __init__(self, cfg: Config, env: DistEnv, model, datasets, out: Path, progress: bool):
+        self.cfg, self.env, self.model, self.datasets, self.out = cfg, env, model, datasets, out
+        self.progress = progress
+        self.class_names = datasets.class_names
+        self.amp_dtype = resolve_precision(cfg.train.precision, env.device)
+        self.trainable = sum(p.numel() for _, p in model.trainable_parameters())
+        self.ckpt_path = out / "checkpoints" / CHECKPOINT_NAME
+        if env.is_main:
+            # Rough checkpoint size (trainable weights + 2 Adam moments) to check disk space up front.
+            need = 4 * self.trainable * 3 + (sum(p.numel() for p in model.clip.parameters()) * 4
+                                             if model.trains_clip else 0)
+            check_output_dir(self.ckpt_path.parent, need_bytes=2 * need + (64 << 20))
+            save_config(cfg, out / "config.yaml")
+
+        self.accumulation = _accumulation(cfg, env)
+        self.global_batch = cfg.train.batch_size * env.world_size * self.accumulation
+        batches_per_epoch = len(datasets.train) // (cfg.train.batch_size * env.world_size)
+        self.updates_per_epoch = batches_per_epoch // self.accumulation
+        if self.updates_per_epoch < 1:
+            raise ValueError(f"the training set ({len(datasets.train)} clips) is smaller than one update of "
+                             f"{self.global_batch} clips (batch_size x processes x accumulation)")
+        total_steps = self.updates_per_epoch * cfg.optim.epochs
+        self.total_steps_run = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
+        lr = cfg.optim.lr * (self.global_batch / cfg.optim.base_batch_size if cfg.optim.scale_lr else 1.0)
+
+        self.optimizer = build_optimizer(model, cfg.optim, lr)
+        self.scheduler = CosineSchedule(self.optimizer, lr, total_steps,
+                                        round(cfg.optim.warmup_epochs * self.updates_per_epoch),
+                                        cfg.optim.warmup_start_lr, cfg.optim.min_lr)
+        self.scaler = torch.amp.GradScaler(env.device.type) if self.amp_dtype == torch.float16 else None
+        self.mixer = MixupCutmix(mixup_alpha=cfg.augment.mixup_alpha, cutmix_alpha=cfg.augment.cutmix_alpha,
+                                 prob=cfg.augment.mix_prob, switch_prob=cfg.augment.switch_prob,
+                                 label_smoothing=cfg.augment.label_smoothing, num_classes=len(self.class_names))
+        self.log = MetricLog(out / "metrics.jsonl", out / "tensorboard") if env.is_main else None
+        self.pos = _Position()
+        self.ddp_model = model  # wrapped for several processes when training starts
+
+    # ------------------------------------------------------------------ resume
+    def restore(self, path: Path) -> None:
+        """Continue from a training checkpoint: weights, optimizer, schedule, scaler, RNGs, position."""
+        state = load_training_state(path)
+        _check_resume_compatible(state["config"], self.cfg, path)
+        model = self.model
         missing, unexpected = model.load_state_dict(state["model"], strict=False)
         missing = [k for k in missing if model.trains_clip or not k.startswith("clip.")]
         if missing or unexpected:
-            raise ValueError(f"{resume_path}: model weights do not match: missing {missing[:5]}, "
+            raise ValueError(f"{path}: model weights do not match: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-        if optimizer is not None and state["optimizer"] is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
+        if self.optimizer is not None and state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        epoch, step, batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
-        skipped = state["extra"].get("skipped_steps", 0)
-        train_seconds = state["extra"].get("train_seconds", 0.0)
-        if log is not None:
-            log.truncate_after(step)
-        if env.is_main:
-            print(f"resumed from {resume_path}: epoch {epoch}, step {step}", file=sys.stderr)
+        self.pos = _Position(epoch=state["epoch"], step=state["step"], batch_in_epoch=state["batch_in_epoch"],
+                             skipped=state["extra"].get("skipped_steps", 0),
+                             train_seconds=state["extra"].get("train_seconds", 0.0))
+        if self.log is not None:
+            self.log.truncate_after(self.pos.step)
+        if self.env.is_main:
+            logger.info("resumed from %s: epoch %d, step %d", path, self.pos.epoch, self.pos.step)
 
-    ddp_model = model
-    if env.distributed and optimizer is not None:
-        ddp_model = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
-
-    mixer = MixupCutmix(mixup_alpha=cfg.augment.mixup_alpha, cutmix_alpha=cfg.augment.cutmix_alpha,
-                        prob=cfg.augment.mix_prob, switch_prob=cfg.augment.switch_prob,
-                        label_smoothing=cfg.augment.label_smoothing, num_classes=len(class_names))
-
-    def save_checkpoint(at_epoch: int, at_batch: int) -> None:
-        if env.is_main:
-            save_training_state(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                epoch=at_epoch, step=step, batch_in_epoch=at_batch, config=config_to_dict(cfg),
-                                extra={"skipped_steps": skipped, "train_seconds": train_seconds})
+    def save_checkpoint(self, at_epoch: int, at_batch: int) -> None:
+        """Save the state to continue from batch ``at_batch`` of epoch ``at_epoch`` (main process)."""
+        if self.env.is_main:
+            save_training_state(self.ckpt_path, model=self.model, optimizer=self.optimizer,
+                                scheduler=self.scheduler, scaler=self.scaler, epoch=at_epoch, step=self.pos.step,
+                                batch_in_epoch=at_batch, config=config_to_dict(self.cfg),
+                                extra={"skipped_steps": self.pos.skipped, "train_seconds": self.pos.train_seconds})
         barrier()
 
-    def run_eval(tag: str) -> dict:
-        metrics = evaluate(model, datasets.val, env, class_names=class_names, batch_size=cfg.eval.batch_size,
-                           workers=cfg.data.workers, amp_dtype=amp_dtype, out_dir=out / "eval",
-                           video_paths=datasets.val_paths, progress=progress)
-        if log is not None:
-            log.log({"kind": "eval", "step": step, "epoch": epoch, "top1": metrics["top1"],
-                     "top5": metrics["top5"], "mean_class_accuracy": metrics["mean_class_accuracy"]})
-            print(f"[{tag}] top-1 {100 * metrics['top1']:.2f}%  top-5 {100 * metrics['top5']:.2f}%  "
-                  f"mean class {100 * metrics['mean_class_accuracy']:.2f}%  ({metrics['num_videos']} videos)",
-                  file=sys.stderr)
+    # ------------------------------------------------------------------ the loop
+    def train_epochs(self) -> str:
+        """Train until the last epoch (``finished``), ``max_steps`` or a stop signal (``interrupted``)."""
+        cfg, env, pos = self.cfg, self.env, self.pos
+        if env.distributed and self.optimizer is not None:
+            self.ddp_model = DistributedDataParallel(
+                self.model, device_ids=[env.device] if env.device.type == "cuda" else None)
+        status = "finished"
+        bar = None
+        with _StopFlag() as stop:
+            if self.optimizer is None:
+                if env.is_main:
+                    logger.info("nothing to train (no trainable parameters): evaluating only")
+                pos.epoch = cfg.optim.epochs
+            elif self.progress and env.is_main:
+                from tqdm import tqdm
+                bar = tqdm(total=self.total_steps_run, initial=pos.step, unit="step", dynamic_ncols=True,
+                           mininterval=0.5 if sys.stderr.isatty() else 10.0)
+            while pos.epoch < cfg.optim.epochs and status == "finished":
+                status = self._train_epoch(stop, bar)
+                if status != "finished":
+                    break
+                pos.epoch += 1
+                pos.batch_in_epoch = 0
+                if env.is_main:
+                    write_bad_files(self.datasets.train, self.out, pos.epoch)
+                self.save_checkpoint(pos.epoch, 0)
+                if cfg.train.eval_every and pos.epoch % cfg.train.eval_every == 0 and pos.epoch < cfg.optim.epochs:
+                    self.evaluate(f"epoch {pos.epoch}")
+            if bar is not None:
+                bar.close()
+        return status
+
+    def _train_epoch(self, stop: _StopFlag, bar) -> str:
+        """The rest of epoch ``pos.epoch`` from batch ``pos.batch_in_epoch``: ``finished`` at its end,
+        else ``interrupted`` or ``max_steps`` (a checkpoint saved)."""
+        cfg, env, pos = self.cfg, self.env, self.pos
+        self.ddp_model.train()
+        loader = train_loader(self.datasets.train, cfg, env, epoch=pos.epoch, start_batch=pos.batch_in_epoch)
+        window = _Window()
+        self.optimizer.zero_grad(set_to_none=True)
+        limit = self.updates_per_epoch * self.accumulation
+        for batch_idx, batch in enumerate(loader, start=pos.batch_in_epoch):
+            if batch_idx >= limit:
+                break
+            t0 = time.perf_counter()
+            boundary = (batch_idx + 1) % self.accumulation == 0
+            loss = self.forward_backward(batch, batch_idx, sync=boundary)
+            if loss is None:  # non-finite, skipped
+                continue
+            window.add(loss, batch["video"].shape[0])
+            pos.train_seconds += time.perf_counter() - t0
+            if not boundary:
+                continue
+            t1 = time.perf_counter()
+            self.optimizer_step()
+            pos.train_seconds += time.perf_counter() - t1
+            self.log_step(window, bar, last=batch_idx + 1 >= limit)
+            if cfg.train.checkpoint_every_steps and pos.step % cfg.train.checkpoint_every_steps == 0:
+                self.save_checkpoint(pos.epoch, batch_idx + 1)
+            if _any_rank(stop.signum is not None, env):
+                self.save_checkpoint(pos.epoch, batch_idx + 1)
+                return "interrupted"
+            if cfg.train.max_steps and pos.step >= cfg.train.max_steps:
+                self.save_checkpoint(pos.epoch, batch_idx + 1)
+                return "max_steps"
+        return "finished"
+
+    def forward_backward(self, batch: dict, batch_idx: int, *, sync: bool) -> float | None:
+        """Mix, forward and backward one batch (gradients accumulate; with several processes they
+        are averaged only when ``sync``). Returns the loss, or None when it was not finite and
+        ``train.nonfinite_loss`` is ``skip`` (the accumulated gradients are dropped); otherwise a
+        non-finite loss raises :class:`NonFiniteLossError`."""
+        cfg, env, pos = self.cfg, self.env, self.pos
+        video = batch["video"].to(env.device, non_blocking=True)
+        labels = batch["label"].to(env.device, non_blocking=True)
+        gen = torch.Generator().manual_seed(hash((cfg.train.seed, pos.epoch, batch_idx, env.rank)) & 0x7FFFFFFF)
+        video, targets = self.mixer(video, labels, generator=gen)
+        ddp = self.ddp_model
+        ctx = ddp.no_sync() if not sync and isinstance(ddp, DistributedDataParallel) else nullcontext()
+        with ctx:
+            with autocast_context(env.device, self.amp_dtype):
+                logits = ddp(video)
+            loss = soft_target_cross_entropy(logits.float(), targets)
+            if _any_rank(not torch.isfinite(loss).item(), env):
+                if cfg.train.nonfinite_loss != "skip":
+                    last = (f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.is_file()
+                            else "no checkpoint was written yet")
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({loss.item()}) at step {pos.step + 1} (epoch {pos.epoch}, batch "
+                        f"{batch_idx}); stopping ({last}). Lower optim.lr, or set "
+                        "train.nonfinite_loss=skip to skip such steps")
+                pos.skipped += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                if env.is_main:
+                    logger.warning("non-finite loss at step %d (epoch %d, batch %d): skipped (%d so far)",
+                                   pos.step + 1, pos.epoch, batch_idx, pos.skipped)
+                return None
+            scaled = loss / self.accumulation
+            if self.scaler is not None:
+                self.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        return loss.item()
+
+    def optimizer_step(self) -> None:
+        """Apply the accumulated gradients (unscaled, clipped), then advance the schedule."""
+        optimizer, scaler = self.optimizer, self.scaler
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if self.cfg.optim.grad_clip:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.pos.step += 1
+
+    # ------------------------------------------------------------------ logging
+    def log_start(self) -> None:
+        if self.env.is_main:
+            cfg, env = self.cfg, self.env
+            logger.info("%s: %s trainable parameters; %d training clips, %d classes; %d updates/epoch of %d clips "
+                        "(%d x %d process(es) x %d accumulation); device %s, autocast %s", self.model.method,
+                        f"{self.trainable:,}", len(self.datasets.train), len(self.class_names),
+                        self.updates_per_epoch, self.global_batch, cfg.train.batch_size, env.world_size,
+                        self.accumulation, env.device, self.amp_dtype or "off")
+
+    def log_step(self, window: _Window, bar, *, last: bool) -> None:
+        """After an update: the progress bar, and a training record every ``train.log_every``
+        updates and at the end of the epoch (the window then starts again)."""
+        cfg, step = self.cfg, self.pos.step
+        if bar is not None:
+            bar.set_postfix(loss=f"{window.mean_loss:.4f}",
+                            lr=f"{self.scheduler.current * cfg.optim.branch_lr_mult:.2e}",
+                            clips_s=f"{window.clips_per_second(self.env.world_size):.1f}",
+                            epoch=self.pos.epoch, refresh=False)
+            bar.update(1)
+        if self.log is not None and (step % max(1, cfg.train.log_every) == 0 or last):
+            self.log.log({"kind": "train", "step": step, "epoch": self.pos.epoch, "loss": window.mean_loss,
+                          "lr": self.scheduler.value(step - 1) * cfg.optim.branch_lr_mult,
+                          "clips_per_second": window.clips_per_second(self.env.world_size)})
+            window.reset()
+
+    def evaluate(self, tag: str) -> dict:
+        metrics = evaluate(self.model, self.datasets.val, self.env, class_names=self.class_names,
+                           batch_size=self.cfg.eval.batch_size, workers=self.cfg.data.workers,
+                           amp_dtype=self.amp_dtype, out_dir=self.out / "eval", video_paths=self.datasets.val_paths,
+                           progress=self.progress)
+        if self.log is not None:
+            self.log.log({"kind": "eval", "step": self.pos.step, "epoch": self.pos.epoch, "top1": metrics["top1"],
+                          "top5": metrics["top5"], "mean_class_accuracy": metrics["mean_class_accuracy"]})
+            logger.info("[%s] top-1 %.2f%%  top-5 %.2f%%  mean class %.2f%%  (%d videos)", tag,
+                        100 * metrics["top1"], 100 * metrics["top5"], 100 * metrics["mean_class_accuracy"],
+                        metrics["num_videos"])
         return metrics
 
-    if env.is_main:
-        print(f"{model.method}: {trainable:,} trainable parameters; {len(datasets.train)} training clips, "
-              f"{len(class_names)} classes; {updates_per_epoch} updates/epoch of {global_batch} clips "
-              f"({cfg.train.batch_size} x {env.world_size} process(es) x {accumulation} accumulation); "
-              f"device {env.device}, autocast {amp_dtype or 'off'}", file=sys.stderr)
+    # ------------------------------------------------------------------ the end
+    def result(self, status: str, metrics: dict) -> TrainResult:
+        return TrainResult(status, self.out, self.pos.step, self.pos.epoch, metrics, self.pos.train_seconds,
+                           self.trainable)
 
-    status = "finished"
-    metrics: dict = {}
-    nothing_to_train = optimizer is None
-    bar = None
-    with _StopFlag() as stop:
-        if nothing_to_train:
-            if env.is_main:
-                print("nothing to train (no trainable parameters): evaluating only", file=sys.stderr)
-            epoch = cfg.optim.epochs
-        if progress and env.is_main and not nothing_to_train:
-            from tqdm import tqdm
-            bar = tqdm(total=total_steps_run, initial=step, unit="step", dynamic_ncols=True,
-                       mininterval=0.5 if sys.stderr.isatty() else 10.0)
-        while epoch < cfg.optim.epochs and status == "finished":
-            ddp_model.train()
-            loader = train_loader(datasets.train, cfg, env, epoch=epoch, start_batch=batch_in_epoch)
-            window_loss, window_clips, t_window = 0.0, 0, time.perf_counter()
-            micro = 0
-            optimizer.zero_grad(set_to_none=True)
-            limit = updates_per_epoch * accumulation
-            for batch_idx, batch in enumerate(loader, start=batch_in_epoch):
-                if batch_idx >= limit:
-                    break
-                t0 = time.perf_counter()
-                video = batch["video"].to(env.device, non_blocking=True)
-                labels = batch["label"].to(env.device, non_blocking=True)
-                gen = torch.Generator().manual_seed(
-                    hash((cfg.train.seed, epoch, batch_idx, env.rank)) & 0x7FFFFFFF)
-                video, targets = mixer(video, labels, generator=gen)
-                boundary = (batch_idx + 1) % accumulation == 0
-                sync = boundary or not isinstance(ddp_model, DistributedDataParallel)
-                ctx = ddp_model.no_sync() if not sync else _nullcontext()
-                with ctx:
-                    with autocast_context(env.device, amp_dtype):
-                        logits = ddp_model(video)
-                    loss = soft_target_cross_entropy(logits.float(), targets)
-                    bad = _any_rank(not torch.isfinite(loss).item(), env)
-                    if bad:
-                        if cfg.train.nonfinite_loss == "skip":
-                            skipped += 1
-                            optimizer.zero_grad(set_to_none=True)
-                            micro = 0
-                            if env.is_main:
-                                print(f"non-finite loss at step {step + 1} (epoch {epoch}, batch {batch_idx}): "
-                                      f"skipped ({skipped} so far)", file=sys.stderr)
-                            continue
-                        last = (f"the last good checkpoint is {ckpt_path}" if ckpt_path.is_file()
-                                else "no checkpoint was written yet")
-                        raise NonFiniteLossError(
-                            f"non-finite loss ({loss.item()}) at step {step + 1} (epoch {epoch}, batch "
-                            f"{batch_idx}); stopping ({last}). Lower optim.lr, or set "
-                            "train.nonfinite_loss=skip to skip such steps")
-                    scaled = loss / accumulation
-                    if scaler is not None:
-                        scaler.scale(scaled).backward()
-                    else:
-                        scaled.backward()
-                micro += 1
-                window_loss += loss.item() * video.shape[0]
-                window_clips += video.shape[0]
-                train_seconds += time.perf_counter() - t0
-                if not boundary:
-                    continue
-                t1 = time.perf_counter()
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                if cfg.optim.grad_clip:
-                    params = [p for g in optimizer.param_groups for p in g["params"]]
-                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                step += 1
-                micro = 0
-                train_seconds += time.perf_counter() - t1
-                if bar is not None:
-                    elapsed = time.perf_counter() - t_window
-                    bar.set_postfix(loss=f"{window_loss / max(1, window_clips):.4f}",
-                                    lr=f"{scheduler.current * cfg.optim.branch_lr_mult:.2e}",
-                                    clips_s=f"{window_clips * env.world_size / max(elapsed, 1e-9):.1f}",
-                                    epoch=epoch, refresh=False)
-                    bar.update(1)
-                if log is not None and (step % max(1, cfg.train.log_every) == 0 or batch_idx + 1 >= limit):
-                    log.log({"kind": "train", "step": step, "epoch": epoch,
-                             "loss": window_loss / max(1, window_clips),
-                             "lr": scheduler.value(step - 1) * cfg.optim.branch_lr_mult,
-                             "clips_per_second": window_clips * env.world_size / max(time.perf_counter() - t_window, 1e-9)})
-                    window_loss, window_clips, t_window = 0.0, 0, time.perf_counter()
-                if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
-                    save_checkpoint(epoch, batch_idx + 1)
-                if _any_rank(stop.signum is not None, env):
-                    save_checkpoint(epoch, batch_idx + 1)
-                    status = "interrupted"
-                    break
-                if cfg.train.max_steps and step >= cfg.train.max_steps:
-                    save_checkpoint(epoch, batch_idx + 1)
-                    status = "max_steps"
-                    break
-            if status != "finished":
-                break
-            epoch += 1
-            batch_in_epoch = 0
-            if env.is_main:
-                write_bad_files(datasets.train, out, epoch)
-            save_checkpoint(epoch, 0)
-            due = cfg.train.eval_every and epoch % cfg.train.eval_every == 0 and epoch < cfg.optim.epochs
-            if due:
-                metrics = run_eval(f"epoch {epoch}")
-        if bar is not None:
-            bar.close()
-
-    if status == "interrupted":
-        if env.is_main:
-            print(f"stopped at step {step}; checkpoint saved to {ckpt_path}; run the same command again "
-                  "to resume", file=sys.stderr)
-        return TrainResult(status, out, step, epoch, {}, train_seconds, trainable)
-
-    metrics = run_eval("final")
-    if env.is_main:
-        model.save_pretrained(out / "model", clip_path=_clip_reference(cfg))
-        _write_preprocess(out / "model", cfg)
-        if log is not None:
-            records = log.read()
-            if any(r.get("kind") == "train" for r in records):
-                plot_training_curves(records, out / "training_curves.png", title=f"{model.method} on "
-                                     f"{len(class_names)} classes")
-            log.close()
-        summary = {"status": status, "method": model.method, "step": step, "epoch": epoch,
-                   "trainable_params": trainable, "train_seconds": train_seconds,
-                   "skipped_steps": skipped, **{k: metrics[k] for k in ("top1", "top5", "mean_class_accuracy",
-                                                                        "num_videos")}}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    barrier()
-    return TrainResult(status, out, step, epoch, metrics, train_seconds, trainable)
+    def finish(self, status: str) -> TrainResult:
+        """Evaluate, save the model (with its test-time preprocessing), plot and summarise."""
+        metrics = self.evaluate("final")
+        if self.env.is_main:
+            model, out, pos = self.model, self.out, self.pos
+            model.save_pretrained(out / "model", clip_path=_clip_reference(self.cfg),
+                                  metadata={"preprocess": _preprocess(self.cfg)})
+            if self.log is not None:
+                records = self.log.read()
+                if any(r.get("kind") == "train" for r in records):
+                    plot_training_curves(records, out / "training_curves.png", title=f"{model.method} on "
+                                         f"{len(self.class_names)} classes")
+                self.log.close()
+            summary = {"status": status, "method": model.method, "step": pos.step, "epoch": pos.epoch,
+                       "trainable_params": self.trainable, "train_seconds": pos.train_seconds,
+                       "skipped_steps": pos.skipped,
+                       **{k: metrics[k] for k in ("top1", "top5", "mean_class_accuracy", "num_videos")}}
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        barrier()
+        return self.result(status, metrics)
 
 
 def _clip_reference(cfg: Config) -> str | None:
@@ -392,23 +482,10 @@ def _clip_reference(cfg: Config) -> str | None:
     return cfg.model.clip
 
 
-def _write_preprocess(model_dir: Path, cfg: Config) -> None:
-    """Record the test-time preprocessing beside the weights, for ``dist-video predict``."""
-    meta_path = model_dir / "config.json"
-    meta = json.loads(meta_path.read_text())
-    meta["preprocess"] = {
+def _preprocess(cfg: Config) -> dict:
+    """The test-time preprocessing a model records beside its weights, for ``dist-video predict``."""
+    return {
         "num_frames": cfg.model.dist.num_frames, "sampling": cfg.data.sampling, "interval": cfg.data.interval,
         "crop_size": cfg.data.crop_size, "test_scale": cfg.data.test_scale, "num_views": cfg.data.num_views,
         "num_crops": cfg.data.num_crops, "mean": cfg.data.mean, "std": cfg.data.std,
     }
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, meta_path)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -1,0 +1,332 @@
+"""VideoClassifier: what every video classifier here shares (CLIP, heads, saving and loading).
+
+A method (DiST or a baseline) is a subclass that sets the class attribute ``method``; defining
+it registers the class, so :func:`model_class` and :meth:`VideoClassifier.from_pretrained`
+find it by that name. ``import dist_video`` imports every method shipped with the package.
+
+A saved model is a folder: ``config.json`` (format :data:`FORMAT_NAME`, version
+:data:`FORMAT_VERSION`) + ``model.safetensors`` (+ ``clip.safetensors`` unless the CLIP
+weights are referenced by path). :func:`read_model_config` is the one reader of
+``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, ClassVar, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .clip import CLIP, CLIPConfig
+from .clip_loaders import clip_from_openai_state_dict, load_clip
+from .dist import checkpointing_mode
+
+__all__ = ["VideoClassifier", "model_class", "resolve_clip_dtype", "bf16_supported", "load_strict_state_dict",
+           "read_model_config", "FORMAT_NAME", "FORMAT_VERSION", "FORMAT_UPGRADES"]
+
+FORMAT_NAME = "dist-video"
+FORMAT_VERSION = 1
+
+
+#: How :func:`read_model_config` brings an older ``config.json`` up to :data:`FORMAT_VERSION`:
+#: ``FORMAT_UPGRADES[v - 1]`` turns a version-``v`` dict into a version-``v + 1`` one. Bumping the
+#: version adds one function here.
+FORMAT_UPGRADES: tuple[Callable[[dict], dict], ...] = ()
+
+
+def bf16_supported(device: torch.device | str) -> bool:
+    """Whether bf16 matrix products are fast and supported on ``device``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_clip_dtype(dtype: str | torch.dtype | None, device: torch.device | str = "cpu") -> torch.dtype:
+    """``"auto"``/``None`` -> bf16 where supported, else fp32; also accepts names and dtypes."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if bf16_supported(device) else torch.float32
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown CLIP dtype {dtype!r}: expected one of auto, {', '.join(names)}")
+    return names[dtype]
+
+
+class VideoClassifier(nn.Module):
+    """What every video classifier here shares: a CLIP model, a class head and saving.
+
+    Subclasses set ``method`` (which registers them: see :func:`model_class`) and implement
+    :meth:`encode_video` (B x 3 x T x H x W -> B x E) and :meth:`method_config` (a JSON-able
+    dict that rebuilds them with :meth:`from_method_config`). The head is either fixed
+    class-text embeddings (cosine logits scaled by CLIP's frozen ``logit_scale``) or a
+    learnable linear layer.
+    """
+
+    method: ClassVar[str] = ""
+    trains_clip: ClassVar[bool] = False  # True when CLIP weights are trained (saved with the model)
+    #: Parameters whose dotted name contains one of these get no weight decay (learnable tokens
+    #: and embeddings): CLIP's class token and position/token embeddings here; subclasses add theirs.
+    no_weight_decay_names: ClassVar[tuple[str, ...]] = ("class_embedding", "positional_embedding",
+                                                        "token_embedding")
+    _methods: ClassVar[dict[str, type[VideoClassifier]]] = {}  # method name -> class, filled as classes are defined
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("method")
+        if not name:  # an intermediate base class, or a subclass of a method that keeps its name
+            return
+        known = VideoClassifier._methods.get(name)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(f"{cls.__qualname__}: method {name!r} is taken by {known.__module__}.{known.__qualname__}")
+        VideoClassifier._methods[name] = cls
+
+    def __init__(self, clip: CLIP, *, clip_dtype: str | torch.dtype | None = "auto"):
+        super().__init__()
+        self.clip = clip
+        self.class_names: list[str] | None = None
+        self.head_type: str | None = None
+        self.head: nn.Module | None = None
+        self.register_buffer("class_embeddings", None, persistent=False)
+        if not self.trains_clip:
+            self.clip.requires_grad_(False)
+            self.clip.eval()
+            self.set_clip_dtype(resolve_clip_dtype(clip_dtype, next(clip.parameters()).device))
+
+    # ------------------------------------------------------------------ CLIP
+    @property
+    def clip_dtype(self) -> torch.dtype:
+        return self.clip.visual.conv1.weight.dtype
+
+    def set_clip_dtype(self, dtype: str | torch.dtype) -> VideoClassifier:
+        """Cast the frozen image tower (the text tower stays fp32: it runs once per class list)."""
+        self.clip.visual.to(resolve_clip_dtype(dtype, self.clip.visual.conv1.weight.device))
+        return self
+
+    def train(self, mode: bool = True) -> VideoClassifier:
+        super().train(mode)
+        if not self.trains_clip:
+            self.clip.eval()  # frozen: no dropout / statistics updates, whatever the mode
+        return self
+
+    @torch.no_grad()
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Frozen CLIP text embeddings: C x L token ids -> C x E."""
+        return self.clip.encode_text(tokens).float()
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def method_config(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def from_method_config(cls, clip: CLIP, config: dict, **kwargs) -> VideoClassifier:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ training
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters that get no weight decay (timm's convention): biases and other
+        1-D tensors (norms), and those whose name contains one of ``no_weight_decay_names``."""
+        return {name for name, p in self.named_parameters()
+                if p.ndim < 2 or any(fragment in name for fragment in self.no_weight_decay_names)}
+
+    def set_grad_checkpointing(self, mode: bool | str = True) -> VideoClassifier:
+        """Recompute activations in backward instead of storing them (timm's name). ``mode``: as
+        :func:`dist_video.dist.checkpointing_mode` takes it (False/True/"off"/"selective"/"full").
+        This method has none: anything but off is a ``ValueError``; DiST overrides it."""
+        if checkpointing_mode(mode) != "off":
+            raise ValueError(f"activation checkpointing is not available for the {self.method!r} method "
+                             "(only for dist): set model.activation_checkpointing=false")
+        return self
+
+    # ------------------------------------------------------------------ heads
+    def set_class_embeddings(self, text_embeddings: torch.Tensor,
+                             class_names: Sequence[str] | None = None) -> VideoClassifier:
+        """Use fixed class-text embeddings (C x E) as the classifier."""
+        self.head_type, self.head = "text", None
+        device = self.clip.logit_scale.device
+        self.class_embeddings = text_embeddings.detach().float().to(device)
+        self.class_names = list(class_names) if class_names is not None else None
+        return self
+
+    def set_class_names(self, class_names: Sequence[str], tokenizer, prompt: str = "") -> VideoClassifier:
+        """Embed ``prompt + name`` for every class with the frozen text tower and use it as the head."""
+        tokens = tokenizer([f"{prompt}{name}" for name in class_names])
+        return self.set_class_embeddings(self.encode_text(tokens), class_names)
+
+    def set_linear_head(self, num_classes: int, class_names: Sequence[str] | None = None) -> VideoClassifier:
+        """A learnable linear head E -> C (for classes whose names mean nothing to CLIP)."""
+        head = nn.Linear(self.clip.embed_dim, num_classes)
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        self.head_type, self.head = "linear", head.to(self.clip.logit_scale.device)
+        self.class_embeddings = None
+        self.class_names = list(class_names) if class_names is not None else None
+        return self
+
+    @property
+    def num_classes(self) -> int | None:
+        if self.head_type == "text":
+            return self.class_embeddings.shape[0]
+        if self.head_type == "linear":
+            return self.head.out_features
+        return None
+
+    def logits(self, video: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """Cosine logits against given text embeddings (C x E), scaled by CLIP's ``logit_scale``: -> B x C."""
+        return self._cosine_logits(self.encode_video(video), text_embeddings)
+
+    def _cosine_logits(self, z: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        z = F.normalize(z, dim=-1)
+        text = F.normalize(text.to(z.dtype), dim=-1)
+        return self.clip.logit_scale.detach().exp().to(z.dtype) * z @ text.t()
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        """Video embeddings B x E -> class logits B x C with the current head."""
+        if self.head_type == "text":
+            return self._cosine_logits(z, self.class_embeddings)
+        if self.head_type == "linear":
+            return self.head(z)
+        raise RuntimeError("no classifier head: call set_class_names / set_class_embeddings / set_linear_head")
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """B x 3 x T x H x W -> B x C class logits."""
+        return self.classify(self.encode_video(video))
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | os.PathLike, *, clip_path: str | os.PathLike | None = None,
+                        metadata: Mapping | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (+ ``clip.safetensors`` unless ``clip_path``).
+
+        With ``clip_path`` (frozen-CLIP methods only) the CLIP weights are not copied: the folder
+        refers to that file, which :func:`dist_video.load_clip` must read when it is loaded.
+        ``metadata``: more JSON-able entries for ``config.json`` (e.g. ``preprocess``, the
+        test-time preprocessing), after the model's own."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v for k, v in self.state_dict().items() if not k.startswith("clip.")}
+        if self.head_type == "text":
+            tensors["class_embeddings"] = self.class_embeddings
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "config": self.method_config(),
+            "clip": self.clip.config.to_dict(),
+            "head": self.head_type,
+            "class_names": self.class_names,
+        }
+        if clip_path is None or self.trains_clip:
+            clip_sd = {k: v.detach().float().contiguous().cpu() for k, v in self.clip.state_dict().items()}
+            _atomic_save_safetensors(clip_sd, directory / "clip.safetensors", save_file)
+            meta["clip_weights"] = "clip.safetensors"
+        else:
+            meta["clip_weights"] = {"path": str(Path(clip_path).resolve())}
+        clash = sorted(set(metadata or {}) & set(meta))
+        if clash:
+            raise ValueError(f"metadata may not replace the model's own config.json entries {clash}")
+        meta.update(metadata or {})
+        _atomic_save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                                 directory / "model.safetensors", save_file)
+        tmp = directory / "config.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, directory / "config.json")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, clip: CLIP | None = None,
+                        clip_dtype: str | torch.dtype | None = "auto",
+                        map_location: str | torch.device = "cpu") -> VideoClassifier:
+        """Load a folder written by :meth:`save_pretrained` (any registered method)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta = read_model_config(directory)
+        model_cls = model_class(meta.get("method", "dist"))
+        if cls is not VideoClassifier and not issubclass(model_cls, cls):
+            raise ValueError(f"{directory / 'config.json'}: holds a {meta.get('method')!r} model, "
+                             f"not {cls.__name__}")
+        if clip is None:
+            ref = meta["clip_weights"]
+            if isinstance(ref, str):
+                clip = clip_from_openai_state_dict(load_file(directory / ref), config=CLIPConfig(**meta["clip"]),
+                                                   source=str(directory / ref))
+            else:
+                clip = load_clip(ref["path"], act=meta["clip"]["act"])
+        model = model_cls.from_method_config(clip.to(map_location), meta["config"], clip_dtype=clip_dtype)
+        tensors = load_file(directory / "model.safetensors", device=str(map_location))
+        names = meta.get("class_names")
+        if meta.get("head") == "text":
+            model.set_class_embeddings(tensors.pop("class_embeddings"), names)
+        elif meta.get("head") == "linear":
+            model.set_linear_head(tensors["head.weight"].shape[0], names)
+        own = {k: v for k, v in model.state_dict().items() if not k.startswith("clip.")}
+        load_strict_state_dict(model, own, tensors, str(directory / "model.safetensors"))
+        return model
+
+
+def model_class(method: str) -> type[VideoClassifier]:
+    """The classifier class registered for a method name (``dist`` or a baseline)."""
+    known = VideoClassifier._methods
+    if method not in known:
+        raise ValueError(f"unknown method {method!r}: expected one of {', '.join(known)}")
+    return known[method]
+
+
+def read_model_config(directory: str | os.PathLike) -> dict:
+    """The ``config.json`` of a model folder, brought up to :data:`FORMAT_VERSION` by
+    :data:`FORMAT_UPGRADES` (the one place that reads the saved format)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no config.json (not a dist-video model folder)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{path}: not a dist-video model (format={found!r})")
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {version!r}, but this dist-video reads versions 1 to "
+                         f"{FORMAT_VERSION} (written by a newer release?)")
+    for upgrade in FORMAT_UPGRADES[version - 1:]:
+        meta = upgrade(meta)
+    return {**meta, "format_version": FORMAT_VERSION}
+
+
+def load_strict_state_dict(module: nn.Module, own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor],
+                           source: str) -> None:
+    """Load ``state_dict`` into ``module`` after checking it has exactly the keys and shapes of
+    ``own`` (the part of ``module.state_dict()`` it should fill); ``source`` names it in errors."""
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+             for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{source}: weights do not match the model: missing {missing[:6]}, "
+                         f"unexpected {unexpected[:6]}, shape mismatches {wrong[:6]}")
+    module.load_state_dict(state_dict, strict=False)
+
+
+def _atomic_save_safetensors(tensors: dict, path: Path, save_file) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
