@@ -92,6 +92,7 @@ def test_train_evaluate_predict_info_through_the_cli(data, tmp_path):
     run = tmp_path / "run"
     proc = cli("train", *tiny(data, run, "train.eval_every=1"))
     final = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "trainable parameters;" in proc.stderr and "[final] top-1" in proc.stderr  # progress messages (INFO)
     for key in ("top1", "top5", "mean_class_accuracy"):
         assert 0.0 <= final[key] <= 1.0
     assert final["num_videos"] == 12
@@ -122,6 +123,7 @@ def test_train_evaluate_predict_info_through_the_cli(data, tmp_path):
                str(tmp_path / "eval"), "--quiet")
     again = json.loads(proc.stdout.strip().splitlines()[-1])
     assert again == {k: final[k] for k in again}
+    assert "metrics written to" not in proc.stderr  # --quiet: warnings and errors only
 
     # prediction prints probabilities of known classes; JSON output is parseable
     video = data / "val" / "00000.mp4"

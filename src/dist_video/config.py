@@ -49,7 +49,8 @@ class ModelConfig:
     adapter_dim: int = 64  # bottleneck width of the `adapter` baseline
     adapter_kernel: int = 3  # temporal kernel of the `adapter` baseline
     # DiST: activations recomputed in backward instead of stored: off (false) | selective (the
-    # stem, integration blocks and pooling) | full (true: everything, ~1 more branch forward)
+    # stem, integration blocks and pooling) | full (true: everything, ~1 more branch forward).
+    # Applied with model.set_grad_checkpointing; the baselines only take off.
     activation_checkpointing: bool | str = False
 
     def __post_init__(self):
