@@ -122,8 +122,8 @@ _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".pyth")
 _HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
             "gelu_pytorch_tanh": "gelu_tanh"}
 #: Suffixes of a standard pre-norm block (``resblocks.<i>.<suffix>``); anything else is a variant.
-_BLOCK_KEYS = {f"{m}.{p}" for m in ("ln_1", "ln_2", "attn.out_proj", "mlp.c_fc", "mlp.c_proj") for p in ("weight", "bias")} \
-    | {"attn.in_proj_weight", "attn.in_proj_bias"}
+_BLOCK_KEYS = {f"{m}.{p}" for m in ("ln_1", "ln_2", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")
+               for p in ("weight", "bias")} | {"attn.in_proj_weight", "attn.in_proj_bias"}
 
 
 @dataclass
@@ -526,7 +526,8 @@ def _hf_to_openai(sd: dict, file: Path) -> dict:
             out[b] = sd[a].t()
             used.add(a)
     try:
-        for tower, dst in (("vision_model.", "visual.transformer.resblocks."), ("text_model.", "transformer.resblocks.")):
+        towers = (("vision_model.", "visual.transformer.resblocks."), ("text_model.", "transformer.resblocks."))
+        for tower, dst in towers:
             for i in range(_count_blocks(sd, tower + "encoder.layers.")):
                 _hf_block(sd, f"{tower}encoder.layers.{i}.", f"{dst}{i}.", out, used)
     except KeyError as e:
