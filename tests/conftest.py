@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from dist_video.clip import CLIP, CLIPConfig
+
+# One intra-op thread unless OMP_NUM_THREADS says otherwise: the tests' models are tiny, so on a
+# shared 2-core machine torch's default (a thread per core) makes the suite 2-3x slower, and
+# CPU results then do not depend on the machine's core count. (The CLI subprocesses set their own.)
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
 
 
 def _tiny_clip(width=128, layers=4, heads=None, patch=16, image=64, embed=64, seed=0):
