@@ -2,8 +2,8 @@
 
 1. Throughput: clips per second of DiST (K400 ViT-B/16 8+16f: 16 dense frames, 8 through CLIP)
    and of CLIP alone on the same 8 frames (the frozen-mean model: frame embeddings averaged),
-   224 x 224, random weights, each at its best precision (bf16 CLIP where supported, the branch
-   under bf16 autocast), batches of 1, 4 and 16 clips, medians over repetitions, the two models
+   224 x 224, random weights, each in its inference form (``model.fuse()``: bf16 where
+   supported), batches of 1, 4 and 16 clips, medians over repetitions, the two models
    interleaved repetition by repetition so machine noise hits both alike.
 2. Counted cost of one view for every published preset: multiply-accumulates from PyTorch's
    FLOP counter (FLOPs / 2) for CLIP and for the DiST branch, CLIP's attention products listed
@@ -27,8 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_method, machine, sync  # noqa: E402
 
-from dist_video.dist import PRESETS, cached_inference_weights  # noqa: E402
-from dist_video.fused import fuse_dist, fuse_frames  # noqa: E402
+from dist_video.dist import PRESETS  # noqa: E402
 from dist_video.profiling import attention_macs, cost_per_view, count_parameters, inference_cost_per_view  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -40,26 +39,18 @@ def arch_of(preset: str) -> str:
     return "ViT-L/14" if "vit-l14" in preset else "ViT-B/16"
 
 
-def throughput(batches: list[int], repeats: int, device: torch.device, compare_unfused: bool) -> list[dict]:
-    """Seconds per batch for the fused DiST model and fused CLIP alone, interleaved (and, with
-    ``compare_unfused``, the unfused no-autograd path of both in the same loop)."""
-    dist = build_method("dist", "ViT-B/16", 16, 2, device, dist_preset="k400-vit-b16-8+16f").eval()
-    clip_only = build_method("frozen-mean", "ViT-B/16", 16, 2, device).eval()
-    models = {"dist": fuse_dist(dist), "clip": fuse_frames(clip_only)}
-    if compare_unfused:
-        models.update({"dist_unfused": dist, "clip_unfused": clip_only})
+def throughput(batches: list[int], repeats: int, device: torch.device) -> list[dict]:
+    """Seconds per batch for DiST and CLIP alone, each in its inference form (``model.fuse()``,
+    bf16 where supported), interleaved."""
+    models = {"dist": build_method("dist", "ViT-B/16", 16, 2, device, dist_preset="k400-vit-b16-8+16f").fuse(),
+              "clip": build_method("frozen-mean", "ViT-B/16", 16, 2, device).fuse()}
     rows = []
     for b in batches:
         video = torch.randn(b, 3, 16, 224, 224, device=device)
         times = {name: [] for name in models}
 
         def run(name):
-            with torch.no_grad():
-                if name.endswith("_unfused"):  # as the evaluation loop ran it before the fused form
-                    with cached_inference_weights(), torch.autocast(device.type, dtype=torch.bfloat16):
-                        models[name](video)
-                else:
-                    models[name](video)
+            models[name](video)
             sync(device)
 
         for name in models:  # warm-up
@@ -70,20 +61,11 @@ def throughput(batches: list[int], repeats: int, device: torch.device, compare_u
                 run(name)
                 times[name].append(time.perf_counter() - t)
         med = {k: statistics.median(v) for k, v in times.items()}
-        row = {"batch": b, "times": times}
-        for name in models:
-            row[f"{name}_seconds"] = med[name]
-            row[f"{name}_clips_per_second"] = b / med[name]
-        row["ratio_dist_to_clip"] = med["dist"] / med["clip"]
-        line = f"batch {b}: fused DiST {b / med['dist']:.2f} clips/s, fused CLIP alone {b / med['clip']:.2f} clips/s, " \
-               f"time ratio {row['ratio_dist_to_clip']:.3f}"
-        if compare_unfused:
-            row["ratio_unfused_dist_to_unfused_clip"] = med["dist_unfused"] / med["clip_unfused"]
-            row["ratio_fused_dist_to_unfused_dist"] = med["dist"] / med["dist_unfused"]
-            line += f"; unfused ratio {row['ratio_unfused_dist_to_unfused_clip']:.3f}, " \
-                    f"fused / unfused DiST time {row['ratio_fused_dist_to_unfused_dist']:.3f}"
-        rows.append(row)
-        print(line, flush=True)
+        rows.append({"batch": b, "dist_seconds": med["dist"], "clip_seconds": med["clip"],
+                     "dist_clips_per_second": b / med["dist"], "clip_clips_per_second": b / med["clip"],
+                     "ratio_dist_to_clip": med["dist"] / med["clip"], "times": times})
+        print(f"batch {b}: DiST {b / med['dist']:.2f} clips/s, CLIP alone {b / med['clip']:.2f} clips/s, "
+              f"time ratio {med['dist'] / med['clip']:.3f}", flush=True)
     return rows
 
 
@@ -102,8 +84,8 @@ def preset_costs(device: torch.device, skip_large: bool) -> list[dict]:
                "clip_frames": model.config.sparse_frames, "resolution": res,
                "clip_gmacs": cost["clip"] / 1e9, "branch_gmacs": cost["branch"] / 1e9,
                "total_gmacs": cost["total"] / 1e9,
-               "clip_gmacs_executed_without_autograd": executed["clip"] / 1e9,
-               "branch_gmacs_executed_without_autograd": executed["branch"] / 1e9,
+               "clip_gmacs_executed_fused": executed["clip"] / 1e9,
+               "branch_gmacs_executed_fused": executed["branch"] / 1e9,
                "clip_attention_gmacs_not_counted": attention_macs(model, res, res) / 1e9,
                "branch_params": sum(p.numel() for p in model.branch.parameters()),
                "trainable_params": params["trainable"], "clip_visual_params": params["clip_visual"]}
@@ -116,7 +98,7 @@ def preset_costs(device: torch.device, skip_large: bool) -> list[dict]:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
-    lines = [f"# Inference cost", "",
+    lines = ["# Inference cost", "",
              f"`python benchmarks/inference.py` on {m['date']}: {m['cpu']} ({m['cores']} cores, "
              f"{m['device']}), torch {m['torch']}. Medians of {result['repeats']} repetitions.", "",
              "## DiST vs CLIP alone on the same 8 frames (K400 ViT-B/16 8+16f, 224 px), fused inference form", "",
@@ -124,23 +106,15 @@ def markdown(result: dict) -> str:
     for r in result["throughput"]:
         lines.append(f"| {r['batch']} | {r['dist_clips_per_second']:.2f} | {r['clip_clips_per_second']:.2f} | "
                      f"{r['ratio_dist_to_clip']:.3f} |")
-    if "ratio_unfused_dist_to_unfused_clip" in result["throughput"][0]:
-        lines += ["", "Side by side in the same loop: the unfused no-autograd path (the model under `no_grad` and "
-                  "bf16 autocast with its derived weights cached).", "",
-                  "| batch | unfused DiST clips/s | unfused CLIP clips/s | unfused DiST / unfused CLIP "
-                  "| fused DiST time / unfused DiST time |", "|---|---|---|---|---|"]
-        for r in result["throughput"]:
-            lines.append(f"| {r['batch']} | {r['dist_unfused_clips_per_second']:.2f} | "
-                         f"{r['clip_unfused_clips_per_second']:.2f} | {r['ratio_unfused_dist_to_unfused_clip']:.3f} | "
-                         f"{r['ratio_fused_dist_to_unfused_dist']:.3f} |")
     lines += ["", "## Cost per view of every preset (counted)", "",
-              "| preset | CLIP | frames (CLIP/dense) | CLIP GMACs | branch GMACs | total | CLIP attention (not counted) "
-              "| branch GMACs executed at inference | branch params |",
+              "| preset | CLIP | frames (CLIP/dense) | CLIP GMACs | branch GMACs | total "
+              "| CLIP attention (not counted) | branch GMACs executed at inference | branch params |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in result["presets"]:
-        lines.append(f"| {r['preset']} | {r['clip']} | {r['clip_frames']}/{r['dense_frames']} | {r['clip_gmacs']:.1f} | "
-                     f"{r['branch_gmacs']:.2f} | {r['total_gmacs']:.1f} | {r['clip_attention_gmacs_not_counted']:.1f} | "
-                     f"{r['branch_gmacs_executed_without_autograd']:.2f} | {r['branch_params']:,} |")
+        lines.append(f"| {r['preset']} | {r['clip']} | {r['clip_frames']}/{r['dense_frames']} | "
+                     f"{r['clip_gmacs']:.1f} | {r['branch_gmacs']:.2f} | {r['total_gmacs']:.1f} | "
+                     f"{r['clip_attention_gmacs_not_counted']:.1f} | {r['branch_gmacs_executed_fused']:.2f} | "
+                     f"{r['branch_params']:,} |")
     k = next((r for r in result["presets"] if r["preset"] == "k400-vit-b16-8+16f"), None)
     if k:
         lines += ["", f"Authors' count for k400-vit-b16-8+16f: CLIP {AUTHORS['clip_gmacs']} G + branch "
@@ -148,10 +122,10 @@ def markdown(result: dict) -> str:
                   f"({100 * (k['clip_gmacs'] / AUTHORS['clip_gmacs'] - 1):+.1f}%) + {k['branch_gmacs']:.2f} G "
                   f"({100 * (k['branch_gmacs'] / AUTHORS['branch_gmacs'] - 1):+.1f}%). The CLIP difference is "
                   "the authors' model running CLIP's patch embedding on all 16 dense frames before keeping 8.",
-                  "", "The counts are of the architecture (the training path, keys and values formed in every "
-                  "pooling layer, as in the authors' code). The evaluation path computes the same values with "
-                  "fewer products (the pooling layers' keys and values are never formed): the 'executed at "
-                  "inference' column; CLIP's count is the same both ways."]
+                  "", "The counts are of the architecture (the training form, keys and values formed in every "
+                  "pooling layer, as in the authors' code). The fused inference form (`model.fuse()`) computes "
+                  "the same values with fewer products (the pooling layers' keys and values are never formed): "
+                  "the 'executed at inference' column; CLIP's count is the same both ways."]
     return "\n".join(lines) + "\n"
 
 
@@ -161,14 +135,12 @@ def main() -> None:
                     help="clips per forward (16: the evaluation default, eval.batch_size)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--skip-large", action="store_true", help="skip ViT-L/14 and 32+64f presets in the cost table")
-    ap.add_argument("--compare-unfused", action="store_true",
-                    help="also time the unfused no-autograd path side by side")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     device = torch.device(args.device)
     result = {"machine": machine(), "repeats": args.repeats,
-              "throughput": throughput(args.batches, args.repeats, device, args.compare_unfused),
+              "throughput": throughput(args.batches, args.repeats, device),
               "presets": preset_costs(device, args.skip_large)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,3 +38,71 @@ def tiny_clip():
     """Factory: ``tiny_clip(width=128, layers=4, heads=None, patch=16, image=64, embed=64, seed=0)`` builds a
     new tiny CLIP on every call (seeded, so the same arguments give the same weights)."""
     return _tiny_clip
+
+
+OFFICIAL_TINY = Path(__file__).parent / "assets" / "official-tiny"
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The authors' inputs and outputs on the official-tiny model (``tests/assets/official-tiny``)."""
+    return torch.load(OFFICIAL_TINY / "reference_io.pt")
+
+
+@pytest.fixture
+def official_model():
+    """The official-tiny checkpoint loaded with a float32 CLIP, in eval mode (a fresh copy per test)."""
+    from dist_video import load_official_checkpoint
+
+    return load_official_checkpoint(OFFICIAL_TINY / "official_checkpoint.pyth", clip_dtype="fp32").eval()
+
+
+#: Branch configurations beyond the fixture's: layer subsets, alpha 1/2/4, 1-3 pooling layers,
+#: odd kernels and ratios, an 8-pixel patch.
+VARIANTS = {
+    "subset-alpha4-3pool": dict(clip=dict(), dist=dict(num_frames=16, alpha=4, temporal_dim=24,
+                                                       integration_dim=128, pooling_layers=3,
+                                                       selected_layers=[1, 3])),
+    "wide-3heads-patch8": dict(clip=dict(width=192, layers=3, patch=8, image=32, embed=48),
+                               dist=dict(num_frames=8, alpha=2, temporal_dim=16, integration_dim=192,
+                                         stem_kernel=3, temporal_kernel=5, temporal_mlp_ratio=2,
+                                         integration_mlp_ratio=0.5, integration_temporal_mlp_ratio=0.5,
+                                         pooling_layers=1, selected_layers=[0, 2])),
+    "alpha1-single-layer": dict(clip=dict(width=64, layers=2), dist=dict(num_frames=4, alpha=1,
+                                                                         temporal_dim=8, integration_dim=64,
+                                                                         pooling_layers=2,
+                                                                         selected_layers=[1])),
+}
+
+
+@pytest.fixture(scope="session")
+def variants():
+    return VARIANTS
+
+
+@pytest.fixture(scope="session")
+def variant_model():
+    """Factory: ``variant_model(name, dtype=torch.float64, seed=3)`` -> (DiSTVideoModel in eval mode with
+    every branch parameter random and non-zero, a matching random video of 2 clips)."""
+
+    def make(name, dtype=torch.float64, seed=3):
+        from dist_video import DiSTConfig, DiSTVideoModel
+
+        v = VARIANTS[name]
+        clip = _tiny_clip(**v["clip"]).to(dtype)
+        torch.manual_seed(seed)
+        model = DiSTVideoModel(clip, DiSTConfig(**v["dist"]), clip_dtype=dtype).to(dtype).eval()
+        with torch.no_grad():
+            for n, p in model.branch.named_parameters():  # non-zero everywhere, so every path counts
+                p.normal_(mean=1.0 if n.endswith("ln.weight") else 0.0, std=0.05)
+        size = clip.visual.image_size
+        video = torch.randn(2, 3, model.config.num_frames, size, size, dtype=dtype)
+        return model, video
+
+    return make
+
+
+def pytest_generate_tests(metafunc):
+    """A test that takes ``variant_name`` runs once per entry of :data:`VARIANTS`."""
+    if "variant_name" in metafunc.fixturenames:
+        metafunc.parametrize("variant_name", list(VARIANTS))

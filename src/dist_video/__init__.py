@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .clip import CLIP, CLIPConfig
-from .dist import DiSTConfig, PRESETS, cached_inference_weights
+from .dist import DiSTConfig, PRESETS
 from .classifier import VideoClassifier, model_class
 # Importing the methods' modules registers them with VideoClassifier (for from_pretrained).
 from .model import DiSTVideoModel
@@ -12,8 +12,15 @@ from .checkpoints import load_official_checkpoint
 from .clip_loaders import load_clip
 from .tokenizer import tokenize
 
+
+def fuse(model: VideoClassifier, dtype=None, **kwargs):
+    """The inference form of ``model`` (``model.fuse(dtype, ...)``): a new inference-only
+    module computing what ``model.eval()`` computes under ``torch.no_grad()``, with every fold
+    made once (see :mod:`dist_video.fused`)."""
+    return model.fuse(dtype, **kwargs)
+
 __all__ = ["CLIP", "CLIPConfig", "DiSTConfig", "PRESETS", "DiSTVideoModel", "load_official_checkpoint",
            "__version__"]
-__all__ += ["load_clip", "tokenize", "cached_inference_weights"]
+__all__ += ["load_clip", "tokenize", "fuse"]
 __all__ += ["VideoClassifier", "model_class", "BaselineConfig", "FrozenMeanClassifier", "FullFinetuneClassifier",
             "AdapterClassifier"]

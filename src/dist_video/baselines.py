@@ -19,6 +19,7 @@ from torch import nn
 
 from .classifier import VideoClassifier
 from .clip import CLIP
+from .fused import FusedFrameModel, average_frames, fuse_frames
 
 __all__ = ["BaselineConfig", "FrozenMeanClassifier", "FullFinetuneClassifier", "AdapterClassifier",
            "TemporalAdapter"]
@@ -55,6 +56,10 @@ class _BaselineClassifier(VideoClassifier):
     def from_method_config(cls, clip: CLIP, config: dict, **kwargs):
         return cls(clip, BaselineConfig(**config), **kwargs)
 
+    def fuse(self, dtype: torch.dtype | None = None) -> FusedFrameModel:
+        """The inference form (:class:`~dist_video.fused.FusedFrameModel`)."""
+        return fuse_frames(self, dtype, getattr(self, "adapters", None))
+
 
 class FrozenMeanClassifier(_BaselineClassifier):
     """Frozen CLIP image embeddings of the sparse frames, averaged over time."""
@@ -66,7 +71,7 @@ class FrozenMeanClassifier(_BaselineClassifier):
         b = video.shape[0]
         with torch.no_grad():
             emb = self.clip.encode_image(_sparse_frames(video, self.config.alpha).to(self.clip_dtype))
-        return emb.float().view(b, -1, emb.shape[-1]).mean(dim=1)
+        return average_frames(emb, b)
 
 
 class FullFinetuneClassifier(_BaselineClassifier):
@@ -85,7 +90,7 @@ class FullFinetuneClassifier(_BaselineClassifier):
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         b = video.shape[0]
         emb = self.clip.encode_image(_sparse_frames(video, self.config.alpha))
-        return emb.float().view(b, -1, emb.shape[-1]).mean(dim=1)
+        return average_frames(emb, b)
 
 
 class TemporalAdapter(nn.Module):
@@ -136,4 +141,4 @@ class AdapterClassifier(_BaselineClassifier):
             x = adapter(x, self.config.sparse_frames, grid)
             x = block(x)
         emb = visual.pool(x)
-        return emb.float().view(b, -1, emb.shape[-1]).mean(dim=1)
+        return average_frames(emb, b)

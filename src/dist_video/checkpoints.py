@@ -17,7 +17,7 @@ import torch
 from .clip import CLIP
 from .classifier import load_strict_state_dict
 from .clip_loaders import clip_from_openai_state_dict, load_clip
-from .dist import DiSTConfig
+from .dist import DiSTConfig, branch_keys_from_authors, branch_keys_to_authors
 from .model import DiSTVideoModel
 
 __all__ = ["load_official_checkpoint", "read_official_state_dict", "official_to_branch_state_dict",
@@ -31,8 +31,6 @@ _LADDER_NAMES = {
     "spatial_nets": "integration_nets",
     "final_temporal_nets": "adapooling_nets",
 }
-# The authors' flat names for the temporal encoder -> ours.
-_TEMPORAL_NAMES = {"temporal_stem": "temporal_encoder.stem", "temporal_nets": "temporal_encoder.blocks"}
 
 
 def _torch_load(path: str | os.PathLike) -> dict:
@@ -78,29 +76,13 @@ def read_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
 
 def official_to_branch_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``dist_net.*`` tensors (authors' names) -> :class:`~dist_video.dist.DiSTBranch` keys."""
-    out = {}
-    for key, value in state_dict.items():
-        if not key.startswith("dist_net."):
-            continue
-        key = key[len("dist_net."):]
-        head, _, tail = key.partition(".")
-        if head in _TEMPORAL_NAMES:
-            key = _TEMPORAL_NAMES[head] + ("." + tail if tail else "")
-        out[key] = value
-    return out
+    return branch_keys_from_authors({k[len("dist_net."):]: v for k, v in state_dict.items()
+                                     if k.startswith("dist_net.")})
 
 
 def branch_to_official_state_dict(branch_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of :func:`official_to_branch_state_dict`: our keys -> ``dist_net.*`` names."""
-    ours = {v: k for k, v in _TEMPORAL_NAMES.items()}
-    out = {}
-    for key, value in branch_sd.items():
-        for prefix, theirs in ours.items():
-            if key.startswith(prefix + "."):
-                key = theirs + key[len(prefix):]
-                break
-        out["dist_net." + key] = value
-    return out
+    return {"dist_net." + k: v for k, v in branch_keys_to_authors(branch_sd).items()}
 
 
 def _indices(branch_sd: Mapping[str, torch.Tensor], name: str) -> int:
@@ -112,12 +94,12 @@ def infer_dist_config(branch_sd: Mapping[str, torch.Tensor], **overrides) -> DiS
     """Every :class:`DiSTConfig` field the tensor shapes determine; the rest from ``overrides``.
 
     ``branch_sd`` uses :class:`~dist_video.dist.DiSTBranch` keys."""
-    stem = branch_sd["temporal_encoder.stem.weight"]  # C_t x 3 x k_s x P x P
-    fuse = branch_sd["temporal2integration_nets.0.linear_fuse.weight"]  # C_i x C_t x alpha x 1 x 1
-    cls_token = branch_sd["temporal2integration_nets.0.cls_token"]  # 1 x 1 x T' x C_i
-    t_fc1 = branch_sd["temporal_encoder.blocks.0.temporal_net.c_fc1.weight"]  # C_t*r x C_t x k x 1 x 1
-    ffn = branch_sd["integration_nets.0.ffn.c_fc.weight"]  # C_i*r x C_i
-    tffn = branch_sd["integration_nets.0.temporal_ffn.c_fc1.weight"]  # C_i*r' x C_i x 1 x 1 x 1
+    stem = branch_sd["temporal_stem.weight"]  # C_t x 3 x k_s x P x P
+    fuse = branch_sd["layers.0.temporal_to_integration.linear_fuse.weight"]  # C_i x C_t x alpha x 1 x 1
+    cls_token = branch_sd["layers.0.temporal_to_integration.cls_token"]  # 1 x 1 x T' x C_i
+    t_fc1 = branch_sd["layers.0.temporal_block.temporal_net.c_fc1.weight"]  # C_t*r x C_t x k x 1 x 1
+    ffn = branch_sd["layers.0.integration_block.ffn.c_fc.weight"]  # C_i*r x C_i
+    tffn = branch_sd["layers.0.integration_block.temporal_ffn.c_fc1.weight"]  # C_i*r' x C_i x 1 x 1 x 1
     temporal_dim, integration_dim = stem.shape[0], fuse.shape[0]
     alpha, sparse = fuse.shape[2], cls_token.shape[2]
     inferred = dict(
@@ -155,14 +137,14 @@ def load_official_checkpoint(path: str | os.PathLike, clip: CLIP | str | os.Path
         clip = clip_from_openai_state_dict(clip_sd, act=act, source=str(path))
     elif not isinstance(clip, CLIP):
         clip = load_clip(clip)
-    num_branch_layers = _indices(branch_sd, "input_linears")
+    num_branch_layers = _indices(branch_sd, "layers")
     config = infer_dist_config(branch_sd, **overrides)
     layers = config.resolve_layers(clip.visual.num_layers)
     if len(layers) != num_branch_layers:
         raise ValueError(
             f"{path}: the branch has {num_branch_layers} layers but selected_layers has {len(layers)} "
             f"({layers}); pass selected_layers=[...] with {num_branch_layers} CLIP block indices")
-    stem_patch = branch_sd["temporal_encoder.stem.weight"].shape[-1]
+    stem_patch = branch_sd["temporal_stem.weight"].shape[-1]
     if stem_patch != clip.visual.patch_size:
         raise ValueError(f"{path}: the temporal stem's patch is {stem_patch} but CLIP's is "
                          f"{clip.visual.patch_size}: their token grids cannot be fused")

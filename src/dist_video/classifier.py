@@ -29,13 +29,20 @@ __all__ = ["VideoClassifier", "model_class", "resolve_clip_dtype", "bf16_support
            "read_model_config", "FORMAT_NAME", "FORMAT_VERSION", "FORMAT_UPGRADES"]
 
 FORMAT_NAME = "dist-video"
-FORMAT_VERSION = 1
+#: 1: the first release. 2: the DiST branch as one ``layers.<i>`` module per selected CLIP block
+#: (the tensors are renamed on reading by :meth:`VideoClassifier.upgrade_saved_tensors`).
+FORMAT_VERSION = 2
+
+
+def _same_config(meta: dict) -> dict:
+    return meta
 
 
 #: How :func:`read_model_config` brings an older ``config.json`` up to :data:`FORMAT_VERSION`:
 #: ``FORMAT_UPGRADES[v - 1]`` turns a version-``v`` dict into a version-``v + 1`` one. Bumping the
-#: version adds one function here.
-FORMAT_UPGRADES: tuple[Callable[[dict], dict], ...] = ()
+#: version adds one function here (and, where tensors were renamed, a step in the classes'
+#: :meth:`VideoClassifier.upgrade_saved_tensors`).
+FORMAT_UPGRADES: tuple[Callable[[dict], dict], ...] = (_same_config,)
 
 
 def bf16_supported(device: torch.device | str) -> bool:
@@ -129,6 +136,19 @@ class VideoClassifier(nn.Module):
         raise NotImplementedError
 
     def method_config(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def upgrade_saved_tensors(cls, tensors: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
+        """The tensors of a ``model.safetensors`` saved in format ``version`` under this
+        version's names (no method renamed any before format 2)."""
+        return tensors
+
+    def fuse(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """The inference form: a new module computing what ``self.eval()`` computes under
+        ``torch.no_grad()`` (``forward`` -> logits, ``encode_video`` -> embeddings), its
+        weights folded once into buffers in ``dtype`` (default: the frozen CLIP's dtype).
+        It does not follow later changes of this model: fuse again after training."""
         raise NotImplementedError
 
     @classmethod
@@ -271,7 +291,8 @@ class VideoClassifier(nn.Module):
             else:
                 clip = load_clip(ref["path"], act=meta["clip"]["act"])
         model = model_cls.from_method_config(clip.to(map_location), meta["config"], clip_dtype=clip_dtype)
-        tensors = load_file(directory / "model.safetensors", device=str(map_location))
+        tensors = model_cls.upgrade_saved_tensors(load_file(directory / "model.safetensors", device=str(map_location)),
+                                                  meta["saved_format_version"])
         names = meta.get("class_names")
         if meta.get("head") == "text":
             model.set_class_embeddings(tensors.pop("class_embeddings"), names)
@@ -309,7 +330,7 @@ def read_model_config(directory: str | os.PathLike) -> dict:
                          f"{FORMAT_VERSION} (written by a newer release?)")
     for upgrade in FORMAT_UPGRADES[version - 1:]:
         meta = upgrade(meta)
-    return {**meta, "format_version": FORMAT_VERSION}
+    return {**meta, "format_version": FORMAT_VERSION, "saved_format_version": version}
 
 
 def load_strict_state_dict(module: nn.Module, own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor],

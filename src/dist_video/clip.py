@@ -14,7 +14,6 @@ is what the DiST branch reads.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
@@ -30,12 +29,14 @@ __all__ = [
     "ResidualAttentionBlock",
     "MultiheadAttention",
     "QuickGELU",
+    "MLP",
+    "add_linear",
+    "resize_positional_embedding",
     "QUICK_GELU_SCALE",
     "quick_gelu",
     "quick_gelu_backward",
     "LayerNorm",
     "make_activation",
-    "mlp_without_autograd",
     "ARCHITECTURES",
     "clip_config_for_architecture",
 ]
@@ -72,79 +73,63 @@ class _QuickGELUFunction(torch.autograd.Function):
 
 
 class QuickGELU(nn.Module):
-    """The sigmoid approximation of GELU used by OpenAI's CLIP: x * sigmoid(1.702 x).
-
-    ``inplace=True`` overwrites the input when no gradient is recorded (the frozen CLIP's
-    MLPs: their hidden activations are the largest tensors of its forward pass), with the
-    same values."""
-
-    def __init__(self, inplace: bool = False):
-        super().__init__()
-        self.inplace = inplace
+    """The sigmoid approximation of GELU used by OpenAI's CLIP: x * sigmoid(1.702 x)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad and torch.is_grad_enabled():
-            return _QuickGELUFunction.apply(x)
-        if self.inplace:  # x sigmoid(1.702 x) = silu(1.702 x) / 1.702: three passes, no allocation
-            return F.silu(x.mul_(QUICK_GELU_SCALE), inplace=True).div_(QUICK_GELU_SCALE)
-        return x * torch.sigmoid(1.702 * x)
+        return _QuickGELUFunction.apply(x)
 
 
-def _add_linear(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                scale: float = 1.0, overwrite: bool = False) -> torch.Tensor:
-    """``residual + scale * x @ weight.T + bias`` (2-D), the residual as the product's
-    accumulator instead of a separate add. ``overwrite``: the result is written into
-    ``residual`` (no copy of it first)."""
-    if overwrite:  # in-place ops are outside autocast: bring the operands to the residual's dtype
-        out = residual.addmm_(x.to(residual.dtype), weight.to(residual.dtype).t(), alpha=scale)
-    else:
-        out = torch.addmm(residual, x, weight.t(), alpha=scale)
-    if bias is not None:
-        out = out.add_(bias.to(out.dtype))  # a float32 bias would make add_ convert all of out
-    return out
-
-
-def mlp_without_autograd(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None,
-                         act: nn.Module, proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
-                         residual: torch.Tensor | None = None, overwrite_residual: bool = False
-                         ) -> torch.Tensor:
-    """``residual + proj(act(fc(x)))`` for inference, with fewer passes over the activations.
-
-    x: ... x C_in -> ... x C_out (``residual``: ... x C_out or None). QuickGELU becomes one fused
-    SiLU pass, x sigmoid(1.702 x) = silu(1.702 x) / 1.702, with both factors applied as the
-    scales of the matrix products; the residual is the output product's accumulator
-    (``overwrite_residual``: in place, for a residual nothing else reads). Only for tensors
-    that need no gradient (the same values as the module path, up to rounding)."""
-    lead, c_in = x.shape[:-1], x.shape[-1]
-    x = x.reshape(-1, c_in)
-    quick = isinstance(act, QuickGELU)
-    scale = QUICK_GELU_SCALE if quick else 1.0
-    if fc_bias is None:
-        h = torch.mm(x, fc_weight.t()).mul_(scale)
-    else:
-        h = torch.addmm(fc_bias, x, fc_weight.t(), beta=scale, alpha=scale)
-    h = F.silu(h, inplace=True) if quick else act(h)
-    if residual is None:
-        out = torch.mm(h, proj_weight.t()).mul_(1 / scale) if proj_bias is None else \
-            torch.addmm(proj_bias, h, proj_weight.t(), alpha=1 / scale)
-    else:
-        out = _add_linear(residual.view(-1, proj_weight.shape[0]) if overwrite_residual else
-                          residual.reshape(-1, proj_weight.shape[0]), h, proj_weight, proj_bias, 1 / scale,
-                          overwrite=overwrite_residual)
-    return out.view(*lead, -1)
-
-
-def make_activation(name: str, inplace: bool = False) -> nn.Module:
-    """Activation module by name: ``quick_gelu``, ``gelu`` (erf) or ``gelu_tanh``; ``inplace``:
-    QuickGELU may overwrite its input when no gradient is recorded."""
+def make_activation(name: str) -> nn.Module:
+    """Activation module by name: ``quick_gelu``, ``gelu`` (erf) or ``gelu_tanh``."""
     name = name.lower().replace("-", "_")
     if name == "quick_gelu":
-        return QuickGELU(inplace=inplace)
+        return QuickGELU()
     if name == "gelu":
         return nn.GELU()
     if name in ("gelu_tanh", "gelu_new", "gelu_pytorch_tanh"):
         return nn.GELU(approximate="tanh")
     raise ValueError(f"unknown activation {name!r}: expected 'quick_gelu', 'gelu' or 'gelu_tanh'")
+
+
+def add_linear(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear, scale: float = 1.0) -> torch.Tensor:
+    """``residual + linear(scale * x)`` on 2-D tensors, the residual as the matrix product's
+    accumulator instead of a separate pass."""
+    out = torch.addmm(residual, x, linear.weight.t(), alpha=scale)
+    # a float32 bias would make the in-place add convert all of out
+    return out if linear.bias is None else out.add_(linear.bias.to(out.dtype))
+
+
+class MLP(nn.Module):
+    """``c_proj(act(c_fc(x)))`` (OpenAI's names ``c_fc``, ``gelu``, ``c_proj``), optionally
+    added to a residual. x: ... x C_in -> ... x C_out (``residual``: ... x C_out).
+
+    QuickGELU(z) = silu(1.702 z) / 1.702, so with QuickGELU the two factors are the scales of
+    the matrix products around a SiLU: one pass over the hidden activations instead of three,
+    the same values and gradients."""
+
+    def __init__(self, width: int, hidden: int, act: str = "quick_gelu", out_width: int | None = None):
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.gelu = make_activation(act)
+        self.c_proj = nn.Linear(hidden, out_width or width)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        fc = self.c_fc
+        if isinstance(self.gelu, QuickGELU):
+            scale = QUICK_GELU_SCALE
+            h = F.silu(torch.mm(x, fc.weight.t()) * scale if fc.bias is None else
+                       torch.addmm(fc.bias, x, fc.weight.t(), beta=scale, alpha=scale))
+        else:
+            scale = 1.0
+            h = self.gelu(fc(x))
+        proj = self.c_proj
+        if residual is not None:
+            return add_linear(residual.reshape(h.shape[0], -1), h, proj, 1 / scale).view(*lead, -1)
+        out = (torch.mm(h, proj.weight.t()) / scale if proj.bias is None else
+               torch.addmm(proj.bias, h, proj.weight.t(), alpha=1 / scale))
+        return out.view(*lead, -1)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -207,41 +192,21 @@ class MultiheadAttention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
+    """Pre-norm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x)). x: N x L x D."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, act: str = "quick_gelu",
                  eps: float = 1e-5):
         super().__init__()
-        hidden = int(round(width * mlp_ratio))
         self.ln_1 = LayerNorm(width, eps=eps)
         self.attn = MultiheadAttention(width, heads)
         self.ln_2 = LayerNorm(width, eps=eps)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, hidden)),
-            ("gelu", make_activation(act, inplace=True)),  # its input is c_fc's fresh output
-            ("c_proj", nn.Linear(hidden, width)),
-        ]))
+        self.mlp = MLP(width, int(round(width * mlp_ratio)), act)
 
     def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
-        # x: N x L x D
-        if not torch.is_grad_enabled():
-            return self._forward_no_grad(x, is_causal)
-        # The residual is added into the branch outputs (fresh tensors that no backward pass
-        # needs), saving two full-size allocations per block.
-        x = self.attn(self.ln_1(x), is_causal=is_causal).add_(x)
-        return self.mlp(self.ln_2(x)).add_(x)
-
-    def _forward_no_grad(self, x: torch.Tensor, is_causal: bool) -> torch.Tensor:
-        """The same block without autograd (the frozen CLIP of DiST and frozen-mean), with
-        fewer passes over the activations: each residual is the accumulator of its output
-        projection, and the MLP goes through :func:`mlp_without_autograd`."""
         n, length, width = x.shape
-        out_proj, fc, proj = self.attn.out_proj, self.mlp.c_fc, self.mlp.c_proj
         heads = self.attn.attend(self.ln_1(x), is_causal=is_causal).view(-1, width)  # N*L x D
-        x = _add_linear(x.reshape(-1, width), heads, out_proj.weight, out_proj.bias)  # N*L x D
-        x = mlp_without_autograd(self.ln_2(x), fc.weight, fc.bias, self.mlp.gelu, proj.weight, proj.bias,
-                                 residual=x, overwrite_residual=True)  # x is _add_linear's fresh output
-        return x.view(n, length, width)
+        x = add_linear(x.reshape(-1, width), heads, self.attn.out_proj)  # each residual accumulates its update
+        return self.mlp(self.ln_2(x), residual=x).view(n, length, width)
 
 
 class Transformer(nn.Module):

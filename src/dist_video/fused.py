@@ -36,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip import QUICK_GELU_SCALE, QuickGELU, resize_positional_embedding
+from .clip import MLP, QUICK_GELU_SCALE, QuickGELU, resize_positional_embedding
+from .dist import DiSTBranch, DiSTLayer
 
 __all__ = ["FusedVisionTower", "FusedDiSTBranch", "FusedHead", "FusedDiSTModel", "FusedFrameModel", "fuse_dist",
-           "fuse_frames", "onednn_fusion_available"]
+           "fuse_frames", "onednn_fusion_available", "average_frames"]
 
 S = QUICK_GELU_SCALE
 
@@ -97,19 +98,19 @@ _ACTIVATIONS = {"silu": lambda h: F.silu(h, inplace=True), "gelu": F.gelu,
 
 
 class _FusedMLP(_Buffers):
-    """``c_proj(act(c_fc(x)))`` of a two-layer MLP, with a LayerNorm before it folded into
-    ``c_fc`` and QuickGELU's factors folded into both maps (QuickGELU becomes SiLU)."""
+    """A :class:`~dist_video.clip.MLP`, with a LayerNorm before it folded into ``c_fc`` and
+    QuickGELU's factors folded into both maps (QuickGELU becomes SiLU). ``proj_bias=False``:
+    the caller adds ``c_proj``'s bias with others of its own."""
 
-    def __init__(self, c_fc: nn.Linear, act: nn.Module, c_proj: nn.Linear, dtype: torch.dtype,
-                 norm: nn.LayerNorm | None = None, extra_bias: torch.Tensor | None = None,
-                 proj_bias: bool = True):
+    def __init__(self, mlp: MLP, dtype: torch.dtype, norm: nn.LayerNorm | None = None, proj_bias: bool = True):
         super().__init__()
+        c_fc, act, c_proj = mlp.c_fc, mlp.gelu, mlp.c_proj
         fc_w, fc_b = _fold_norm(norm, c_fc.weight, c_fc.bias) if norm is not None else (_f64(c_fc.weight),
                                                                                           _f64(c_fc.bias))
-        proj_w, proj_b = _f64(c_proj.weight), _sum(c_proj.bias if proj_bias else None, extra_bias)
+        proj_w, proj_b = _f64(c_proj.weight), _f64(c_proj.bias) if proj_bias else None
         if isinstance(act, QuickGELU):
             self.act = "silu"
-            fc_w, fc_b, proj_w = fc_w * S, None if fc_b is None else fc_b * S, proj_w / S
+            fc_w, fc_b, proj_w = fc_w * S, _scaled(fc_b, S), proj_w / S
         elif isinstance(act, nn.GELU):
             self.act = "gelu_tanh" if act.approximate == "tanh" else "gelu"
         else:
@@ -143,7 +144,7 @@ class _FusedCLIPBlock(_Buffers):
         qkv_w, qkv_b = _fold_norm(block.ln_1, attn.in_proj_weight, attn.in_proj_bias)
         self.keep(dtype, qkv_weight=qkv_w, qkv_bias=qkv_b, out_weight=attn.out_proj.weight,
                   out_bias=attn.out_proj.bias)
-        self.mlp = _FusedMLP(block.mlp.c_fc, block.mlp.gelu, block.mlp.c_proj, dtype, norm=block.ln_2)
+        self.mlp = _FusedMLP(block.mlp, dtype, norm=block.ln_2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, length, width = x.shape
@@ -305,8 +306,7 @@ class _FusedIntegrationBlock(_Buffers):
                   tffn_conv_bias=_scaled(fc2.bias, S),
                   tffn_out_weight=_f64(tffn.c_proj.weight).flatten(1) / S,
                   out_bias=_sum(tffn.c_proj.bias, block.ffn.c_proj.bias, extra_bias))
-        self.ffn = _FusedMLP(block.ffn.c_fc, block.ffn.gelu, block.ffn.c_proj, dtype, norm=block.ln,
-                             proj_bias=False)
+        self.ffn = _FusedMLP(block.ffn, dtype, norm=block.ln, proj_bias=False)
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
         bt, length, c = m.shape
@@ -328,12 +328,11 @@ class _FusedDiSTLayer(_Buffers):
     bias and the temporal->integration bias arrive inside ``res`` (the previous block's
     output) except in the first layer, and this block's output carries the next layer's."""
 
-    def __init__(self, modules: dict, dtype: torch.dtype, *, first: bool, last: bool, onednn: bool,
+    def __init__(self, layer: DiSTLayer, dtype: torch.dtype, *, first: bool, onednn: bool,
                  next_input_bias: torch.Tensor | None):
         super().__init__()
-        self.temporal_block = _FusedTemporalBlock(modules["temporal_block"], dtype, input_scaled=not first,
-                                                  onednn=onednn)
-        linear, i2t, t2i = modules["input_linear"], modules["integration_to_temporal"], modules["temporal_to_integration"]
+        self.temporal_block = _FusedTemporalBlock(layer.temporal_block, dtype, input_scaled=not first, onednn=onednn)
+        linear, i2t, t2i = layer.input_linear, layer.integration_to_temporal, layer.temporal_to_integration
         conv = t2i.linear_fuse
         self.alpha = conv.kernel_size[0]
         c_i = conv.out_channels
@@ -343,14 +342,14 @@ class _FusedDiSTLayer(_Buffers):
                   t2i_weight=_f64(conv.weight).flatten(2).transpose(1, 2).reshape(c_i, -1) / S,
                   # the tokens already hold the convolution's bias: the class tokens swap it for theirs
                   t2i_class_tokens=_sum(t2i.cls_token[0, 0], None if conv.bias is None else -_f64(conv.bias)))
-        self.updates_temporal = not last
-        if not last:
+        self.updates_temporal = layer.updates_temporal
+        if self.updates_temporal:
             # i2t reads m without the temporal->integration bias: W (m - b_t2i) + b = W m + (b - W b_t2i);
             # its output joins features carried scaled by s.
             fuse = i2t.linear_fuse
             shift = None if conv.bias is None else -(_f64(fuse.weight) @ _f64(conv.bias))
             self.keep(dtype, i2t_weight=_f64(fuse.weight) * S, i2t_bias=_scaled(_sum(fuse.bias, shift), S))
-        self.integration_block = _FusedIntegrationBlock(modules["integration_block"], dtype, next_input_bias)
+        self.integration_block = _FusedIntegrationBlock(layer.integration_block, dtype, next_input_bias)
 
     def forward(self, x_t: torch.Tensor, tokens: torch.Tensor, res: torch.Tensor | None, batch: int
                 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -423,13 +422,10 @@ class _FusedPooling(_Buffers):
     def __init__(self, pooling: nn.Module, dtype: torch.dtype):
         super().__init__()
         self.spatial = _FusedCrossAttention(pooling.spatial_transformer, dtype)
-        self.spatial_mlp = _FusedMLP(pooling.output_map_spatial_cls_token.c_fc, pooling.output_map_spatial_cls_token.gelu,
-                                     pooling.output_map_spatial_cls_token.c_proj, dtype,
-                                     norm=pooling.ln_out_spat_cls_token)
+        self.spatial_mlp = _FusedMLP(pooling.output_map_spatial_cls_token, dtype, norm=pooling.ln_out_spat_cls_token)
         self.spatial_mlp_eps = pooling.ln_out_spat_cls_token.eps
         self.temporal = _FusedCrossAttention(pooling.temporal_transformer, dtype)
-        self.temporal_mlp = _FusedMLP(pooling.output_map_cls_token.c_fc, pooling.output_map_cls_token.gelu,
-                                      pooling.output_map_cls_token.c_proj, dtype, norm=pooling.ln_out_temp_cls_token)
+        self.temporal_mlp = _FusedMLP(pooling.output_map_cls_token, dtype, norm=pooling.ln_out_temp_cls_token)
         self.temporal_mlp_eps = pooling.ln_out_temp_cls_token.eps
         self.keep(dtype, positional_embedding=pooling.positional_embedding[0])
 
@@ -447,35 +443,21 @@ class _FusedPooling(_Buffers):
         return video_query, frame_query
 
 
-def _branch_layers(branch: nn.Module) -> list[dict]:
-    """Each selected layer's modules, by role."""
-    return [dict(temporal_block=branch.temporal_encoder.blocks[i], input_linear=branch.input_linears[i],
-                 integration_to_temporal=branch.integration2temporal_nets[i],
-                 temporal_to_integration=branch.temporal2integration_nets[i],
-                 integration_block=branch.integration_nets[i]) for i in range(len(branch.selected_layers))]
-
-
-def _branch_stem(branch: nn.Module) -> nn.Conv3d:
-    return branch.temporal_encoder.stem
-
-
 class FusedDiSTBranch(_Buffers):
     """The DiST branch's inference form. video: B x 3 x T x H x W, clip_layers
     ``{layer: B*T' x (N+1) x D}`` -> B x E (not normalised)."""
 
-    def __init__(self, branch: nn.Module, dtype: torch.dtype, onednn: bool):
+    def __init__(self, branch: DiSTBranch, dtype: torch.dtype, onednn: bool):
         super().__init__()
         self.num_frames, self.alpha, self.patch_size = branch.config.num_frames, branch.alpha, branch.patch_size
         self.selected_layers = list(branch.selected_layers)
-        self.stem = _FusedStem(_branch_stem(branch), dtype)
-        layers = _branch_layers(branch)
-        self.layers = nn.ModuleList()
-        for i, modules in enumerate(layers):
-            last = i == len(layers) - 1
-            next_bias = None if last else _sum(layers[i + 1]["input_linear"].bias,
-                                               layers[i + 1]["temporal_to_integration"].linear_fuse.bias)
-            self.layers.append(_FusedDiSTLayer(modules, dtype, first=i == 0, last=last, onednn=onednn,
-                                               next_input_bias=next_bias))
+        self.stem = _FusedStem(branch.temporal_stem, dtype)
+        layers = list(branch.layers)
+        # each layer's input biases ride in the previous layer's integration-block output
+        next_biases = [_sum(nxt.input_linear.bias, nxt.temporal_to_integration.linear_fuse.bias) for nxt in layers[1:]]
+        self.layers = nn.ModuleList([
+            _FusedDiSTLayer(layer, dtype, first=i == 0, onednn=onednn, next_input_bias=bias)
+            for i, (layer, bias) in enumerate(zip(layers, [*next_biases, None]))])
         pooling_eps = {p.spatial_transformer.ln_1.eps for p in branch.adapooling_nets}
         if len(pooling_eps) > 1:
             raise ValueError(f"cannot fuse pooling layers whose LayerNorm epsilons differ: {sorted(pooling_eps)}")
@@ -483,9 +465,10 @@ class FusedDiSTBranch(_Buffers):
         self.pooling = nn.ModuleList([_FusedPooling(p, dtype) for p in branch.adapooling_nets])
         post_w, post_b = _fold_norm(branch.ln_post, branch.proj.t(), None)
         self.eps_post = branch.ln_post.eps
-        self.keep(dtype, video_query=branch.aggregated_cls_token[0, 0], frame_query=branch.aggregated_spatial_cls_token[0, 0],
-                  cls_weight=branch.proj_spatial_cls_token.weight, cls_bias=branch.proj_spatial_cls_token.bias,
-                  post_weight=post_w, post_bias=post_b)
+        cls_map = branch.proj_spatial_cls_token
+        self.keep(dtype, video_query=branch.aggregated_cls_token[0, 0],
+                  frame_query=branch.aggregated_spatial_cls_token[0, 0], cls_weight=cls_map.weight,
+                  cls_bias=cls_map.bias, post_weight=post_w, post_bias=post_b)
 
     def forward(self, video: torch.Tensor, clip_layers: dict[int, torch.Tensor]) -> torch.Tensor:
         b, _, t, h, w = video.shape
@@ -631,7 +614,13 @@ class FusedFrameModel(_FusedClassifier):
             for adapter, block in zip(self.adapters, self.clip.blocks):
                 x = block(adapter(x, self.sparse_frames, grid))
             emb = _linear(_normalize(x[:, 0], self.clip.eps_post), self.clip.post_weight, self.clip.post_bias)
-        return emb.to(self.output_dtype).view(b, -1, emb.shape[-1]).mean(dim=1)
+        return average_frames(emb, b)
+
+
+def average_frames(embeddings: torch.Tensor, batch: int) -> torch.Tensor:
+    """B*T' x E frame embeddings -> B x E, averaged in float32 (or wider)."""
+    embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
+    return embeddings.view(batch, -1, embeddings.shape[-1]).mean(dim=1)
 
 
 def _frozen_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:

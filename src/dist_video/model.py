@@ -11,7 +11,8 @@ import torch
 
 from .classifier import VideoClassifier
 from .clip import CLIP
-from .dist import DiSTBranch, DiSTConfig, checkpointing_mode
+from .dist import DiSTBranch, DiSTConfig, branch_keys_from_authors, checkpointing_mode
+from .fused import FusedDiSTModel, fuse_dist
 
 __all__ = ["DiSTVideoModel"]
 
@@ -47,6 +48,30 @@ class DiSTVideoModel(VideoClassifier):
         A run-time choice, not part of the saved model."""
         self.branch.activation_checkpointing = checkpointing_mode(mode)
         return self
+
+    def fuse(self, dtype: torch.dtype | None = None, onednn: bool = True) -> FusedDiSTModel:
+        """The inference form (:class:`~dist_video.fused.FusedDiSTModel`). ``onednn``: fused
+        oneDNN convolutions where they run (CPUs); a trace or export records portable kernels."""
+        return fuse_dist(self, dtype, onednn)
+
+    @classmethod
+    def upgrade_saved_tensors(cls, tensors: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
+        """Format 1 kept the branch's per-layer parts in the authors' lists (``input_linears.<i>``
+        ...) and the temporal network in ``temporal_encoder.stem`` / ``temporal_encoder.blocks``."""
+        if version >= 2:
+            return tensors
+        legacy = {"temporal_encoder.stem.": "temporal_stem.", "temporal_encoder.blocks.": "temporal_nets."}
+        branch, rest = {}, {}
+        for key, value in tensors.items():
+            if not key.startswith("branch."):
+                rest[key] = value
+                continue
+            key = key[len("branch."):]
+            for old, authors in legacy.items():
+                if key.startswith(old):
+                    key = authors + key[len(old):]
+            branch[key] = value
+        return {**rest, **{"branch." + k: v for k, v in branch_keys_from_authors(branch).items()}}
 
     @classmethod
     def from_method_config(cls, clip: CLIP, config: dict, **kwargs) -> DiSTVideoModel:

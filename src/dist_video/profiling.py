@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .model import DiSTVideoModel, VideoClassifier
+from .classifier import VideoClassifier
+from .model import DiSTVideoModel
 
 __all__ = ["count_macs", "cost_per_view", "inference_cost_per_view", "count_parameters"]
 
@@ -79,28 +80,25 @@ def attention_macs(model: VideoClassifier, height: int, width: int) -> int:
     return 2 * tokens * tokens * v.width * v.num_layers * frames
 
 
-def inference_cost_per_view(model: DiSTVideoModel, height: int = 224, width: int = 224) -> dict:
-    """MACs of one view as the no-autograd (evaluation) path executes them: ``{"clip": ...,
-    "branch": ...}``. The branch's inference path computes the same function with fewer
-    products than the architecture's count (:func:`cost_per_view`): its pooling layers never
-    form keys and values (see ``CrossAttention.forward_normalized``)."""
-    cfg = model.config
-    device = next(model.parameters()).device
-    video = torch.zeros(1, 3, cfg.num_frames, height, width, device=device)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:  # the counter's module tracker needs tensors that do not require grad under no_grad
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with torch.no_grad():
-            with _flop_counter() as counter:
-                layers = model.clip_layers(video)
-            clip = counter.get_total_flops() // 2
-            with _flop_counter() as counter:
-                model.branch(video, layers)
-            branch = counter.get_total_flops() // 2
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+def inference_cost_per_view(model: VideoClassifier, height: int = 224, width: int = 224) -> dict:
+    """MACs of one view as the model's inference form (``model.fuse()``) executes them:
+    ``{"clip": ..., "branch": ..., "total": ...}`` (branch only for DiST). DiST's fused branch
+    computes the same function with fewer products than the architecture's count
+    (:func:`cost_per_view`): its pooling layers never form keys and values."""
+    fused = model.fuse()
+    device = next(fused.buffers()).device
+    video = torch.zeros(1, 3, model.config.num_frames, height, width, device=device)
+    if not isinstance(model, DiSTVideoModel):
+        with _flop_counter() as counter:
+            fused.encode_video(video)
+        total = counter.get_total_flops() // 2
+        return {"clip": total, "total": total}
+    with _flop_counter() as counter:
+        layers = fused.clip_layers(video)
+    clip = counter.get_total_flops() // 2
+    with _flop_counter() as counter:
+        fused.branch(video, layers)
+    branch = counter.get_total_flops() // 2
     return {"clip": clip, "branch": branch, "total": clip + branch}
 
 

@@ -598,7 +598,8 @@ def _import_backend(name: str):
             return VideoDecoder
     except Exception as e:  # ImportError, or OSError/RuntimeError from a library that won't load
         raise BackendUnavailableError(
-            f"video backend {name!r} is not usable here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"video backend {name!r} is not usable here "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             f"install it with `pip install {name}` or use backend='pyav'") from None
     raise ValueError(f"unknown video backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
@@ -627,7 +628,8 @@ def _read_decord(path: str, wanted: list[int], index: _FrameIndex, threads: int)
     except VideoDecodeError:
         raise
     except Exception as e:
-        raise VideoDecodeError(path, f"decord failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}") from None
+        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise VideoDecodeError(path, f"decord failed: {cause}") from None
 
 
 def _read_torchcodec(path: str, wanted: list[int], index: _FrameIndex, threads: int) -> dict[int, np.ndarray]:

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from ..dist import cached_inference_weights
 from .distributed import DistEnv, all_gather_objects
 from .metrics import classification_metrics, plot_confusion_matrix, write_predictions_csv
 
-__all__ = ["ShardSampler", "predict_dataset", "evaluate", "autocast_context"]
+__all__ = ["ShardSampler", "predict_dataset", "evaluate", "fuse_for_inference"]
 
 
 class ShardSampler(Sampler[int]):
@@ -32,11 +30,10 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    """Autocast for the trainable part (``None``: full precision)."""
-    if dtype is None or dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def fuse_for_inference(model, amp_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The model's inference form (``model.fuse``) in the run's precision: the autocast dtype of
+    training (bf16/fp16), else the frozen CLIP's dtype."""
+    return model.fuse(amp_dtype if amp_dtype is not None else model.clip_dtype)
 
 
 @torch.no_grad()
@@ -47,8 +44,9 @@ def predict_dataset(model, dataset, env: DistEnv, *, batch_size: int, workers: i
 
     ``dataset`` items are dicts with ``video`` (3 x T x S x S), ``label`` and ``index`` (the
     video's record index). Returns (scores V x C, labels V, record indices V) on every
-    process, sorted by record index."""
-    model.eval()
+    process, sorted by record index. The model runs in its inference form
+    (:func:`fuse_for_inference`), made once here."""
+    fused = fuse_for_inference(model, amp_dtype)
     sampler = ShardSampler(len(dataset), env.rank, env.world_size)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=env.device.type == "cuda")
@@ -59,16 +57,14 @@ def predict_dataset(model, dataset, env: DistEnv, *, batch_size: int, workers: i
     if progress and env.is_main:
         from tqdm import tqdm
         iterator = tqdm(loader, desc="evaluate", unit="batch", dynamic_ncols=True, leave=False)
-    with cached_inference_weights():  # the weights do not change during the loop
-        for batch in iterator:
-            video = batch["video"].to(env.device, non_blocking=True)
-            with autocast_context(env.device, amp_dtype):
-                logits = model(video)
-            probs = logits.float().softmax(dim=1).cpu()
-            for p, idx, y in zip(probs, batch["index"].tolist(), batch["label"].tolist()):
-                sums[idx] = sums[idx] + p if idx in sums else p.clone()
-                counts[idx] = counts.get(idx, 0) + 1
-                labels[idx] = y
+    for batch in iterator:
+        video = batch["video"].to(env.device, non_blocking=True)
+        probs = fused(video).float().softmax(dim=1).cpu()
+        for p, idx, y in zip(probs, batch["index"].tolist(), batch["label"].tolist()):
+            sums[idx] = sums[idx] + p if idx in sums else p.clone()
+            counts[idx] = counts.get(idx, 0) + 1
+            labels[idx] = y
+    del fused
     merged_sums: dict[int, torch.Tensor] = {}
     merged_counts: dict[int, int] = {}
     merged_labels: dict[int, int] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -11,7 +12,6 @@ import torch
 
 from ..classifier import VideoClassifier, read_model_config
 from ..clip_loaders import resolve_clip_path
-from ..dist import cached_inference_weights
 from .distributed import resolve_device
 
 __all__ = ["load_for_inference", "predict_clip", "predict_files", "convert_official", "read_class_names",
@@ -85,12 +85,14 @@ def _text_head(model: VideoClassifier, names: list[str], *, vocab: str | None, c
 
 
 @torch.no_grad()
-def predict_clip(model: VideoClassifier, video: torch.Tensor, topk: int = 5) -> list[list[tuple[str, float]]]:
+def predict_clip(model: VideoClassifier | torch.nn.Module, video: torch.Tensor, topk: int = 5
+                 ) -> list[list[tuple[str, float]]]:
     """Top classes of normalised clips: ``video`` 3 x T x H x W or B x 3 x T x H x W ->
-    for each clip, ``[(class name, probability), ...]`` best first."""
+    for each clip, ``[(class name, probability), ...]`` best first. ``model``: a classifier
+    or its inference form (``model.fuse()``; pass that when calling this in a loop)."""
     if video.dim() == 4:
         video = video.unsqueeze(0)
-    device = model.clip.logit_scale.device
+    device = next(itertools.chain(model.buffers(), model.parameters())).device
     probs = model(video.to(device)).float().softmax(dim=1)
     names = model.class_names or [str(i) for i in range(probs.shape[1])]
     p, idx = probs.topk(min(topk, probs.shape[1]), dim=1)
@@ -98,21 +100,22 @@ def predict_clip(model: VideoClassifier, video: torch.Tensor, topk: int = 5) -> 
 
 
 @torch.no_grad()
-def predict_files(model: VideoClassifier, videos: Sequence[str], preprocess: dict, *, topk: int = 5,
+def predict_files(model: VideoClassifier | torch.nn.Module, videos: Sequence[str], preprocess: dict, *, topk: int = 5,
                   views: int | None = None) -> list[dict]:
-    """Classify video files with the model's test protocol (views x crops, probabilities averaged)."""
+    """Classify video files with the model's test protocol (views x crops, probabilities
+    averaged), through its inference form (made once here; ``model`` may already be one)."""
     from .data import test_clips_of_file
 
-    device = model.clip.logit_scale.device
-    names = model.class_names or [str(i) for i in range(model.num_classes)]
+    fused = model.fuse() if isinstance(model, VideoClassifier) else model
+    device = next(fused.buffers()).device
+    names = fused.class_names or [str(i) for i in range(fused.num_classes)]
     out = []
-    with cached_inference_weights():  # the weights do not change during the loop
-        for path in videos:
-            clips = test_clips_of_file(path, preprocess, num_frames=model.config.num_frames, views=views)
-            probs = model(clips.to(device)).float().softmax(dim=1).mean(dim=0)
-            p, idx = probs.topk(min(topk, probs.numel()))
-            top = [{"class": names[i], "probability": float(v)} for v, i in zip(p.tolist(), idx.tolist())]
-            out.append({"video": str(path), "views": int(clips.shape[0]), "top": top})
+    for path in videos:
+        clips = test_clips_of_file(path, preprocess, num_frames=fused.config.num_frames, views=views)
+        probs = fused(clips.to(device)).float().softmax(dim=1).mean(dim=0)
+        p, idx = probs.topk(min(topk, probs.numel()))
+        top = [{"class": names[i], "probability": float(v)} for v, i in zip(p.tolist(), idx.tolist())]
+        out.append({"video": str(path), "views": int(clips.shape[0]), "top": top})
     return out
 
 

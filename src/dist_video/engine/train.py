@@ -29,7 +29,7 @@ from .builder import attach_head, build_classifier, load_clip_for
 from .checkpoint import check_output_dir, load_training_state, save_training_state, set_rng_state
 from .data import build_datasets, train_loader, write_bad_files
 from .distributed import DistEnv, barrier, cleanup_distributed, setup_distributed
-from .evaluate import autocast_context, evaluate
+from .evaluate import evaluate
 from .metrics import MetricLog, plot_training_curves
 from .optim import CosineSchedule, build_optimizer
 
@@ -38,6 +38,13 @@ __all__ = ["train", "TrainResult", "NonFiniteLossError", "resolve_precision", "C
 CHECKPOINT_NAME = "last.pt"
 
 logger = logging.getLogger(__name__)
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """Autocast for the trainable part (``None``: full precision)."""
+    if dtype is None or dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 class NonFiniteLossError(RuntimeError):
