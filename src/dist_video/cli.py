@@ -1,4 +1,5 @@
-"""The ``dist-video`` command line: train, evaluate, predict, info, convert, make-synthetic, demo."""
+"""The ``dist-video`` command line: train, evaluate, predict, info, convert, prepare, scan, make-synthetic,
+demo."""
 
 from __future__ import annotations
 
@@ -127,6 +128,86 @@ def cmd_make_synthetic(args) -> int:
     return 0
 
 
+def _bar(total: int, unit: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, unit=unit, dynamic_ncols=True, disable=not enabled,
+                mininterval=0.5 if sys.stderr.isatty() else 10.0)
+
+
+def cmd_prepare(args) -> int:
+    import time
+
+    from .data.prepare import PrepareReport, plan_prepare, prepare_dataset, write_annotations, write_report
+
+    t0 = time.perf_counter()
+    jobs, ann = plan_prepare(args.src, args.dst, fmt=args.format, root=args.root, classes=args.classes,
+                             split=args.split, fold=args.fold)
+    workers = args.workers or max(1, len(os.sched_getaffinity(0)))
+    report = PrepareReport(source=os.path.abspath(args.src), destination=os.path.abspath(args.dst),
+                           short_side=args.short_side, gop=args.gop, workers=workers)
+    with _bar(len(jobs), "video", args.progress) as bar:
+        def on_result(r):
+            report.add(r)
+            if r.status == "failed":
+                bar.write(f"failed: {r.source}: {r.cause}", file=sys.stderr)
+            bar.set_postfix(done=report.done, skipped=report.skipped, failed=report.failed, refresh=False)
+            bar.update(1)
+
+        results = prepare_dataset(jobs, short_side=args.short_side, gop=args.gop, workers=workers, crf=args.crf,
+                                  preset=args.preset, on_result=on_result)
+    if ann is not None:
+        name = os.path.splitext(os.path.basename(os.path.normpath(args.src)))[0]
+        report.annotation_files = [str(p) for p in write_annotations(jobs, results, ann, args.dst, name)]
+    report.seconds = time.perf_counter() - t0
+    path = write_report(report, args.dst)
+    print(f"prepared {report.done} videos, skipped {report.skipped} already done, {report.failed} failed; "
+          f"{report.bytes_before / 2**20:.1f} MiB -> {report.bytes_after / 2**20:.1f} MiB in "
+          f"{report.seconds:.1f} s; report: {path}")
+    return 0 if report.failed == 0 else 1
+
+
+def cmd_scan(args) -> int:
+    from .data.scan import (BAD_STATUSES, ScanResult, load_for_scan, scan_dataset, summarize,
+                            write_clean_annotations, write_scan_report)
+
+    if args.write_clean and len(args.datasets) != 1:
+        raise ValueError("--write-clean takes one dataset at a time")
+    workers = args.workers or max(1, len(os.sched_getaffinity(0)))
+    results, names = [], []
+    for source in args.datasets:
+        records, missing, ann = load_for_scan(source, fmt=args.format, root=args.root, classes=args.classes,
+                                              split=args.split, fold=args.fold)
+        names = ann.class_names
+        with _bar(len(records) + len(missing), "video", args.progress) as bar:
+            part = [ScanResult(p, -1, "missing", "file not found") for p in missing]
+            bar.update(len(missing))
+            part += scan_dataset(records, workers=workers, min_frames=args.min_frames,
+                                 on_result=lambda r: bar.update(1))
+        results += part
+    summary = summarize(results)
+    for r in results:
+        if r.status in BAD_STATUSES:
+            print(f"{r.status}: {r.path}: {r.cause}")
+    print(json.dumps(summary, indent=2))
+    report = write_scan_report(results, args.report, datasets=[os.path.abspath(d) for d in args.datasets])
+    print(f"report: {report}", file=sys.stderr)
+    if args.write_clean:
+        clean, classes = write_clean_annotations(results, names, args.write_clean)
+        kept = sum(r.status not in BAD_STATUSES for r in results)
+        print(f"wrote {kept} of {len(results)} videos to {clean} (classes: {classes})", file=sys.stderr)
+    return 0 if not any(r.status in BAD_STATUSES for r in results) else 1
+
+
+def _dataset_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", default=None, help="annotation format of an annotation-file argument: csv, kinetics, "
+                   "ssv2, ucf101, hmdb51 (a folder with one sub-folder per class needs none)")
+    p.add_argument("--root", help="the videos' folder (kinetics, ssv2, ucf101, hmdb51; base of csv paths)")
+    p.add_argument("--classes", help="class list file (ssv2: the labels JSON)")
+    p.add_argument("--split", default="train", help="ucf101/hmdb51: train or test (default train)")
+    p.add_argument("--fold", type=int, default=1, help="ucf101/hmdb51 official split 1, 2 or 3")
+    p.add_argument("--workers", type=int, default=0, help="parallel processes (default: all cores)")
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -204,6 +285,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copy-clip", action="store_true", help="store the CLIP weights in the folder "
                    "(default: copied, since the .pyth holds them; with --clip, referenced by path)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("prepare", help="re-encode a dataset once to a small short side with short GOPs "
+                       "(every frame kept)")
+    p.add_argument("src", metavar="SRC", help="a folder of videos, or an annotation file (with --format/--root)")
+    p.add_argument("dst", metavar="DST", help="output folder (re-running skips the videos already done)")
+    p.add_argument("--short-side", type=int, default=320, help="short side in pixels, never enlarged (default 320)")
+    p.add_argument("--gop", type=int, default=16, help="frames between keyframes (default 16)")
+    p.add_argument("--crf", type=int, default=23, help="x264 quality, lower is better (default 23)")
+    p.add_argument("--preset", default="veryfast", help="x264 speed preset (default veryfast)")
+    _dataset_arguments(p)
+    _output_arguments(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("scan", help="check every video of a dataset and list the bad ones")
+    p.add_argument("datasets", nargs="+", metavar="DATASET", help="a folder with one sub-folder per class, or an "
+                   "annotation file (with --format/--root)")
+    p.add_argument("--min-frames", type=int, default=16, help="fewer decodable frames is reported as short "
+                   "(default 16)")
+    p.add_argument("--report", default="scan_report.json", help="report JSON (default scan_report.json)")
+    p.add_argument("--write-clean", metavar="FILE", help="write a CSV annotation file without the missing, "
+                   "unreadable and truncated videos (and FILE's .classes.txt)")
+    _dataset_arguments(p)
+    _output_arguments(p)
+    p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("make-synthetic", help="write the synthetic moving-digit video dataset")
     from .data.synthetic import add_make_synthetic_arguments

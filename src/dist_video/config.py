@@ -100,8 +100,15 @@ class DataConfig:
     workers: int = 8
     preload: bool = False  # decode every video once into memory (small datasets: the demo)
     on_error: str = "error"  # error | skip (bad videos)
+    # training clips cut from one decode of a video, each sampled and augmented on its own;
+    # train.batch_size still counts clips (a multiple of this); an epoch visits every video once
+    clips_per_video: int = 1
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+
+    def __post_init__(self):
+        if self.clips_per_video < 1:
+            raise ValueError(f"clips_per_video must be >= 1, got {self.clips_per_video}")
 
 
 @dataclass

@@ -511,6 +511,12 @@ class VideoClipDataset(Dataset):
     ``__getitem__`` returns ``{"video": float 3 x T x S x S, "label": int, "index": record
     index, "view": temporal view, "crop": spatial crop}``.
 
+    Several clips per decoded video (training, ``clips_per_video=N > 1``): an item samples N
+    clips independently, decodes the union of their frames in one pass and augments each clip
+    on its own; ``"video"`` is then N x 3 x T x S x S and ``"label"`` an int64 tensor (N,) (a
+    flip can change a clip's label). Clip 0 is the clip ``clips_per_video=1`` gives; clip
+    ``c > 0`` draws from a generator seeded by ``(seed, epoch, index, attempt, c)``.
+
     Bad videos (``VideoDecodeError``): ``on_error="error"`` raises it (its message names the
     file and the cause); ``on_error="skip"`` replaces the item by another record drawn
     deterministically from ``(seed, epoch, index, attempt)`` (same view and crop in testing),
@@ -528,19 +534,22 @@ class VideoClipDataset(Dataset):
                  transform: Callable, training: bool, num_views: int = 1, num_crops: int = 1,
                  class_names: Sequence[str] | None = None, seed: int = 0, on_error: str = "error",
                  bad_files_dir: str | os.PathLike | None = None, backend: str | None = None,
-                 decode_threads: int | None = None, max_replacements: int = 20):
+                 decode_threads: int | None = None, max_replacements: int = 20, clips_per_video: int = 1):
         if on_error not in ("error", "skip"):
             raise ValueError(f"on_error must be 'error' or 'skip', got {on_error!r}")
         if not records:
             raise ValueError("VideoClipDataset needs at least one record")
         if num_views < 1 or num_crops < 1:
             raise ValueError("num_views and num_crops must be >= 1")
+        if int(clips_per_video) < 1:
+            raise ValueError(f"clips_per_video must be >= 1, got {clips_per_video}")
         self.records = list(records)
         self.sampler = sampler
         self.transform = transform
         self.training = bool(training)
         self.num_views = 1 if training else int(num_views)
         self.num_crops = 1 if training else int(num_crops)
+        self.clips_per_video = int(clips_per_video) if training else 1
         self.class_names = list(class_names) if class_names is not None else None
         self.seed = int(seed)
         self.epoch = 0
@@ -625,16 +634,30 @@ class VideoClipDataset(Dataset):
             return frames[[min(int(j), len(frames) - 1) for j in indices]]
         return read_frames(self.records[record_index].path, indices, self.backend, threads=self.decode_threads)
 
+    def _num_frames(self, record_index: int) -> int:
+        preloaded = self._frames.get(record_index)
+        return len(preloaded) if preloaded is not None else probe(self.records[record_index].path).num_frames
+
     def load(self, record_index: int, view: int, crop: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:
         """Decode, sample and transform one clip; raises VideoDecodeError for a bad file."""
         rec = self.records[record_index]
-        preloaded = self._frames.get(record_index)
-        n = len(preloaded) if preloaded is not None else probe(rec.path).num_frames
         if self.training:
-            frames = self._read(record_index, self.sampler(n, view=None, rng=generator))
-        else:
-            frames = self._test_frames(record_index, n)[view]
+            return self.load_clips(record_index, [generator])[0]
+        frames = self._test_frames(record_index, self._num_frames(record_index))[view]
         return self.transform(frames, label=rec.label, generator=generator, crop=crop)
+
+    def load_clips(self, record_index: int, generators: Sequence[torch.Generator]
+                   ) -> list[tuple[torch.Tensor, int]]:
+        """Training clips of one record, one per generator: each clip's frames are sampled with
+        its generator, the union of all clips' frames is decoded in one pass, then each clip is
+        augmented with its generator. Returns [(3 x T x S x S clip, label)] in generator order;
+        raises VideoDecodeError for a bad file."""
+        rec = self.records[record_index]
+        n = self._num_frames(record_index)
+        picks = [self.sampler(n, view=None, rng=g) for g in generators]
+        frames = self._read(record_index, [i for p in picks for i in p])
+        parts = torch.split(frames, [len(p) for p in picks])
+        return [self.transform(f, label=rec.label, generator=g) for f, g in zip(parts, generators)]
 
     def _test_frames(self, record_index: int, num_video_frames: int) -> list[torch.Tensor]:
         """uint8 frames of every test view of a record, decoded in one pass and kept for the
@@ -659,12 +682,21 @@ class VideoClipDataset(Dataset):
                 if candidate in self._known_bad:
                     continue
             try:
-                video, label = self.load(candidate, view, crop, gen)
+                if self.clips_per_video > 1:
+                    gens = [gen] + [torch.Generator().manual_seed(_seed(self.seed, self.epoch, record, attempt, c))
+                                    for c in range(1, self.clips_per_video)]
+                    clips = self.load_clips(candidate, gens)
+                else:
+                    video, label = self.load(candidate, view, crop, gen)
             except VideoDecodeError as e:
                 if self.on_error == "error":
                     raise
                 self._note_bad(candidate, e)
                 continue
+            if self.clips_per_video > 1:
+                return {"video": torch.stack([v for v, _ in clips]),
+                        "label": torch.tensor([int(y) for _, y in clips], dtype=torch.long),
+                        "index": candidate, "view": view, "crop": crop}
             return {"video": video, "label": int(label), "index": candidate, "view": view, "crop": crop}
         raise VideoDecodeError(self.records[record].path,
                                f"unreadable, and so were {self.max_replacements} replacement videos "

@@ -599,9 +599,22 @@ def _import_backend(name: str):
     except Exception as e:  # ImportError, or OSError/RuntimeError from a library that won't load
         raise BackendUnavailableError(
             f"video backend {name!r} is not usable here "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            f"install it with `pip install {name}` or use backend='pyav'") from None
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+            f"{_install_hint(name, e)}, or use backend='pyav'") from None
     raise ValueError(f"unknown video backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _install_hint(name: str, error: Exception) -> str:
+    """What to install for a backend that failed to import with ``error``."""
+    if isinstance(error, ModuleNotFoundError):
+        if name == "torchcodec":
+            return ("install it with `pip install torchcodec` (the release made for your PyTorch version) and "
+                    "FFmpeg's shared libraries (Debian/Ubuntu: `apt-get install ffmpeg`)")
+        return "install it with `pip install decord` (0.6.0: wheels for Linux x86_64)"
+    if name == "torchcodec":
+        return ("torchcodec needs FFmpeg's shared libraries, major version 4 to 7 (Debian/Ubuntu: `apt-get install "
+                "ffmpeg`), and the torchcodec release made for your PyTorch version")
+    return "reinstall it with `pip install --force-reinstall decord`"
 
 
 def _read_decord(path: str, wanted: list[int], index: _FrameIndex, threads: int) -> dict[int, np.ndarray]:

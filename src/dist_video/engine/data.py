@@ -5,6 +5,11 @@ global permutation seeded by ``(seed, e)``; global batch ``k`` is the slice
 ``P[k * G:(k + 1) * G]`` (``G`` = per-process batch x processes) and process ``r`` takes its
 ``r``-th part. A run resumed at batch ``k`` of epoch ``e`` therefore sees exactly the clips an
 uninterrupted run would have seen, whatever the number of DataLoader workers.
+
+With ``data.clips_per_video = N`` the permutation is over videos: a batch of ``batch_size``
+clips holds ``batch_size / N`` videos, N clips each (decoded once, augmented independently),
+flattened by :func:`collate_clips` so the training step sees ``batch_size`` clips as before;
+an epoch visits every video once.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, default_collate
 
 from ..config import Config
 from ..data.datasets import (VideoClipDataset, load_annotations, load_test_clips, read_class_list,
@@ -27,7 +32,8 @@ from ..data.transforms import TestTransform, TrainTransform, flip_label_map
 from .distributed import DistEnv
 
 __all__ = ["Datasets", "build_datasets", "train_loader", "ResumableBatchSampler", "write_bad_files",
-           "test_clips_of_file", "test_transform", "train_transform"]
+           "test_clips_of_file", "test_transform", "train_transform", "videos_per_batch", "train_batches_per_epoch",
+           "collate_clips"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +105,7 @@ def build_datasets(cfg: Config, splits: Sequence[str] = ("train", "val"),
             transform = train_transform(cfg, class_names)
             out[split] = VideoClipDataset(ann.records, sampler=sampler, transform=transform, training=True,
                                           class_names=class_names, seed=cfg.train.seed, on_error=d.on_error,
-                                          bad_files_dir=bad_dir / "train")
+                                          bad_files_dir=bad_dir / "train", clips_per_video=d.clips_per_video)
         else:
             transform = test_transform(d.crop_size, d.test_scale, d.num_crops, d.mean, d.std)
             out[split] = VideoClipDataset(ann.records, sampler=sampler, transform=transform, training=False,
@@ -145,6 +151,35 @@ class ResumableBatchSampler(Sampler[list[int]]):
             yield chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
 
+def videos_per_batch(cfg: Config) -> int:
+    """Videos in one process's training batch: ``train.batch_size / data.clips_per_video``."""
+    n, b = cfg.data.clips_per_video, cfg.train.batch_size
+    if n < 1:
+        raise ValueError(f"data.clips_per_video must be >= 1, got {n}")
+    if b % n:
+        raise ValueError(f"train.batch_size={b} is not a multiple of data.clips_per_video={n} "
+                         f"(a batch holds whole videos, {n} clips each)")
+    return b // n
+
+
+def train_batches_per_epoch(dataset: VideoClipDataset, cfg: Config, world_size: int) -> int:
+    """Complete global batches in one epoch of ``dataset`` (every video once)."""
+    return len(dataset) // (videos_per_batch(cfg) * world_size)
+
+
+def collate_clips(items: list[dict]) -> dict:
+    """Batch items of N clips each (``"video"`` N x ...) into a batch of clips: ``"video"``
+    (B * N) x ..., ``"label"`` (B * N,), and ``"index"``/``"view"``/``"crop"`` repeated per
+    clip. Clips of one video are consecutive."""
+    batch = default_collate(items)
+    n = batch["video"].shape[1]
+    batch["video"] = batch["video"].flatten(0, 1)
+    batch["label"] = batch["label"].flatten()
+    for key in ("index", "view", "crop"):
+        batch[key] = batch[key].repeat_interleave(n)
+    return batch
+
+
 def _worker_init(_: int) -> None:
     # Ctrl-C goes to the whole process group: let the main process save a checkpoint and stop
     # the workers itself instead of every worker dying with a traceback.
@@ -154,12 +189,14 @@ def _worker_init(_: int) -> None:
 
 def train_loader(dataset: VideoClipDataset, cfg: Config, env: DistEnv, *, epoch: int,
                  start_batch: int = 0) -> DataLoader:
-    """The training DataLoader of ``epoch`` for this process, from batch ``start_batch``."""
+    """The training DataLoader of ``epoch`` for this process, from batch ``start_batch``; each
+    batch holds ``train.batch_size`` clips (``batch_size / clips_per_video`` videos)."""
     dataset.set_epoch(epoch)
-    sampler = ResumableBatchSampler(len(dataset), cfg.train.batch_size, seed=cfg.train.seed, epoch=epoch,
+    sampler = ResumableBatchSampler(len(dataset), videos_per_batch(cfg), seed=cfg.train.seed, epoch=epoch,
                                     rank=env.rank, world_size=env.world_size, start_batch=start_batch)
     workers = cfg.data.workers
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+    collate = collate_clips if dataset.clips_per_video > 1 else None
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                       pin_memory=env.device.type == "cuda", worker_init_fn=_worker_init if workers else None,
                       persistent_workers=False, prefetch_factor=2 if workers else None)
 

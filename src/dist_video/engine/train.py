@@ -27,7 +27,7 @@ from ..config import Config, config_to_dict, save_config
 from ..data.mixup import MixupCutmix, soft_target_cross_entropy
 from .builder import attach_head, build_classifier, load_clip_for
 from .checkpoint import check_output_dir, load_training_state, save_training_state, set_rng_state
-from .data import build_datasets, train_loader, write_bad_files
+from .data import build_datasets, train_batches_per_epoch, train_loader, write_bad_files
 from .distributed import DistEnv, barrier, cleanup_distributed, setup_distributed
 from .evaluate import evaluate
 from .metrics import MetricLog, plot_training_curves
@@ -239,11 +239,11 @@ class _Run:
 
         self.accumulation = _accumulation(cfg, env)
         self.global_batch = cfg.train.batch_size * env.world_size * self.accumulation
-        batches_per_epoch = len(datasets.train) // (cfg.train.batch_size * env.world_size)
+        batches_per_epoch = train_batches_per_epoch(datasets.train, cfg, env.world_size)
         self.updates_per_epoch = batches_per_epoch // self.accumulation
         if self.updates_per_epoch < 1:
-            raise ValueError(f"the training set ({len(datasets.train)} clips) is smaller than one update of "
-                             f"{self.global_batch} clips (batch_size x processes x accumulation)")
+            raise ValueError(f"the training set ({len(datasets.train) * cfg.data.clips_per_video} clips) is smaller "
+                             f"than one update of {self.global_batch} clips (batch_size x processes x accumulation)")
         total_steps = self.updates_per_epoch * cfg.optim.epochs
         self.total_steps_run = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
         lr = cfg.optim.lr * (self.global_batch / cfg.optim.base_batch_size if cfg.optim.scale_lr else 1.0)

@@ -1,0 +1,351 @@
+"""Prepare a dataset once: every video re-encoded to a small short side with short GOPs.
+
+Training decodes every video again in every epoch; Kinetics as downloaded is mostly 720p or
+larger, with long GOPs. Re-encoding it once to the resolution training actually uses (short
+side 320 or 256, then cropped to 224) and to keyframes every ``gop`` frames makes every later
+decode cheaper: fewer pixels per frame, and a seek lands at most ``gop - 1`` frames before
+the frame asked for.
+
+What :func:`prepare_video` keeps: every decodable frame, in the same order, at the same
+(average) frame rate: frame ``i`` of the output is frame ``i`` of the source (as
+:func:`~dist_video.data.decoding.read_frames` numbers them) resized so that its short side
+is ``short_side`` (never enlarged; both sides even, as yuv420p needs), encoded as H.264 in
+MP4. Audio and other streams are dropped. The output's frame count is checked against the
+frames decoded from the source before the file gets its final name.
+
+:func:`prepare_dataset` runs the jobs in parallel processes. Every output is written under a
+temporary name in its folder and renamed when complete, so an interrupted run leaves only
+finished files with final names, and a new run skips them (and removes stale temporary
+files). A video that cannot be read is reported with its cause; the others go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import multiprocessing
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import av
+from av.video.frame import PictureType
+
+from .datasets import VIDEO_EXTENSIONS, Annotations, VideoRecord, load_annotations
+from .decoding import VideoDecodeError, probe
+
+__all__ = ["PrepareJob", "PrepareResult", "PrepareReport", "output_size", "prepare_video", "plan_prepare",
+           "prepare_dataset", "write_annotations", "write_report", "REPORT_NAME", "TEMP_MARK"]
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "prepare_report.json"
+#: Temporary outputs are ``.<name>.<TEMP_MARK><pid>.mp4`` beside the final file.
+TEMP_MARK = "partial-"
+
+
+@dataclass(frozen=True)
+class PrepareJob:
+    """One video to re-encode: ``source`` -> ``output`` (an .mp4 path); ``label`` for the
+    annotation file (-1 for a folder tree)."""
+
+    source: str
+    output: str
+    label: int = -1
+
+
+@dataclass
+class PrepareResult:
+    """What happened to one job: ``status`` is ``done``, ``skipped`` (output already there) or
+    ``failed`` (``cause`` says why)."""
+
+    source: str
+    output: str
+    status: str
+    cause: str = ""
+    frames: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class PrepareReport:
+    """The summary written to ``DST/prepare_report.json``."""
+
+    source: str
+    destination: str
+    short_side: int
+    gop: int
+    workers: int
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    frames: int = 0
+    seconds: float = 0.0
+    failures: list[dict] = field(default_factory=list)
+    annotation_files: list[str] = field(default_factory=list)
+
+    def add(self, r: PrepareResult) -> None:
+        if r.status == "failed":
+            self.failed += 1
+            self.failures.append({"source": r.source, "cause": r.cause})
+            return
+        self.done += r.status == "done"
+        self.skipped += r.status == "skipped"
+        self.bytes_before += r.bytes_before
+        self.bytes_after += r.bytes_after
+        self.frames += r.frames
+
+
+def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the short side scaled to ``short_side`` (never enlarged), aspect
+    kept, both rounded to even numbers (at least 2)."""
+    short = min(width, height)
+    scale = min(1.0, short_side / short) if short > 0 else 1.0
+
+    def even(x: float) -> int:
+        return max(2, int(round(x / 2)) * 2)
+
+    return even(width * scale), even(height * scale)
+
+
+def _frame_rate(stream, fps: float) -> Fraction:
+    """The output's constant rate: the source's average rate as the decoding module measures
+    it (``fps``: the container's rate, or frames / duration for irregular timestamps)."""
+    rate = stream.average_rate
+    if rate and abs(float(rate) - fps) <= 1e-6 * fps:
+        return Fraction(rate)
+    return Fraction(fps).limit_denominator(1001) if fps > 0 else Fraction(25)
+
+
+def _decoded_frames(container, stream) -> Iterable:
+    """Frames in decoder output order; a packet the decoder rejects, or a read error at a
+    truncated end, gives no frames (as :mod:`~dist_video.data.decoding` counts them)."""
+    cc = stream.codec_context
+    it = container.demux(stream)
+    while True:
+        try:
+            packet = next(it)
+        except StopIteration:
+            break
+        except av.FFmpegError:
+            break
+        if packet.size == 0 or packet.is_corrupt:
+            continue
+        try:
+            yield from cc.decode(packet)
+        except av.FFmpegError:
+            continue
+    try:
+        yield from cc.decode(None)
+    except av.FFmpegError:
+        return
+
+
+def _remove_stale(output: Path) -> None:
+    for old in output.parent.glob(f".{glob.escape(output.name)}.{TEMP_MARK}*.mp4"):
+        try:
+            old.unlink()
+        except OSError:
+            pass
+
+
+def prepare_video(source: str | os.PathLike, output: str | os.PathLike, *, short_side: int = 320, gop: int = 16,
+                  crf: int = 23, preset: str = "veryfast", threads: int = 0) -> PrepareResult:
+    """Re-encode one video (see the module docstring); never raises for a bad source: the
+    result's ``status`` is then ``failed`` with the cause. An existing ``output`` is kept
+    (``skipped``). ``threads``: encoder and decoder threads (0: FFmpeg's choice)."""
+    source, output = os.fspath(source), Path(output)
+    t0 = time.perf_counter()
+    size_in = os.path.getsize(source) if os.path.isfile(source) else 0
+    if output.is_file():
+        return PrepareResult(source, str(output), "skipped", bytes_before=size_in,
+                             bytes_after=output.stat().st_size, frames=0)
+    tmp = output.parent / f".{output.name}.{TEMP_MARK}{os.getpid()}.mp4"
+    try:
+        info = probe(source)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(output)
+        width, height = output_size(info.width, info.height, short_side)
+        written = 0
+        with av.open(source, metadata_errors="ignore") as src, av.open(str(tmp), "w", format="mp4") as dst:
+            stream = _first_video(src)
+            stream.codec_context.thread_count = threads
+            stream.codec_context.thread_type = "AUTO" if threads != 1 else "SLICE"
+            rate = _frame_rate(stream, info.fps)
+            out = dst.add_stream("libx264", rate=rate)
+            out.width, out.height, out.pix_fmt = width, height, "yuv420p"
+            out.codec_context.gop_size = gop
+            out.codec_context.thread_count = threads
+            out.options = {"crf": str(crf), "preset": preset,
+                           "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
+            time_base = 1 / rate
+            for frame in _decoded_frames(src, stream):
+                small = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
+                small.pts, small.time_base = written, time_base
+                small.pict_type = PictureType.NONE  # the source's keyframes must not force ours
+                for packet in out.encode(small):
+                    dst.mux(packet)
+                written += 1
+            for packet in out.encode():
+                dst.mux(packet)
+        if written == 0:
+            raise VideoDecodeError(source, "no decodable video frames")
+        if written != info.num_frames:  # decoding from the start is the definition of the frames
+            logger.warning("%s: indexed as %d frames, %d decode; all %d kept", source, info.num_frames, written,
+                           written)
+        got = _count_frames(tmp)
+        if got != written:
+            raise VideoDecodeError(source, f"the re-encoded file holds {got} frames instead of {written}")
+        os.replace(tmp, output)
+    except VideoDecodeError as e:
+        _unlink(tmp)
+        return PrepareResult(source, str(output), "failed", cause=e.cause, bytes_before=size_in,
+                             seconds=time.perf_counter() - t0)
+    except (av.FFmpegError, OSError, ValueError, RuntimeError, MemoryError) as e:
+        _unlink(tmp)
+        cause = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        return PrepareResult(source, str(output), "failed", cause=f"{type(e).__name__}: {cause}",
+                             bytes_before=size_in, seconds=time.perf_counter() - t0)
+    return PrepareResult(source, str(output), "done", frames=written, bytes_before=size_in,
+                         bytes_after=output.stat().st_size, seconds=time.perf_counter() - t0)
+
+
+def _first_video(container):
+    for s in container.streams.video:
+        try:
+            if s.disposition & av.stream.Disposition.attached_pic:
+                continue
+        except (AttributeError, TypeError):
+            pass
+        return s
+    raise ValueError("no video stream")
+
+
+def _count_frames(path: Path) -> int:
+    """Frames the file decodes to (every frame, no RGB conversion)."""
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        stream.codec_context.thread_count = 1
+        return sum(1 for _ in _decoded_frames(c, stream))
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+# ----------------------------------------------------------------------------- a dataset
+
+def plan_prepare(source: str | os.PathLike, destination: str | os.PathLike, *, fmt: str | None = None,
+                 root: str | os.PathLike | None = None, classes: str | os.PathLike | None = None,
+                 split: str = "train", fold: int = 1) -> tuple[list[PrepareJob], Annotations | None]:
+    """The jobs of a dataset: ``source`` is a folder (every video under it; outputs keep their
+    relative paths) or an annotation file of ``fmt`` (see
+    :func:`~dist_video.data.datasets.load_annotations`; outputs keep their paths relative to
+    ``root``, or their file names when outside it). Outputs end in ``.mp4``. Returns (jobs,
+    the annotations, or None for a folder). Two sources that would share an output name are
+    an error naming both."""
+    src, dst = Path(source), Path(destination)
+    ann: Annotations | None = None
+    if src.is_dir() and fmt in (None, "folder"):
+        exts = tuple(VIDEO_EXTENSIONS)
+        files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in exts
+                       and not p.name.startswith("."))
+        records = [VideoRecord(str(p), -1) for p in files]
+        base = src
+    else:
+        if fmt is None:
+            raise ValueError(f"{src}: give --format (csv, kinetics, ssv2, ucf101, hmdb51) for an annotation file")
+        ann = load_annotations(fmt, src, root=root, split=split, classes=classes, fold=fold, on_missing="ignore")
+        records = ann.records
+        base = Path(root) if root else src.parent
+    jobs, seen = [], {}
+    for rec in records:
+        p = Path(rec.path)
+        rel = Path(os.path.relpath(os.path.abspath(p), os.path.abspath(base)))
+        if rel.parts and rel.parts[0] == "..":
+            rel = Path(p.name)
+        out = (dst / rel).with_suffix(".mp4")
+        if str(out) in seen and seen[str(out)] != rec.path:
+            raise ValueError(f"{rec.path} and {seen[str(out)]} would both be written to {out}")
+        seen[str(out)] = rec.path
+        jobs.append(PrepareJob(rec.path, str(out), rec.label))
+    if not jobs:
+        raise ValueError(f"{src}: no videos found")
+    return jobs, ann
+
+
+def _run_job(args: tuple[PrepareJob, dict, int]) -> PrepareResult:
+    job, options, parent = args
+    if os.getppid() != parent:  # the parent died (killed): do not start new work
+        return PrepareResult(job.source, job.output, "failed", cause="prepare was stopped")
+    return prepare_video(job.source, job.output, **options)
+
+
+def prepare_dataset(jobs: Sequence[PrepareJob], *, short_side: int = 320, gop: int = 16, workers: int = 1,
+                    crf: int = 23, preset: str = "veryfast",
+                    on_result: Callable[[PrepareResult], None] | None = None) -> list[PrepareResult]:
+    """Run ``jobs`` in ``workers`` processes (1: in this process); ``on_result`` is called in
+    this process as each job ends (in completion order). Returns the results in job order."""
+    if short_side < 2 or gop < 1 or workers < 1:
+        raise ValueError(f"short_side must be >= 2, gop >= 1, workers >= 1; got {short_side}, {gop}, {workers}")
+    options = {"short_side": short_side, "gop": gop, "crf": crf, "preset": preset,
+               "threads": 0 if workers == 1 else 1}
+    by_output: dict[str, PrepareResult] = {}
+    if workers == 1:
+        results = (prepare_video(j.source, j.output, **options) for j in jobs)
+        pool = None
+    else:
+        pool = multiprocessing.get_context("fork").Pool(workers)
+        results = pool.imap_unordered(_run_job, [(j, options, os.getpid()) for j in jobs], chunksize=1)
+    try:
+        for r in results:
+            by_output[r.output] = r
+            if on_result is not None:
+                on_result(r)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return [by_output[j.output] for j in jobs]
+
+
+def write_annotations(jobs: Sequence[PrepareJob], results: Sequence[PrepareResult], ann: Annotations,
+                      destination: str | os.PathLike, name: str) -> list[Path]:
+    """``DST/<name>.csv`` (``path,label``: paths relative to DST, 0-based class indices) for
+    every prepared video (done or skipped), and ``DST/classes.txt`` (one name per line).
+    Train on it with ``data.format=csv``, ``data.root=DST``, ``data.classes=DST/classes.txt``."""
+    dst = Path(destination)
+    ok = {r.output for r in results if r.status in ("done", "skipped")}
+    rows = [(os.path.relpath(j.output, dst), j.label) for j in jobs if j.output in ok]
+    out = dst / f"{name}.csv"
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        w.writerows(rows)
+    os.replace(tmp, out)
+    classes = dst / "classes.txt"
+    classes.write_text("".join(n + "\n" for n in ann.class_names), encoding="utf-8")
+    return [out, classes]
+
+
+def write_report(report: PrepareReport, destination: str | os.PathLike) -> Path:
+    """``DST/prepare_report.json``."""
+    out = Path(destination) / REPORT_NAME
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+

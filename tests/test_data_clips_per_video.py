@@ -1,0 +1,189 @@
+"""Several clips per decoded video (``data.clips_per_video``): one decode, independent clips,
+whole epochs, DDP shards, preload, the skip policy, mixing and exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dist_video.data.datasets as datasets_module
+from dist_video.config import Config, ConfigError, load_config
+from dist_video.data import (MixupCutmix, SegmentSampler, TrainTransform, VideoClipDataset, VideoRecord,
+                             parse_csv)
+from dist_video.data.synthetic import make_synthetic
+from dist_video.engine.data import collate_clips, train_batches_per_epoch, train_loader, videos_per_batch
+from dist_video.engine.distributed import DistEnv
+
+ASSETS = Path(__file__).parent / "assets"
+TINY_CLIP = ASSETS / "official-tiny" / "clip_openai_state_dict.pt"
+TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(root, num_train=12, num_val=4, seed=3, num_frames=12, size=32, workers=1)
+    return root
+
+
+def train_set(synthetic: Path, n: int, **kw) -> VideoClipDataset:
+    records, names = parse_csv(synthetic / "train.csv", classes=synthetic / "classes.txt")
+    records = kw.pop("records", records)
+    return VideoClipDataset(records, sampler=SegmentSampler(8), transform=TrainTransform(crop_size=24),
+                            training=True, class_names=names, seed=1, clips_per_video=n, **kw)
+
+
+def count_decodes(monkeypatch) -> list[list[int]]:
+    """Record the frame indices of every read_frames call the dataset makes."""
+    calls: list[list[int]] = []
+    real = datasets_module.read_frames
+
+    def counting(path, indices, *args, **kw):
+        calls.append(list(indices))
+        return real(path, indices, *args, **kw)
+
+    monkeypatch.setattr(datasets_module, "read_frames", counting)
+    return calls
+
+
+def test_two_clips_come_from_one_decode_and_are_augmented_independently(synthetic, monkeypatch):
+    single, double = train_set(synthetic, 1), train_set(synthetic, 2)
+    calls = count_decodes(monkeypatch)
+    item = double[5]
+    assert len(calls) == 1 and len(calls[0]) == 2 * 8  # the union of both clips' frames, one decode
+    assert tuple(item["video"].shape) == (2, 3, 8, 24, 24)
+    assert item["label"].tolist() == [double.records[5].label] * 2 and item["index"] == 5
+    assert not torch.equal(item["video"][0], item["video"][1])  # two different augmentations
+    assert calls[0][:8] != calls[0][8:]  # and two different frame samples
+    assert torch.equal(item["video"][0], single[5]["video"])  # clip 0 is the clip_per_video=1 clip
+    assert torch.equal(double[5]["video"], item["video"])  # a function of (seed, epoch, index)
+    double.set_epoch(1)
+    assert not torch.equal(double[5]["video"], item["video"])
+
+
+def test_preloaded_clips_equal_clips_from_the_files(synthetic):
+    from_files, preloaded = train_set(synthetic, 3), train_set(synthetic, 3)
+    preloaded.preload()
+    for i in range(len(from_files)):
+        assert torch.equal(from_files[i]["video"], preloaded[i]["video"])
+
+
+def test_a_bad_video_is_replaced_by_one_good_video_for_all_its_clips(synthetic, tmp_path):
+    records, _ = parse_csv(synthetic / "train.csv", classes=synthetic / "classes.txt")
+    (tmp_path / "bad.mp4").write_text("not a video")
+    records = records + [VideoRecord(str(tmp_path / "bad.mp4"), 0)]
+    ds = train_set(synthetic, 2, records=records, on_error="skip", bad_files_dir=tmp_path / "bad")
+    item = ds[len(records) - 1]
+    assert item["index"] != len(records) - 1 and item["video"].shape[0] == 2
+    assert item["label"].tolist() == [records[item["index"]].label] * 2
+    assert list(ds.bad_videos()) == [str(tmp_path / "bad.mp4")]
+
+
+def config(synthetic: Path, n: int, batch_size: int) -> Config:
+    cfg = load_config(None, None, [f"data.root={synthetic}", f"data.train={synthetic / 'train.csv'}",
+                                   f"data.clips_per_video={n}", f"train.batch_size={batch_size}", "data.workers=0"])
+    return cfg
+
+
+def test_an_epoch_visits_every_video_once_in_batches_of_clips(synthetic):
+    cfg = config(synthetic, 2, 4)
+    ds = train_set(synthetic, 2)
+    assert videos_per_batch(cfg) == 2 and train_batches_per_epoch(ds, cfg, world_size=1) == 6
+    batches = list(train_loader(ds, cfg, DistEnv(), epoch=0))
+    assert len(batches) == 6
+    seen = []
+    for b in batches:
+        assert tuple(b["video"].shape) == (4, 3, 8, 24, 24) and b["label"].shape == (4,)
+        idx = b["index"].tolist()
+        assert idx[0] == idx[1] and idx[2] == idx[3]  # the clips of one video are consecutive
+        seen += idx[::2]
+    assert sorted(seen) == list(range(12))
+    # two processes with half the batch each cover the same videos, without overlap
+    cfg2 = config(synthetic, 2, 2)
+    shards = [list(train_loader(ds, cfg2, DistEnv(rank=r, world_size=2), epoch=0)) for r in range(2)]
+    per_rank = [[i for b in s for i in b["index"].tolist()[::2]] for s in shards]
+    assert len(per_rank[0]) == len(per_rank[1]) == 6 and sorted(per_rank[0] + per_rank[1]) == list(range(12))
+    # resuming at batch 4 gives the same remaining batches
+    rest = list(train_loader(ds, cfg, DistEnv(), epoch=0, start_batch=4))
+    assert [b["index"].tolist() for b in rest] == [b["index"].tolist() for b in batches[4:]]
+    assert all(torch.equal(a["video"], b["video"]) for a, b in zip(rest, batches[4:]))
+
+
+def test_mixing_works_on_the_flattened_batch(synthetic):
+    ds = train_set(synthetic, 2)
+    batch = collate_clips([ds[0], ds[1]])
+    assert tuple(batch["video"].shape) == (4, 3, 8, 24, 24) and batch["view"].tolist() == [0] * 4
+    mixed, targets = MixupCutmix(num_classes=12)(batch["video"], batch["label"],
+                                                 generator=torch.Generator().manual_seed(0))
+    assert mixed.shape == batch["video"].shape and targets.shape == (4, 12)
+    assert torch.allclose(targets.sum(1), torch.ones(4))
+
+
+def test_clips_per_video_is_checked(synthetic):
+    with pytest.raises(ConfigError, match="clips_per_video must be >= 1"):
+        config(synthetic, 0, 4)
+    with pytest.raises(ValueError, match="batch_size=6 is not a multiple of data.clips_per_video=4"):
+        videos_per_batch(config(synthetic, 4, 6))
+
+
+# ----------------------------------------------------------------------------- resume after SIGKILL
+
+def tiny(data: Path, out: Path, *extra: str) -> list[str]:
+    sets = [
+        f"model.clip={TINY_CLIP}", "model.head=linear", "model.dist.num_frames=8", "model.dist.temporal_dim=16",
+        "model.dist.integration_dim=64", "data.format=csv", f"data.root={data}", f"data.train={data / 'train.csv'}",
+        f"data.val={data / 'val.csv'}", f"data.classes={data / 'classes.txt'}", "data.crop_size=32",
+        "data.test_scale=32", "data.num_views=2", "data.workers=0", "augment.mixup_alpha=0.8",
+        "optim.epochs=1", "optim.warmup_epochs=0.5", "optim.lr=1e-3", "train.batch_size=4", "train.accumulation=2",
+        "train.eval_every=0", "train.log_every=1", "eval.batch_size=6", "data.clips_per_video=2",
+        "train.checkpoint_every_steps=1", *extra,
+    ]
+    return ["--output", str(out), "--no-progress", *[a for s in sets for a in ("--set", s)]]
+
+
+def run_env() -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted_with_two_clips_per_video(tmp_path):
+    data = tmp_path / "data"
+    make_synthetic(data, num_train=32, num_val=8, seed=0, size=32, num_frames=8, workers=1)
+    ref = tmp_path / "uninterrupted"
+    done = subprocess.run([sys.executable, "-m", "dist_video.cli", "train", *tiny(data, ref)], capture_output=True,
+                          text=True, timeout=TIMEOUT, env=run_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in steps if r["kind"] == "train") == 8  # 32 videos x 2 clips / (4 x 2) per update
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "dist_video.cli", "train", *tiny(data, run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env())
+    deadline = time.time() + TIMEOUT
+    metrics = run / "metrics.jsonl"
+    while True:
+        assert time.time() < deadline and proc.poll() is None, "training ended or hung before step 3"
+        if metrics.exists() and any(json.loads(x)["step"] >= 3 for x in metrics.read_text().splitlines()
+                                    if x.strip()):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(TIMEOUT)
+    assert proc.returncode == -signal.SIGKILL and not (run / "model").exists()
+    resumed = subprocess.run([sys.executable, "-m", "dist_video.cli", "train", *tiny(data, run)],
+                             capture_output=True, text=True, timeout=TIMEOUT, env=run_env())
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
+    a = load_file(str(ref / "model" / "model.safetensors"))
+    b = load_file(str(run / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
