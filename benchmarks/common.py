@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 import torch
 
 from dist_video.baselines import AdapterClassifier, BaselineConfig, FrozenMeanClassifier, FullFinetuneClassifier
+from dist_video.classifier import resolve_clip_dtype
 from dist_video.clip import CLIP, clip_config_for_architecture
 from dist_video.dist import DiSTConfig
 from dist_video.engine.allocator import keep_freed_memory
@@ -22,8 +23,12 @@ KEEPS_FREED_MEMORY = keep_freed_memory()
 METHODS = ("dist", "adapter", "full-finetune", "frozen-mean")
 
 
-def machine() -> dict:
-    """What the numbers were measured on."""
+def machine(device: torch.device | str | None = None) -> dict:
+    """What the numbers were measured on: the host, and the device the benchmark ran on
+    (``device``; default: the first GPU if there is one, else the CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -41,11 +46,16 @@ def machine() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "device": device.type,
         "malloc_keeps_freed_memory": KEEPS_FREED_MEMORY,
     }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        info.update(gpu=torch.cuda.get_device_name(index), gpu_index=index,
+                    gpu_capability=".".join(map(str, torch.cuda.get_device_capability(index))),
+                    gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
     return info
 
 
@@ -79,16 +89,17 @@ def bf16_matmul_rate(device: torch.device, n: int = 2048, repeats: int = 7) -> f
 def build_method(method: str, arch: str, num_frames: int, alpha: int, device: torch.device,
                  dist_preset: str | None = None, num_classes: int = 400, seed: int = 0):
     """A randomly initialised classifier of ``method`` around a CLIP of architecture ``arch``,
-    each at its best supported precision on ``device``."""
+    each at its best supported precision on ``device`` (decided for ``device``, not the host)."""
     torch.manual_seed(seed)
+    clip_dtype = resolve_clip_dtype("auto", device)
     clip = CLIP(clip_config_for_architecture(arch, text=False))
     if method == "dist":
         cfg = DiSTConfig.from_preset(dist_preset) if dist_preset else DiSTConfig(num_frames=num_frames, alpha=alpha)
-        model = DiSTVideoModel(clip, cfg, clip_dtype="auto")
+        model = DiSTVideoModel(clip, cfg, clip_dtype=clip_dtype)
     else:
         base = BaselineConfig(num_frames=num_frames, alpha=alpha)
         cls = {"adapter": AdapterClassifier, "full-finetune": FullFinetuneClassifier,
                "frozen-mean": FrozenMeanClassifier}[method]
-        model = cls(clip, base, clip_dtype="auto")
+        model = cls(clip, base, clip_dtype=clip_dtype)
     model.set_linear_head(num_classes)
     return model.to(device)

@@ -139,7 +139,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     device = torch.device(args.device)
-    result = {"machine": machine(), "repeats": args.repeats,
+    result = {"machine": machine(device), "repeats": args.repeats,
               "throughput": throughput(args.batches, args.repeats, device),
               "presets": preset_costs(device, args.skip_large)}
     out = Path(args.out)

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bf16_matmul_rate, build_method, machine, median_time  # noqa: E402
 
 from dist_video.engine.optim import adamw  # noqa: E402
+from dist_video.engine.train import resolve_precision  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: dist-sel / dist-ckpt: DiST with model.activation_checkpointing = selective / full
@@ -70,8 +71,10 @@ def worker(method: str, batch: int, steps: int, arch: str, res: int, device_name
         torch.cuda.reset_peak_memory_stats(device)
     before = peak_memory_bytes(device)
 
+    amp_dtype = resolve_precision("auto", device) or torch.float32  # the trainer's choice for this device
+
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
             logits = model(video)
         loss = torch.nn.functional.cross_entropy(logits.float(), labels)
         loss.backward()
@@ -231,7 +234,7 @@ def main() -> None:
         runs.append(run)
     rate = bf16_matmul_rate(device)
     results = {
-        "machine": machine(), "arch": args.arch, "resolution": args.res, "clip_frames": 8, "dense_frames": 16,
+        "machine": machine(device), "arch": args.arch, "resolution": args.res, "clip_frames": 8, "dense_frames": 16,
         "batches": args.batches, "timed_steps": args.steps, "rounds": args.rounds, "runs": runs,
         "dist_flop_bound": dist_flop_bound(args.arch, args.res, device, rate),
         "command": " ".join(["python", "benchmarks/train_cost.py"] + sys.argv[1:]),

@@ -106,3 +106,19 @@ def pytest_generate_tests(metafunc):
     """A test that takes ``variant_name`` runs once per entry of :data:`VARIANTS`."""
     if "variant_name" in metafunc.fixturenames:
         metafunc.parametrize("variant_name", list(VARIANTS))
+
+
+def _test_device() -> torch.device:
+    """The device of the model tests: ``DIST_VIDEO_TEST_DEVICE`` (cpu by default; ``cuda`` or
+    ``cuda:N`` on a GPU machine, as ``scripts/gpu_check.sh --device cuda`` sets it)."""
+    return torch.device(os.environ.get("DIST_VIDEO_TEST_DEVICE", "cpu"))
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device the model tests run on (see :func:`_test_device`). Asking for CUDA without a
+    visible GPU fails the tests that take it, with a clear message, instead of running on CPU."""
+    dev = _test_device()
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"DIST_VIDEO_TEST_DEVICE={dev} but no CUDA GPU is visible to PyTorch {torch.__version__}")
+    return dev

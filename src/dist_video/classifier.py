@@ -46,10 +46,14 @@ FORMAT_UPGRADES: tuple[Callable[[dict], dict], ...] = (_same_config,)
 
 
 def bf16_supported(device: torch.device | str) -> bool:
-    """Whether bf16 matrix products are fast and supported on ``device``."""
+    """Whether ``device`` computes in bf16 natively (fast matrix products, not emulated).
+
+    CUDA: compute capability 8.0 or newer (Ampere, Ada, Hopper, ...);
+    ``torch.cuda.is_bf16_supported()`` also counts the emulation of Volta and Turing (V100,
+    T4), which runs without tensor cores. CPU: oneDNN's bf16 kernels (AVX-512 BF16 / AMX)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":
         try:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -59,11 +63,17 @@ def bf16_supported(device: torch.device | str) -> bool:
 
 
 def resolve_clip_dtype(dtype: str | torch.dtype | None, device: torch.device | str = "cpu") -> torch.dtype:
-    """``"auto"``/``None`` -> bf16 where supported, else fp32; also accepts names and dtypes."""
+    """The frozen CLIP's dtype on ``device`` (the device the model runs on, not the host's CPU).
+
+    ``"auto"``/``None`` -> bf16 where the device has native bf16 (:func:`bf16_supported`),
+    else fp16 on CUDA GPUs (LayerNorm statistics stay float32 inside PyTorch's kernels), else
+    fp32. Also accepts names (fp32, bf16, fp16, ...) and dtypes."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return torch.bfloat16 if bf16_supported(device) else torch.float32
+        if bf16_supported(device):
+            return torch.bfloat16
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
     names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
     if dtype not in names:

@@ -41,7 +41,9 @@ class ModelConfig:
     clip: str = ""
     clip_act: str | None = None  # None: the format's default
     vocab: str | None = None  # BPE vocabulary; None: searched beside the checkpoint etc.
-    clip_dtype: str = "auto"  # frozen CLIP precision: auto (bf16 where supported) | bf16 | fp32
+    # frozen CLIP precision: auto (bf16 where the run's device has it natively, fp16 on CUDA GPUs
+    # older than Ampere, else fp32) | bf16 | fp16 | fp32
+    clip_dtype: str = "auto"
     head: str = "text"  # text: class names through CLIP's text tower | linear: learnable
     prompt: str = ""  # prefix before each class name for the text head, e.g. "a video of "
     init: str | None = None  # authors' .pyth checkpoint or a dist-video model folder to start from
@@ -136,7 +138,9 @@ class TrainConfig:
     batch_size: int = 32  # clips per device per step
     accumulation: int = 1  # steps whose gradients add up to one optimizer update
     global_batch_size: int = 0  # >0: derive `accumulation` = this / (batch_size x processes)
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (the trainable branch's autocast)
+    # the trainable branch's autocast: auto (bf16 where native, fp16 + loss scaling on older GPUs,
+    # else fp32) | bf16 | fp16 | fp32
+    precision: str = "auto"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_every: int = 1  # epochs between evaluations (0: only at the end)

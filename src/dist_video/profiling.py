@@ -1,8 +1,9 @@
 """Counting the cost of a model: parameters and multiply-accumulates per view.
 
 MACs are PyTorch's FLOP counter (``torch.utils.flop_counter``) halved, the convention of the
-DiST paper. On CPU that counter does not see the fused attention kernel (QK^T and AV), so
-those products are left out here exactly as they were in the paper's count; they are a few
+DiST paper. The attention products (QK^T and AV) are left out on every device, as in the
+paper's count: PyTorch's counter skips the CPU's fused attention kernel but counts the CUDA
+ones (flash, memory-efficient, cuDNN), so those are counted as zero here; they are a few
 percent of a ViT's cost (``attention_macs`` gives them separately).
 """
 
@@ -17,15 +18,36 @@ from .model import DiSTVideoModel
 __all__ = ["count_macs", "cost_per_view", "inference_cost_per_view", "count_parameters"]
 
 
+def _fused_attention_ops() -> list:
+    """The fused scaled-dot-product attention kernels (forward and backward) of this PyTorch
+    build, CPU and CUDA alike."""
+    aten = torch.ops.aten
+    names = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward",
+             "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
+             "_flash_attention_forward", "_flash_attention_backward",
+             "_efficient_attention_forward", "_efficient_attention_backward")
+    return [getattr(aten, n) for n in names if hasattr(aten, n)]
+
+
 def _extra_flop_formulas() -> dict:
     """FLOP formulas for products that PyTorch's counter does not know and would silently
     skip: the in-place matrix products the no-autograd paths use to accumulate into a
     residual (``addmm_``, ``baddbmm_``), and oneDNN's fused convolutions (conv + SiLU, conv +
-    add) of the inference temporal blocks."""
+    add) of the inference temporal blocks. The fused attention kernels count zero on every
+    device (see the module docstring)."""
     from torch.utils.flop_counter import flop_registry
 
     aten = torch.ops.aten
     mapping = {}
+
+    def no_flops(*args, **kwargs):
+        return 0
+
+    no_flops._get_raw = True
+    for op in _fused_attention_ops():
+        mapping[op] = no_flops
     for in_place, out_of_place in ((aten.addmm_, aten.addmm), (aten.baddbmm_, aten.baddbmm)):
         formula = flop_registry[out_of_place]  # already takes tensors (shape-wrapped)
 

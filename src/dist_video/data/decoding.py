@@ -223,8 +223,10 @@ THREADING_MIN_PIXELS = 640 * 480
 
 def decoder_threads(threads: int | None = None, pixels: int | None = None) -> int:
     """Decoder threads to use: ``threads`` if given; 1 for frames under
-    ``THREADING_MIN_PIXELS``; inside a DataLoader worker the cores divided by the number of
-    workers (workers already run in parallel); else up to 4 cores."""
+    ``THREADING_MIN_PIXELS``; inside a DataLoader worker the process's share of the cores
+    divided by the number of workers (workers already run in parallel); else up to 4 cores of
+    that share. The share: the cores over ``LOCAL_WORLD_SIZE``, the training processes of this
+    machine (set by ``torchrun``), each with its own workers."""
     if threads is not None:
         return max(1, int(threads))
     if pixels is not None and pixels < THREADING_MIN_PIXELS:
@@ -233,6 +235,7 @@ def decoder_threads(threads: int | None = None, pixels: int | None = None) -> in
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
         cores = os.cpu_count() or 1
+    cores = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     worker = torch.utils.data.get_worker_info()
     if worker is not None:
         return max(1, cores // max(1, worker.num_workers))

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["save_training_state", "load_training_state", "rng_state", "set_rng_state",
+__all__ = ["save_training_state", "load_training_state", "rng_state", "set_rng_state", "cuda_rng_state",
            "model_training_state", "check_output_dir", "atomic_torch_save"]
+
+logger = logging.getLogger(__name__)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -31,19 +34,41 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             tmp.unlink()
 
 
-def rng_state() -> dict:
+def cuda_rng_state(device: torch.device) -> torch.Tensor | None:
+    """The state of ``device``'s CUDA generator (``None`` for other devices)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def rng_state(cuda_states: Sequence[torch.Tensor | None] | None = None) -> dict:
+    """The Python, NumPy and torch CPU generators' states, and ``cuda_states``: each process's
+    CUDA generator, in rank order (see :func:`cuda_rng_state`), when the run is on GPUs."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if cuda_states is not None and any(s is not None for s in cuda_states):
+        state["cuda_by_rank"] = list(cuda_states)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device = torch.device("cpu"), rank: int = 0) -> None:
+    """Restore the generators of :func:`rng_state`; on a GPU, process ``rank``'s CUDA generator
+    goes to ``device`` (the GPU this process runs on). A run resumed with fewer processes or
+    GPUs than it was saved with restores what it has (the other generators start afresh)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type != "cuda":
+        return
+    if "cuda_by_rank" in state:
+        saved = state["cuda_by_rank"]
+        cuda = saved[rank] if rank < len(saved) else None
+    else:  # older checkpoints: the saving process's generator of every GPU it could see
+        saved = state.get("cuda") or []
+        index = device.index or 0
+        cuda = saved[index] if index < len(saved) else None
+    if cuda is None:
+        logger.info("no saved CUDA generator state for process %d (the checkpoint holds %d): it starts afresh",
+                    rank, len(saved))
+        return
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def model_training_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -54,15 +79,17 @@ def model_training_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_training_state(path: str | os.PathLike, *, model, optimizer, scheduler, scaler, epoch: int,
-                        step: int, batch_in_epoch: int, config: dict, extra: dict | None = None) -> None:
-    """Everything needed to continue exactly: model, optimizer, scheduler, loss scaler, RNGs,
-    epoch, optimizer step and position in the epoch."""
+                        step: int, batch_in_epoch: int, config: dict, extra: dict | None = None,
+                        rng: dict | None = None) -> None:
+    """Everything needed to continue exactly: model, optimizer, scheduler, loss scaler, RNGs
+    (``rng``, default: this process's :func:`rng_state`), epoch, optimizer step and position
+    in the epoch."""
     state = {
         "model": model_training_state(model),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rng_state(),
+        "rng": rng if rng is not None else rng_state(),
         "epoch": epoch,
         "step": step,
         "batch_in_epoch": batch_in_epoch,

@@ -29,7 +29,7 @@ from ..data.datasets import (VideoClipDataset, load_annotations, load_test_clips
                              write_bad_videos)
 from ..data.sampling import build_sampler
 from ..data.transforms import TestTransform, TrainTransform, flip_label_map
-from .distributed import DistEnv
+from .distributed import DistEnv, local_world_size
 
 __all__ = ["Datasets", "build_datasets", "train_loader", "ResumableBatchSampler", "write_bad_files",
            "test_clips_of_file", "test_transform", "train_transform", "videos_per_batch", "train_batches_per_epoch",
@@ -112,8 +112,10 @@ def build_datasets(cfg: Config, splits: Sequence[str] = ("train", "val"),
                                           num_views=d.num_views, num_crops=d.num_crops, class_names=class_names,
                                           seed=cfg.train.seed, on_error=d.on_error, bad_files_dir=bad_dir / split)
     if d.preload:
+        # Every process of this machine keeps its own copy of the frames: together they may take half the memory.
+        share = 0.5 / local_world_size()
         for split, dataset in out.items():
-            kept = dataset.preload(progress=progress)
+            kept = dataset.preload(progress=progress, max_fraction=share)
             if verbose:
                 logger.info("preloaded the %s split: %d videos, %.0f MiB of frames", split, len(dataset.records),
                             kept / 2**20)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistEnv", "setup_distributed", "cleanup_distributed", "all_gather_objects", "barrier",
-           "resolve_device", "broadcast_object"]
+           "resolve_device", "broadcast_object", "local_world_size"]
 
 
 @dataclass
@@ -33,33 +33,58 @@ class DistEnv:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this process's GPU if there is one, else CPU."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
+def local_world_size() -> int:
+    """Processes on this machine (``LOCAL_WORLD_SIZE`` from ``torchrun``; else ``WORLD_SIZE``
+    when only that is set; else 1)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))))
+
+
+def resolve_device(name: str, local_rank: int = 0, local_world: int = 1) -> torch.device:
+    """This process's device: ``auto`` -> its GPU if there is one, else CPU; ``cuda`` -> its GPU.
+
+    "Its GPU" is ``cuda:{local_rank}`` when this machine's processes each see every GPU
+    (``torchrun``), and ``cuda:0`` when the launcher gives each process one GPU through
+    ``CUDA_VISIBLE_DEVICES`` (one visible GPU). ``cuda:N`` names one GPU, which only makes
+    sense for one process per machine (``local_world``: processes on this machine)."""
+    if name == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda" if name == "auto" else name)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    visible = torch.cuda.device_count()
+    if device.index is None:
+        if visible == 1:
+            return torch.device("cuda:0")
+        if local_rank >= visible:
+            raise RuntimeError(f"process {local_rank} of this machine needs a GPU, but only {visible} are "
+                               "visible (CUDA_VISIBLE_DEVICES); start at most one process per GPU")
+        return torch.device(f"cuda:{local_rank}")
+    if local_world > 1:
+        raise RuntimeError(f"device {name!r} would put all {local_world} processes of this machine on one GPU: "
+                           "use --device cuda (process i takes GPU i) and CUDA_VISIBLE_DEVICES to choose the GPUs")
+    if device.index >= visible:
+        raise RuntimeError(f"device {name!r} requested but only {visible} GPU(s) are visible")
     return device
 
 
 def setup_distributed(device_name: str = "auto") -> DistEnv:
-    """Join the process group when launched by ``torchrun``; otherwise a single-process env."""
+    """Join the process group when launched by ``torchrun``; otherwise a single-process env.
+    A GPU process makes its GPU the current one (CUDA's default device for anything not
+    placed explicitly: NCCL, pinned memory, caching allocators)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
+    local_world = local_world_size()
+    device = resolve_device(device_name, local_rank, local_world)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
     if device.type == "cpu" and world > 1:
         # Share the cores between the processes of this machine instead of oversubscribing.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return DistEnv(rank, world, local_rank, device)
 

@@ -18,10 +18,15 @@ __all__ = ["ShardSampler", "predict_dataset", "evaluate", "fuse_for_inference"]
 
 
 class ShardSampler(Sampler[int]):
-    """Items ``rank, rank + world, ...``: every item on exactly one process, no padding."""
+    """This process's share of ``length`` items, dealt out by video: videos ``rank, rank +
+    world, ...`` with all their ``items_per_video`` consecutive items (views x crops), so
+    every item is on exactly one process, no padding, and each video is decoded by one
+    process only."""
 
-    def __init__(self, length: int, rank: int = 0, world_size: int = 1):
-        self.indices = list(range(rank, length, world_size))
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1, items_per_video: int = 1):
+        n = max(1, items_per_video)
+        videos = range(rank, -(-length // n), world_size)
+        self.indices = [i for v in videos for i in range(v * n, min((v + 1) * n, length))]
 
     def __iter__(self):
         return iter(self.indices)
@@ -45,9 +50,14 @@ def predict_dataset(model, dataset, env: DistEnv, *, batch_size: int, workers: i
     ``dataset`` items are dicts with ``video`` (3 x T x S x S), ``label`` and ``index`` (the
     video's record index). Returns (scores V x C, labels V, record indices V) on every
     process, sorted by record index. The model runs in its inference form
-    (:func:`fuse_for_inference`), made once here."""
+    (:func:`fuse_for_inference`), made once here. Each process takes whole videos
+    (:class:`ShardSampler`), and each batch whole videos when ``batch_size`` allows (rounded
+    down to a multiple of the items per video), so every video is decoded once."""
     fused = fuse_for_inference(model, amp_dtype)
-    sampler = ShardSampler(len(dataset), env.rank, env.world_size)
+    per_video = getattr(dataset, "items_per_video", 1)
+    sampler = ShardSampler(len(dataset), env.rank, env.world_size, per_video)
+    if batch_size >= per_video:  # whole videos per batch: a video's views are decoded by one DataLoader worker
+        batch_size -= batch_size % per_video
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=env.device.type == "cuda")
     sums: dict[int, torch.Tensor] = {}

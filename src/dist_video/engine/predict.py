@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from ..classifier import VideoClassifier, read_model_config
+from ..classifier import VideoClassifier, read_model_config, resolve_clip_dtype
 from ..clip_loaders import resolve_clip_path
 from .distributed import resolve_device
 
@@ -55,6 +55,7 @@ def load_for_inference(model_path: str, *, clip: str | None = None, classes: str
     and its test-time preprocessing."""
     path = Path(model_path)
     dev = resolve_device(device)
+    clip_dtype = resolve_clip_dtype(clip_dtype, dev)  # "auto" is decided for the device the model runs on
     if path.is_dir():
         model = VideoClassifier.from_pretrained(path, clip_dtype=clip_dtype)
         meta = read_model_config(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..classifier import VideoClassifier
+from ..classifier import VideoClassifier, resolve_clip_dtype
 from ..config import Config
 from .builder import attach_head
 from .data import build_datasets
@@ -29,14 +29,15 @@ def evaluate_model(model_path: str, cfg: Config, *, clip: str | None = None, cla
                                   verbose=env.is_main)
         names = datasets.class_names
         path = Path(model_path)
+        clip_dtype = resolve_clip_dtype(cfg.model.clip_dtype, env.device)  # for the device, not the host CPU
         if path.is_dir():
-            model = VideoClassifier.from_pretrained(path, clip_dtype=cfg.model.clip_dtype)
+            model = VideoClassifier.from_pretrained(path, clip_dtype=clip_dtype)
             if model.head_type is None:
                 model = attach_head(model, cfg.model, names)
         elif path.is_file():
             from ..checkpoints import load_official_checkpoint
             from .predict import read_class_names
-            model = load_official_checkpoint(path, clip=clip or None, clip_dtype=cfg.model.clip_dtype)
+            model = load_official_checkpoint(path, clip=clip or None, clip_dtype=clip_dtype)
             if classes:
                 given = read_class_names(classes)
                 if len(given) != len(names):

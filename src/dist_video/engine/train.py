@@ -15,20 +15,21 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ..classifier import bf16_supported
+from ..classifier import bf16_supported, resolve_clip_dtype
 from ..config import Config, config_to_dict, save_config
 from ..data.mixup import MixupCutmix, soft_target_cross_entropy
 from .builder import attach_head, build_classifier, load_clip_for
-from .checkpoint import check_output_dir, load_training_state, save_training_state, set_rng_state
+from .checkpoint import (check_output_dir, cuda_rng_state, load_training_state, rng_state, save_training_state,
+                         set_rng_state)
 from .data import build_datasets, train_batches_per_epoch, train_loader, write_bad_files
-from .distributed import DistEnv, barrier, cleanup_distributed, setup_distributed
+from .distributed import DistEnv, all_gather_objects, barrier, cleanup_distributed, setup_distributed
 from .evaluate import evaluate
 from .metrics import MetricLog, plot_training_curves
 from .optim import CosineSchedule, build_optimizer
@@ -63,8 +64,9 @@ class TrainResult:
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for the trainable part: ``auto`` -> bf16 where supported, else fp16 on
-    GPUs (with loss scaling), else fp32 (``None``)."""
+    """Autocast dtype for the trainable part on ``device``: ``auto`` -> bf16 where the device
+    computes in bf16 natively (GPUs of compute capability 8.0+, CPUs with AVX-512 BF16/AMX),
+    else fp16 on GPUs (with loss scaling: a GradScaler), else fp32 (``None``)."""
     if name == "auto":
         if bf16_supported(device):
             return torch.bfloat16
@@ -106,12 +108,15 @@ def threading_is_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _any_rank(flag: bool, env: DistEnv) -> bool:
-    if not env.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=env.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+def _update_flags(update_loss: torch.Tensor, stopping: bool, env: DistEnv) -> tuple[bool, bool]:
+    """(the update's loss is finite on every process, a stop signal reached some process): the
+    one host synchronisation of an update (after one reduction across processes)."""
+    nonfinite = (~torch.isfinite(update_loss)).to(torch.float32)
+    flags = torch.stack([nonfinite, torch.full_like(nonfinite, 1.0 if stopping else 0.0)])  # no host->device copy
+    if env.distributed:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    nonfinite, stop = flags.tolist()
+    return nonfinite == 0.0, stop > 0.0
 
 
 def _accumulation(cfg: Config, env: DistEnv) -> int:
@@ -160,7 +165,9 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str, progress: bool) -> Tra
     datasets = build_datasets(cfg, splits=("train", "val"), progress=progress and env.is_main,
                               verbose=env.is_main)
     clip = load_clip_for(cfg.model) if not cfg.model.init else None
-    model = build_classifier(cfg.model, clip)
+    # CLIP's "auto" precision is decided for the device the model will run on, not this host's CPU.
+    clip_dtype = _DTYPE_NAMES[resolve_clip_dtype(cfg.model.clip_dtype, env.device)]
+    model = build_classifier(replace(cfg.model, clip_dtype=clip_dtype), clip)
     model = attach_head(model, cfg.model, datasets.class_names).to(env.device)
     run = _Run(cfg, env, model, datasets, out, progress)
     resume_path = _resume_path(resume, run.ckpt_path)
@@ -174,6 +181,9 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str, progress: bool) -> Tra
                            run.pos.step, run.ckpt_path)
         return run.result(status, {})
     return run.finish(status)
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _resume_path(resume: bool | str | os.PathLike, last: Path) -> Path | None:
@@ -198,21 +208,24 @@ class _Position:
 
 
 class _Window:
-    """The clips and loss since the last training log record."""
+    """The clips and loss since the last training log record. The loss stays on the device
+    until it is read (:attr:`mean_loss`), so adding to it never waits for the device."""
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self.loss, self.clips, self.start = 0.0, 0, time.perf_counter()
+        self.loss: torch.Tensor | float = 0.0
+        self.clips, self.start = 0, time.perf_counter()
 
-    def add(self, loss: float, clips: int) -> None:
-        self.loss += loss * clips
+    def add(self, loss_sum: torch.Tensor, clips: int) -> None:
+        """``loss_sum``: the loss summed over ``clips`` clips (a 0-dim tensor)."""
+        self.loss = self.loss + loss_sum
         self.clips += clips
 
     @property
     def mean_loss(self) -> float:
-        return self.loss / max(1, self.clips)
+        return float(self.loss) / max(1, self.clips)
 
     def clips_per_second(self, world_size: int) -> float:
         return self.clips * world_size / max(time.perf_counter() - self.start, 1e-9)
@@ -258,6 +271,7 @@ class _Run:
                                  label_smoothing=cfg.augment.label_smoothing, num_classes=len(self.class_names))
         self.log = MetricLog(out / "metrics.jsonl", out / "tensorboard") if env.is_main else None
         self.pos = _Position()
+        self._postfix_due = 0.0  # when the progress bar next shows the loss
         self.ddp_model = model  # wrapped for several processes when training starts
 
     # ------------------------------------------------------------------ resume
@@ -276,7 +290,7 @@ class _Run:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.env.device, self.env.rank)
         self.pos = _Position(epoch=state["epoch"], step=state["step"], batch_in_epoch=state["batch_in_epoch"],
                              skipped=state["extra"].get("skipped_steps", 0),
                              train_seconds=state["extra"].get("train_seconds", 0.0))
@@ -286,12 +300,15 @@ class _Run:
             logger.info("resumed from %s: epoch %d, step %d", path, self.pos.epoch, self.pos.step)
 
     def save_checkpoint(self, at_epoch: int, at_batch: int) -> None:
-        """Save the state to continue from batch ``at_batch`` of epoch ``at_epoch`` (main process)."""
+        """Save the state to continue from batch ``at_batch`` of epoch ``at_epoch`` (main process;
+        every process's CUDA generator is gathered into it)."""
+        cuda_states = all_gather_objects(cuda_rng_state(self.env.device))
         if self.env.is_main:
             save_training_state(self.ckpt_path, model=self.model, optimizer=self.optimizer,
                                 scheduler=self.scheduler, scaler=self.scaler, epoch=at_epoch, step=self.pos.step,
                                 batch_in_epoch=at_batch, config=config_to_dict(self.cfg),
-                                extra={"skipped_steps": self.pos.skipped, "train_seconds": self.pos.train_seconds})
+                                extra={"skipped_steps": self.pos.skipped, "train_seconds": self.pos.train_seconds},
+                                rng=rng_state(cuda_states))
         barrier()
 
     # ------------------------------------------------------------------ the loop
@@ -329,32 +346,44 @@ class _Run:
 
     def _train_epoch(self, stop: _StopFlag, bar) -> str:
         """The rest of epoch ``pos.epoch`` from batch ``pos.batch_in_epoch``: ``finished`` at its end,
-        else ``interrupted`` or ``max_steps`` (a checkpoint saved)."""
+        else ``interrupted`` or ``max_steps`` (a checkpoint saved).
+
+        The host waits for the device once per optimizer update (:func:`_update_flags`: is the
+        loss finite, did a stop signal arrive), never per micro-batch; the loss is read for the
+        logs and the progress bar only."""
         cfg, env, pos = self.cfg, self.env, self.pos
         self.ddp_model.train()
         loader = train_loader(self.datasets.train, cfg, env, epoch=pos.epoch, start_batch=pos.batch_in_epoch)
         window = _Window()
         self.optimizer.zero_grad(set_to_none=True)
         limit = self.updates_per_epoch * self.accumulation
+        update_loss, update_clips = None, 0  # this update's micro-batches: loss x clips summed, on the device
         for batch_idx, batch in enumerate(loader, start=pos.batch_in_epoch):
             if batch_idx >= limit:
                 break
             t0 = time.perf_counter()
             boundary = (batch_idx + 1) % self.accumulation == 0
             loss = self.forward_backward(batch, batch_idx, sync=boundary)
-            if loss is None:  # non-finite, skipped
-                continue
-            window.add(loss, batch["video"].shape[0])
+            clips = batch["video"].shape[0]
+            update_loss = loss * clips if update_loss is None else update_loss + loss * clips
+            update_clips += clips
             pos.train_seconds += time.perf_counter() - t0
             if not boundary:
                 continue
             t1 = time.perf_counter()
-            self.optimizer_step()
+            finite, stopping = _update_flags(update_loss, stop.signum is not None, env)
+            if finite:
+                self.optimizer_step()
+                window.add(update_loss, update_clips)
+            else:
+                self.skip_update(update_loss / update_clips, batch_idx)
+            update_loss, update_clips = None, 0
             pos.train_seconds += time.perf_counter() - t1
-            self.log_step(window, bar, last=batch_idx + 1 >= limit)
-            if cfg.train.checkpoint_every_steps and pos.step % cfg.train.checkpoint_every_steps == 0:
-                self.save_checkpoint(pos.epoch, batch_idx + 1)
-            if _any_rank(stop.signum is not None, env):
+            if finite:
+                self.log_step(window, bar, last=batch_idx + 1 >= limit)
+                if cfg.train.checkpoint_every_steps and pos.step % cfg.train.checkpoint_every_steps == 0:
+                    self.save_checkpoint(pos.epoch, batch_idx + 1)
+            if stopping:
                 self.save_checkpoint(pos.epoch, batch_idx + 1)
                 return "interrupted"
             if cfg.train.max_steps and pos.step >= cfg.train.max_steps:
@@ -362,11 +391,10 @@ class _Run:
                 return "max_steps"
         return "finished"
 
-    def forward_backward(self, batch: dict, batch_idx: int, *, sync: bool) -> float | None:
+    def forward_backward(self, batch: dict, batch_idx: int, *, sync: bool) -> torch.Tensor:
         """Mix, forward and backward one batch (gradients accumulate; with several processes they
-        are averaged only when ``sync``). Returns the loss, or None when it was not finite and
-        ``train.nonfinite_loss`` is ``skip`` (the accumulated gradients are dropped); otherwise a
-        non-finite loss raises :class:`NonFiniteLossError`."""
+        are averaged only when ``sync``). Returns the loss (a detached 0-dim tensor on the
+        device: reading it would make the host wait for the device)."""
         cfg, env, pos = self.cfg, self.env, self.pos
         video = batch["video"].to(env.device, non_blocking=True)
         labels = batch["label"].to(env.device, non_blocking=True)
@@ -378,26 +406,29 @@ class _Run:
             with autocast_context(env.device, self.amp_dtype):
                 logits = ddp(video)
             loss = soft_target_cross_entropy(logits.float(), targets)
-            if _any_rank(not torch.isfinite(loss).item(), env):
-                if cfg.train.nonfinite_loss != "skip":
-                    last = (f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.is_file()
-                            else "no checkpoint was written yet")
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({loss.item()}) at step {pos.step + 1} (epoch {pos.epoch}, batch "
-                        f"{batch_idx}); stopping ({last}). Lower optim.lr, or set "
-                        "train.nonfinite_loss=skip to skip such steps")
-                pos.skipped += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                if env.is_main:
-                    logger.warning("non-finite loss at step %d (epoch %d, batch %d): skipped (%d so far)",
-                                   pos.step + 1, pos.epoch, batch_idx, pos.skipped)
-                return None
             scaled = loss / self.accumulation
             if self.scaler is not None:
                 self.scaler.scale(scaled).backward()
             else:
                 scaled.backward()
-        return loss.item()
+        return loss.detach()
+
+    def skip_update(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """The update ending at ``batch_idx`` had a non-finite loss: with ``train.nonfinite_loss``
+        ``skip``, drop its gradients and count it; otherwise raise :class:`NonFiniteLossError`."""
+        cfg, pos = self.cfg, self.pos
+        if cfg.train.nonfinite_loss != "skip":
+            last = (f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.is_file()
+                    else "no checkpoint was written yet")
+            raise NonFiniteLossError(
+                f"non-finite loss ({float(loss)}) at step {pos.step + 1} (epoch {pos.epoch}, batch "
+                f"{batch_idx}); stopping ({last}). Lower optim.lr, or set "
+                "train.nonfinite_loss=skip to skip such steps")
+        pos.skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.env.is_main:
+            logger.warning("non-finite loss at step %d (epoch %d, batch %d): skipped (%d so far)",
+                           pos.step + 1, pos.epoch, batch_idx, pos.skipped)
 
     def optimizer_step(self) -> None:
         """Apply the accumulated gradients (unscaled, clipped), then advance the schedule."""
@@ -431,10 +462,13 @@ class _Run:
         updates and at the end of the epoch (the window then starts again)."""
         cfg, step = self.cfg, self.pos.step
         if bar is not None:
-            bar.set_postfix(loss=f"{window.mean_loss:.4f}",
-                            lr=f"{self.scheduler.current * cfg.optim.branch_lr_mult:.2e}",
-                            clips_s=f"{window.clips_per_second(self.env.world_size):.1f}",
-                            epoch=self.pos.epoch, refresh=False)
+            now = time.monotonic()
+            if now >= self._postfix_due:  # reading the loss waits for the device: only now and then
+                self._postfix_due = now + bar.mininterval
+                bar.set_postfix(loss=f"{window.mean_loss:.4f}",
+                                lr=f"{self.scheduler.current * cfg.optim.branch_lr_mult:.2e}",
+                                clips_s=f"{window.clips_per_second(self.env.world_size):.1f}",
+                                epoch=self.pos.epoch, refresh=False)
             bar.update(1)
         if self.log is not None and (step % max(1, cfg.train.log_every) == 0 or last):
             self.log.log({"kind": "train", "step": step, "epoch": self.pos.epoch, "loss": window.mean_loss,
