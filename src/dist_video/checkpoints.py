@@ -41,8 +41,10 @@ def _torch_load(path: str | os.PathLike) -> dict:
     except Exception as safe_error:  # pickles with config objects etc. in them
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as error:
-            raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({error})") from error
+        except Exception as error:  # damaged, truncated, or not a checkpoint at all
+            cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"{path}: damaged or not a PyTorch checkpoint ({type(error).__name__}: {cause})"
+                             ) from None
         warnings.warn(f"{path}: loaded with weights_only=False ({safe_error.__class__.__name__}); "
                       "only do this with files you trust", stacklevel=3)
         return obj
@@ -138,7 +140,10 @@ def load_official_checkpoint(path: str | os.PathLike, clip: CLIP | str | os.Path
     elif not isinstance(clip, CLIP):
         clip = load_clip(clip)
     num_branch_layers = _indices(branch_sd, "layers")
-    config = infer_dist_config(branch_sd, **overrides)
+    try:
+        config = infer_dist_config(branch_sd, **overrides)
+    except KeyError as e:
+        raise ValueError(f"{path}: the DiST branch is incomplete (no tensor {e.args[0]!r})") from None
     layers = config.resolve_layers(clip.visual.num_layers)
     if len(layers) != num_branch_layers:
         raise ValueError(

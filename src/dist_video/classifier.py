@@ -26,7 +26,7 @@ from .clip_loaders import clip_from_openai_state_dict, load_clip
 from .dist import checkpointing_mode
 
 __all__ = ["VideoClassifier", "model_class", "resolve_clip_dtype", "bf16_supported", "load_strict_state_dict",
-           "read_model_config", "FORMAT_NAME", "FORMAT_VERSION", "FORMAT_UPGRADES"]
+           "read_model_config", "read_safetensors", "new_file_mode", "FORMAT_NAME", "FORMAT_VERSION", "FORMAT_UPGRADES"]
 
 FORMAT_NAME = "dist-video"
 #: 1: the first release. 2: the DiST branch as one ``layers.<i>`` module per selected CLIP block
@@ -284,30 +284,33 @@ class VideoClassifier(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike, *, clip: CLIP | None = None,
                         clip_dtype: str | torch.dtype | None = "auto",
                         map_location: str | torch.device = "cpu") -> VideoClassifier:
-        """Load a folder written by :meth:`save_pretrained` (any registered method)."""
-        from safetensors.torch import load_file
-
+        """Load a folder written by :meth:`save_pretrained` (any registered method). A missing,
+        damaged or mismatched file raises ``FileNotFoundError`` / ``ValueError`` naming it."""
         directory = Path(directory)
         meta = read_model_config(directory)
         model_cls = model_class(meta.get("method", "dist"))
         if cls is not VideoClassifier and not issubclass(model_cls, cls):
             raise ValueError(f"{directory / 'config.json'}: holds a {meta.get('method')!r} model, "
                              f"not {cls.__name__}")
-        if clip is None:
-            ref = meta["clip_weights"]
-            if isinstance(ref, str):
-                clip = clip_from_openai_state_dict(load_file(directory / ref), config=CLIPConfig(**meta["clip"]),
-                                                   source=str(directory / ref))
-            else:
-                clip = load_clip(ref["path"], act=meta["clip"]["act"])
-        model = model_cls.from_method_config(clip.to(map_location), meta["config"], clip_dtype=clip_dtype)
-        tensors = model_cls.upgrade_saved_tensors(load_file(directory / "model.safetensors", device=str(map_location)),
-                                                  meta["saved_format_version"])
-        names = meta.get("class_names")
-        if meta.get("head") == "text":
-            model.set_class_embeddings(tensors.pop("class_embeddings"), names)
-        elif meta.get("head") == "linear":
-            model.set_linear_head(tensors["head.weight"].shape[0], names)
+        try:
+            if clip is None:
+                ref = meta["clip_weights"]
+                if isinstance(ref, str):
+                    clip = clip_from_openai_state_dict(read_safetensors(directory / ref, "cpu"),
+                                                       config=CLIPConfig(**meta["clip"]), source=str(directory / ref))
+                else:
+                    clip = load_clip(ref["path"], act=meta["clip"]["act"])
+            model = model_cls.from_method_config(clip.to(map_location), meta["config"], clip_dtype=clip_dtype)
+            tensors = model_cls.upgrade_saved_tensors(read_safetensors(directory / "model.safetensors", map_location),
+                                                      meta["saved_format_version"])
+            names = meta.get("class_names")
+            if meta.get("head") == "text":
+                model.set_class_embeddings(tensors.pop("class_embeddings"), names)
+            elif meta.get("head") == "linear":
+                model.set_linear_head(tensors["head.weight"].shape[0], names)
+        except (KeyError, TypeError, AttributeError) as e:  # config.json and the weights disagree
+            raise ValueError(f"{directory}: config.json and the weights do not match "
+                             f"({type(e).__name__}: {e})") from None
         own = {k: v for k, v in model.state_dict().items() if not k.startswith("clip.")}
         load_strict_state_dict(model, own, tensors, str(directory / "model.safetensors"))
         return model
@@ -357,7 +360,40 @@ def load_strict_state_dict(module: nn.Module, own: Mapping[str, torch.Tensor], s
     module.load_state_dict(state_dict, strict=False)
 
 
+def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file; a missing file raises ``FileNotFoundError`` and a
+    damaged or truncated one ``ValueError``, each with a one-line message naming the file."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (the model folder is incomplete)")
+    try:
+        return load_file(path, device=str(device))
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError, ValueError)
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: damaged or not a safetensors file ({cause})") from None
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file here: 0o666 less the process's umask (read from
+    /proc where it can be, so the umask is never changed, not even for an instant)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_save_safetensors(tensors: dict, path: Path, save_file) -> None:
+    """Write through a temporary file, with the permissions of any other output (the user's
+    umask: safetensors itself creates files readable by their owner only)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp))
+    os.chmod(tmp, new_file_mode())
     os.replace(tmp, path)

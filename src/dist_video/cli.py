@@ -1,5 +1,5 @@
-"""The ``dist-video`` command line: train, evaluate, predict, info, convert, prepare, scan, make-synthetic,
-demo."""
+"""The ``dist-video`` command line: train, evaluate, predict, embed, search, info, convert, prepare, scan,
+make-synthetic, demo."""
 
 from __future__ import annotations
 
@@ -24,6 +24,15 @@ def _output_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars and no progress messages (only warnings "
                    "and errors on standard error)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _label_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--labels", metavar="NAMES", help="zero-shot: classify into these label names instead (a "
+                   "comma-separated list or a file with one per line); needs a class-text head or CLIP weights")
+    p.add_argument("--prompt", default=None, help="a template such as 'a video of {}.' (default with --labels: "
+                   "CLIP's Kinetics prompt ensemble; with --classes: the bare names; text without {} is a prefix)")
+    p.add_argument("--vocab", help="BPE vocabulary for the text head (default: the model's, else the one shipped)")
+    p.add_argument("--frames", type=int, default=8, help="frames per clip for plain CLIP weights (default 8)")
 
 
 def _configure_logging(quiet: bool) -> None:
@@ -86,7 +95,7 @@ def cmd_evaluate(args) -> int:
     cfg = _load_cfg(args)
     _prepare_device(cfg.train.device)
     metrics = evaluate_model(args.model, cfg, clip=args.clip, classes=args.classes, output=args.output,
-                             progress=args.progress)
+                             progress=args.progress, labels=args.labels, prompt=args.prompt, vocab=args.vocab)
     if metrics is not None:
         print(json.dumps({k: metrics[k] for k in ("top1", "top5", "mean_class_accuracy", "num_videos")}))
     return 0
@@ -95,17 +104,103 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from .engine.predict import load_for_inference, predict_files
 
+    _check_window_arguments(args)
     _prepare_device(args.device)
     model, preprocess = load_for_inference(args.model, clip=args.clip, classes=args.classes, vocab=args.vocab,
-                                           prompt=args.prompt, device=args.device, clip_dtype=args.clip_dtype)
-    results = predict_files(model, args.videos, preprocess, topk=args.topk, views=args.views)
+                                           prompt=args.prompt, device=args.device, clip_dtype=args.clip_dtype,
+                                           labels=args.labels, num_frames=args.frames)
+    if args.window is None:
+        results = predict_files(model, args.videos, preprocess, topk=args.topk, views=args.views)
+    else:
+        results = _predict_timelines(args, model, preprocess)
     if args.json:
         print(json.dumps(results, indent=2))
-        return 0
     for r in results:
-        print(r["video"])
-        for rank, item in enumerate(r["top"], 1):
-            print(f"  {rank}. {item['class']:<40s} {100 * item['probability']:6.2f}%")
+        if "error" in r:
+            print(f"dist-video predict: error: {r['video']}: {r['error']}", file=sys.stderr)
+        elif args.json:
+            continue
+        elif "windows" in r:
+            print(r["video"])
+            for w in r["windows"]:
+                top = "   ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in w["top"][:3])
+                print(f"  {w['start']:9.2f}-{w['end']:<9.2f}s  {top}")
+        else:
+            print(r["video"])
+            for rank, item in enumerate(r["top"], 1):
+                print(f"  {rank}. {item['class']:<40s} {100 * item['probability']:6.2f}%")
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _check_window_arguments(args) -> None:
+    """Usage errors of the long-video options (exit status 2, before any work)."""
+    if args.window is None:
+        for flag in ("stride", "csv", "timeline", "annotate"):
+            if getattr(args, flag, None) is not None:
+                raise ValueError(f"--{flag} needs --window SECONDS")
+    elif len(args.videos) > 1 and (getattr(args, "timeline", None) or getattr(args, "annotate", None)):
+        raise ValueError("--timeline and --annotate take one video at a time")
+
+
+def _predict_timelines(args, model, preprocess) -> list[dict]:
+    """``predict --window``: a timeline per video, then the CSV / plot / annotated video asked for."""
+    from .classifier import VideoClassifier
+    from .engine.inference import FILE_ERRORS, error_message
+    from .engine.timeline import annotate_video, plot_timeline, video_timeline, write_timeline_csv
+
+    fused = model.fuse() if isinstance(model, VideoClassifier) else model
+    results, timelines = [], []
+    for path in args.videos:
+        try:
+            timeline = video_timeline(fused, path, preprocess, window=args.window, stride=args.stride,
+                                      batch_size=args.batch_size)
+        except FILE_ERRORS as e:
+            results.append({"video": path, "error": error_message(e)})
+            continue
+        timelines.append(timeline)
+        results.append(timeline.to_dict(args.topk))
+    if args.csv:
+        print(f"wrote {write_timeline_csv(timelines, args.csv, args.topk)}", file=sys.stderr)
+    if args.timeline and timelines:
+        print(f"wrote {plot_timeline(timelines[0], args.timeline)}", file=sys.stderr)
+    if args.annotate and timelines:
+        print(f"wrote {annotate_video(timelines[0], args.annotate)}", file=sys.stderr)
+    return results
+
+
+def cmd_embed(args) -> int:
+    from .engine.embed import embed_files
+    from .engine.predict import load_for_inference
+
+    _check_window_arguments(args)
+    _prepare_device(args.device)
+    model, preprocess = load_for_inference(args.model, clip=args.clip, vocab=args.vocab, device=args.device,
+                                           clip_dtype=args.clip_dtype, num_frames=args.frames, require_head=False)
+    with _bar(len(args.videos), "video", args.progress) as bar:
+        result = embed_files(model, args.videos, preprocess, out=args.out, views=args.views, window=args.window,
+                             stride=args.stride, normalize=args.normalize, progress=lambda path: bar.update(1))
+    for e in result.errors:
+        print(f"dist-video embed: error: {e['video']}: {e['error']}", file=sys.stderr)
+    print(f"wrote {result.embeddings.shape[0]} embeddings of {result.embeddings.shape[1]} dimensions to "
+          f"{os.path.join(args.out, 'embeddings.safetensors')} (rows: index.csv)", file=sys.stderr)
+    return 1 if result.errors else 0
+
+
+def cmd_search(args) -> int:
+    from .engine.embed import read_embeddings, search_embeddings
+    from .engine.predict import load_for_inference, text_query
+
+    index = read_embeddings(args.folder)
+    model, _ = load_for_inference(args.model, clip=args.clip, vocab=args.vocab, device="cpu", clip_dtype="fp32",
+                                  require_head=False)
+    hits = search_embeddings(index, text_query(model, args.query, prompt=args.prompt, vocab=args.vocab),
+                             topk=args.topk)
+    if args.json:
+        print(json.dumps(hits, indent=2))
+        return 0
+    for h in hits:
+        where = "" if h["start"] is None else f"  {h['start']:.2f}-{h['end']:.2f} s"
+        print(f"{h['rank']:3d}. {h['score']:.4f}  {h['video']}{where}")
     return 0
 
 
@@ -256,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(p)
     p.add_argument("--clip", help="CLIP weights (for a .pyth checkpoint without them)")
     p.add_argument("--classes", help="class names for a .pyth checkpoint (default: the dataset's)")
+    p.add_argument("--labels", nargs="?", const="", default=None, metavar="NAMES", help="zero-shot: score the "
+                   "dataset's classes by the text of their names (or of NAMES: a file or a comma-separated list, "
+                   "one per dataset class), replacing the model's head")
+    p.add_argument("--prompt", default=None, help="with --labels: a template such as 'a video of {}.' "
+                   "(default: CLIP's Kinetics prompt ensemble)")
+    p.add_argument("--vocab", help="BPE vocabulary for --labels (default: the model's, else the one shipped)")
     _output_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -268,13 +369,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", help="CLIP weights (for a .pyth checkpoint without them)")
     p.add_argument("--classes", help="class names for a .pyth checkpoint: a file (one per line) or "
                    "'kinetics400' / 'ssv2'")
-    p.add_argument("--vocab", help="BPE vocabulary for the class-name text head")
-    p.add_argument("--prompt", default="", help="prefix before each class name")
+    _label_arguments(p)
+    p.add_argument("--window", type=float, help="long videos: classify windows of this many seconds (a timeline)")
+    p.add_argument("--stride", type=float, help="seconds between window starts (default: the window)")
+    p.add_argument("--csv", metavar="FILE", help="with --window: one row per window")
+    p.add_argument("--timeline", metavar="FILE.png", help="with --window: plot the top classes over time")
+    p.add_argument("--annotate", metavar="OUT.mp4", help="with --window: the video re-encoded (H.264) with the "
+                   "current top label drawn on every frame")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--device", default="auto")
     p.add_argument("--clip-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="frozen CLIP precision (auto: bf16 where the device has it natively, fp16 on older GPUs, "
                    "else fp32)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("embed", help="video embeddings for retrieval (embeddings.safetensors + index.csv)")
+    p.add_argument("model", help="a dist-video model folder, an authors' .pyth checkpoint or CLIP weights")
+    p.add_argument("videos", nargs="+", help="video files")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (a re-run embeds only the files "
+                   "not in it yet)")
+    p.add_argument("--normalize", action="store_true", help="unit-length embeddings")
+    p.add_argument("--views", type=int, default=None, help="temporal views to average (default: the model's)")
+    p.add_argument("--window", type=float, help="one embedding per window of this many seconds")
+    p.add_argument("--stride", type=float, help="seconds between window starts (default: the window)")
+    p.add_argument("--clip", help="CLIP weights (for a .pyth checkpoint without them)")
+    p.add_argument("--vocab", help=argparse.SUPPRESS)
+    p.add_argument("--frames", type=int, default=8, help="frames per clip for plain CLIP weights (default 8)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--clip-dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    _output_arguments(p)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("search", help="rank embedded videos by similarity to a text")
+    p.add_argument("folder", metavar="DIR", help="a folder written by `dist-video embed`")
+    p.add_argument("query", help="a text, e.g. 'a person juggling'")
+    p.add_argument("--model", required=True, help="the model that embedded the videos (it needs a text tower)")
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--prompt", default=None, help="a template for the query, e.g. 'a video of {}.' "
+                   "(default: the query as it is)")
+    p.add_argument("--clip", help="CLIP weights (for a .pyth checkpoint without them)")
+    p.add_argument("--vocab", help="BPE vocabulary (default: the model's, else the one shipped)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("info", help="model size, parameters, GFLOPs per view and config")
     p.add_argument("model", nargs="?", help="a model folder, an authors' .pyth file, or nothing (use --preset)")

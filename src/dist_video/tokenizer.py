@@ -39,8 +39,10 @@ __all__ = ["Tokenizer", "tokenize", "find_vocab", "clean_text", "OPENAI_VOCAB_NA
 
 #: File name of OpenAI's vocabulary (as shipped inside the ``clip`` and ``open_clip`` packages).
 OPENAI_VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
-#: Installed packages whose bundled vocabulary :func:`find_vocab` uses as a last resort.
-VOCAB_PACKAGES = ("open_clip", "clip")
+#: Packages whose bundled vocabulary :func:`find_vocab` uses as a last resort, in this order: an
+#: installed ``open_clip`` or ``clip``, then this package's own copy of OpenAI's file
+#: (``dist_video/assets/vocab``, MIT licence: see the README beside it).
+VOCAB_PACKAGES = ("open_clip", "clip", "dist_video.assets.vocab")
 
 START_TEXT = "<|startoftext|>"
 END_TEXT = "<|endoftext|>"
@@ -245,7 +247,8 @@ def find_vocab(checkpoint_path: str | os.PathLike | None = None,
     Searched in order: ``vocab`` (a file, or a folder holding one of the above; when given it
     must be valid), the checkpoint's folder (``checkpoint_path`` itself if it is a folder, such
     as a Hugging Face model folder: its tokenizer files), then the vocabulary bundled with an
-    installed ``open_clip`` or ``clip`` package. Raises :class:`VocabNotFoundError` listing
+    installed ``open_clip`` or ``clip`` package, then the copy shipped with this package
+    (:data:`VOCAB_PACKAGES`). Raises :class:`VocabNotFoundError` listing
     every place looked at."""
     if vocab is not None:
         p = Path(vocab)

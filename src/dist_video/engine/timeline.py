@@ -1,0 +1,328 @@
+"""Long videos: top classes over time, from sliding windows decoded in one streaming pass.
+
+A video of N frames at ``fps`` lasts ``D = N / fps`` seconds. With a window of ``w`` seconds
+and a stride of ``s``, window k covers ``[k s, min(k s + w, D)]`` for ``k = 0 .. K - 1``,
+``K = max(1, ceil((D - w) / s) + 1)``: the windows cover the whole video, and a video shorter
+than one window is one window. Each window is one clip: the model's T frames sampled inside
+the window's frames ``[round(k s fps), round(end fps))`` by the model's test sampler (one
+central view, the centre crop).
+
+Memory is bounded by the window, not by the video: one thread decodes the file from start to
+end once (frames nobody asked for are never converted to RGB), transforms each requested
+frame as it comes and hands every finished window's clip to a small queue; the calling thread
+batches the clips through the model while the next ones are decoded. Only the clips of the
+windows in progress (about ``w / s`` of them) and the queue are held.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import av
+import numpy as np
+import torch
+
+from ..data.decoding import VideoDecodeError, probe
+from ..data.sampling import build_sampler
+from .data import test_transform
+from .inference import class_names_of, model_device
+
+__all__ = ["Timeline", "window_bounds", "window_frames", "window_outputs", "video_timeline", "write_timeline_csv",
+           "plot_timeline", "annotate_video"]
+
+
+@dataclass
+class Timeline:
+    """Class probabilities of a video's windows: ``probabilities`` K x C, window k spanning
+    ``starts[k]`` to ``ends[k]`` seconds."""
+
+    video: str
+    starts: list[float]
+    ends: list[float]
+    probabilities: torch.Tensor
+    class_names: list[str]
+    fps: float
+    num_frames: int
+
+    def top(self, k: int, topk: int = 5) -> list[dict]:
+        """Window ``k``'s ``[{"class", "probability"}, ...]``, best first."""
+        p, idx = self.probabilities[k].topk(min(topk, self.probabilities.shape[1]))
+        return [{"class": self.class_names[i], "probability": float(v)} for v, i in zip(p.tolist(), idx.tolist())]
+
+    def to_dict(self, topk: int = 5) -> dict:
+        """``{"video", "windows": [{"start", "end", "top": [...]}, ...]}`` (times in seconds)."""
+        return {"video": self.video, "windows": [
+            {"start": round(a, 3), "end": round(b, 3), "top": self.top(k, topk)}
+            for k, (a, b) in enumerate(zip(self.starts, self.ends))]}
+
+    def label_at(self, seconds: float) -> tuple[str, float]:
+        """The top class (and its probability) of the window whose centre is nearest ``seconds``."""
+        centres = [(a + b) / 2 for a, b in zip(self.starts, self.ends)]
+        k = min(range(len(centres)), key=lambda j: abs(centres[j] - seconds))
+        p, i = self.probabilities[k].max(dim=0)
+        return self.class_names[int(i)], float(p)
+
+
+def window_bounds(duration: float, window: float, stride: float | None = None) -> list[tuple[float, float]]:
+    """``[(start, end), ...]`` in seconds covering ``[0, duration]`` (see the module docstring)."""
+    stride = window if stride is None else stride
+    if not (window > 0 and stride > 0):
+        raise ValueError(f"window and stride must be positive seconds, got window={window}, stride={stride}")
+    count = max(1, math.ceil((duration - window) / stride - 1e-9) + 1)
+    return [(float(k * stride), float(min(k * stride + window, duration))) for k in range(count)]
+
+
+def window_frames(bounds: Sequence[tuple[float, float]], fps: float, num_frames: int, sampler) -> list[list[int]]:
+    """The frame indices of each window's clip: ``sampler`` (the model's test sampler, one view)
+    over the window's frames ``[round(start fps), round(end fps))``, clamped to the video."""
+    out = []
+    for start, end in bounds:
+        first = min(int(round(start * fps)), num_frames - 1)
+        stop = min(max(int(round(end * fps)), first + 1), num_frames)
+        out.append([first + i for i in sampler(stop - first, view=0, num_views=1)])
+    return out
+
+
+def _is_cover_art(stream) -> bool:
+    try:
+        return bool(stream.disposition & av.stream.Disposition.attached_pic)
+    except (AttributeError, TypeError):
+        return False
+
+
+def _video_stream(container, path: str):
+    streams = [s for s in container.streams.video if not _is_cover_art(s)]
+    if not streams:
+        raise VideoDecodeError(path, "no video stream")
+    return streams[0]
+
+
+def _stream_clips(path: str, plan: list[list[int]], transform, out: queue.Queue, stop: threading.Event) -> None:
+    """Decode ``path`` once, from the start; put ``(k, clip 3 x T x S x S)`` on ``out`` as soon as
+    window k's frames are all decoded, then ``None``; a failure is put as the exception."""
+    try:
+        wanted: dict[int, list[tuple[int, int]]] = {}
+        for k, frames in enumerate(plan):
+            for slot, i in enumerate(frames):
+                wanted.setdefault(i, []).append((k, slot))
+        last_needed = max(wanted)
+        # Windows in the order their last frame is decoded; each waits for its last frame.
+        finish = sorted(range(len(plan)), key=lambda k: (max(plan[k]), k))
+        slots: dict[int, list[torch.Tensor | None]] = {}
+        done = 0
+        last_rgb = None
+
+        def emit_until(i: int) -> None:
+            nonlocal done
+            while done < len(finish) and max(plan[finish[done]]) <= i:
+                k = finish[done]
+                out.put((k, torch.cat(slots.pop(k), dim=1)))
+                done += 1
+
+        def frame_tensor(frame) -> torch.Tensor:
+            rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).unsqueeze(0)  # 1 x H x W x 3
+            return transform(rgb)[0]  # 3 x 1 x S x S
+
+        index = -1
+        with av.open(path, mode="r", metadata_errors="ignore") as container:
+            stream = _video_stream(container, path)
+            stream.thread_type = "AUTO"
+            try:
+                for frame in container.decode(stream):
+                    if stop.is_set():
+                        return
+                    index += 1
+                    if index in wanted:
+                        x = frame_tensor(frame)
+                        for k, slot in wanted.pop(index):
+                            slots.setdefault(k, [None] * len(plan[k]))[slot] = x
+                        emit_until(index)
+                    last_rgb = frame
+                    if index >= last_needed:
+                        break
+            except av.FFmpegError:
+                pass  # a damaged or truncated end: windows past it get the last decodable frame
+        if index < 0:
+            raise VideoDecodeError(path, "no decodable video frames")
+        if wanted:  # the file ended early: the missing frames are its last decodable frame
+            x = frame_tensor(last_rgb)
+            for i in sorted(wanted):
+                for k, slot in wanted[i]:
+                    slots.setdefault(k, [None] * len(plan[k]))[slot] = x
+            emit_until(last_needed)
+        out.put(None)
+    except av.FFmpegError as e:
+        out.put(VideoDecodeError(path, f"decoding failed: {type(e).__name__}: {getattr(e, 'strerror', None) or e}"))
+    except BaseException as e:  # noqa: BLE001 - handed to the consuming thread, which raises it
+        out.put(e)
+
+
+def _clips(path: str, plan: list[list[int]], transform, depth: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(window, clip)`` pairs from a decoding thread, at most ``depth`` waiting."""
+    out: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    worker = threading.Thread(target=_stream_clips, args=(path, plan, transform, out, stop), daemon=True,
+                              name="dist-video-decode")
+    worker.start()
+    try:
+        while True:
+            item = out.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                out.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        worker.join()
+
+
+@torch.no_grad()
+def window_outputs(fn, path: str | os.PathLike, preprocess: dict, *, num_frames: int, window: float,
+                   stride: float | None = None, batch_size: int = 8, device: torch.device | str = "cpu"
+                   ) -> tuple[list[tuple[float, float]], torch.Tensor, float, int]:
+    """``fn`` (B x 3 x T x S x S -> B x D) of every window's clip, decoded in one streaming pass
+    and run ``batch_size`` clips at a time: ``(bounds, outputs K x D (CPU), fps, frame count)``.
+    Raises :class:`VideoDecodeError` for a file that cannot be read."""
+    path = os.fspath(path)
+    info = probe(path)
+    fps = info.fps if info.fps > 0 else 25.0
+    n = info.num_frames
+    bounds = window_bounds(n / fps, window, stride)
+    p = preprocess
+    plan = window_frames(bounds, fps, n, build_sampler(p["sampling"], num_frames, p.get("interval", 4)))
+    transform = test_transform(p["crop_size"], p["test_scale"], 1, p["mean"], p["std"])
+    outputs: torch.Tensor | None = None
+    batch: list[tuple[int, torch.Tensor]] = []
+
+    def run() -> None:
+        nonlocal outputs
+        y = fn(torch.stack([c for _, c in batch]).to(device)).float().cpu()
+        if outputs is None:
+            outputs = torch.empty(len(plan), y.shape[1])
+        outputs[[k for k, _ in batch]] = y
+        batch.clear()
+
+    for item in _clips(path, plan, transform, depth=batch_size):
+        batch.append(item)
+        if len(batch) == batch_size:
+            run()
+    if batch:
+        run()
+    return bounds, outputs, fps, n
+
+
+def video_timeline(model, path: str | os.PathLike, preprocess: dict, *, window: float,
+                   stride: float | None = None, batch_size: int = 8) -> Timeline:
+    """The timeline of one video through an inference-form model (callable on B x 3 x T x H x W
+    -> B x C logits, with ``class_names``, ``num_classes``, ``config.num_frames``): window
+    clips decoded in one streaming pass (see the module docstring), classified ``batch_size``
+    at a time. Raises :class:`VideoDecodeError` for a file that cannot be read."""
+    bounds, probs, fps, n = window_outputs(lambda x: model(x).float().softmax(dim=1), path, preprocess,
+                                           num_frames=model.config.num_frames, window=window, stride=stride,
+                                           batch_size=batch_size, device=model_device(model))
+    return Timeline(video=os.fspath(path), starts=[a for a, _ in bounds], ends=[b for _, b in bounds],
+                    probabilities=probs, class_names=class_names_of(model), fps=fps, num_frames=n)
+
+
+def write_timeline_csv(timelines: Sequence[Timeline], path: str | os.PathLike, topk: int = 5) -> Path:
+    """One row per window: ``video, start, end``, then ``class_1, probability_1, ...`` (top-k)."""
+    path = Path(path)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["video", "start", "end"] + [c for r in range(1, topk + 1) for c in (f"class_{r}",
+                                                                                          f"probability_{r}")])
+        for t in timelines:
+            for k, (a, b) in enumerate(zip(t.starts, t.ends)):
+                top = t.top(k, topk)
+                w.writerow([t.video, f"{a:.3f}", f"{b:.3f}"]
+                           + [v for item in top for v in (item["class"], f"{item['probability']:.6f}")])
+    return path
+
+
+def plot_timeline(timeline: Timeline, path: str | os.PathLike, classes: int = 5) -> Path:
+    """A PNG of the probabilities over time (window centres) of the ``classes`` classes that are
+    most probable in some window."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probs = timeline.probabilities
+    shown = probs.max(dim=0).values.argsort(descending=True)[:classes].tolist()
+    centres = [(a + b) / 2 for a, b in zip(timeline.starts, timeline.ends)]
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    for c in shown:
+        ax.plot(centres, probs[:, c].tolist(), marker="o" if len(centres) < 60 else None, label=timeline.class_names[c])
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("probability")
+    ax.set_ylim(0, 1)
+    ax.set_xlim(0, max(timeline.ends))
+    ax.set_title(Path(timeline.video).name)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def _font(size: int):
+    from PIL import ImageFont  # Pillow comes with matplotlib
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def annotate_video(timeline: Timeline, out: str | os.PathLike, *, crf: int = 23) -> Path:
+    """Re-encode the timeline's video (H.264, MP4) with the current top label and its
+    probability drawn on every frame: the source's frames, frame count and frame rate (an odd
+    width or height loses its last pixel row/column, which H.264's 4:2:0 needs)."""
+    from PIL import ImageDraw  # Pillow comes with matplotlib
+
+    src = timeline.video
+    rate = Fraction(timeline.fps).limit_denominator(1001)
+    out = Path(out)
+    with av.open(src, mode="r", metadata_errors="ignore") as container:
+        stream = _video_stream(container, src)
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or rate
+        width, height = stream.codec_context.width // 2 * 2, stream.codec_context.height // 2 * 2
+        font = _font(max(12, height // 18))
+        with av.open(str(out), mode="w") as target:
+            ost = target.add_stream("libx264", rate=rate)
+            ost.width, ost.height, ost.pix_fmt = width, height, "yuv420p"
+            ost.options = {"crf": str(crf)}
+            index = 0
+            try:
+                for frame in container.decode(stream):
+                    image = frame.to_image().crop((0, 0, width, height))
+                    name, p = timeline.label_at(index / timeline.fps)
+                    draw = ImageDraw.Draw(image)
+                    text = f"{name}  {100 * p:.0f}%"
+                    box = draw.textbbox((8, 6), text, font=font)
+                    draw.rectangle((box[0] - 4, box[1] - 3, box[2] + 4, box[3] + 3), fill=(0, 0, 0))
+                    draw.text((8, 6), text, fill=(255, 255, 255), font=font)
+                    new = av.VideoFrame.from_ndarray(np.asarray(image), format="rgb24")
+                    new.pts = index
+                    new.time_base = 1 / Fraction(rate)
+                    for packet in ost.encode(new):
+                        target.mux(packet)
+                    index += 1
+            except av.FFmpegError:
+                pass  # a damaged end: the frames decoded so far are written
+            for packet in ost.encode():
+                target.mux(packet)
+    return out
