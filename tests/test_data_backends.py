@@ -22,6 +22,7 @@ def test_a_missing_backend_names_the_pip_install(video, monkeypatch):
     with pytest.raises(BackendUnavailableError, match=r"`pip install decord`.*or use backend='pyav'"):
         read_frames(video, [0], backend="decord")
     monkeypatch.setitem(sys.modules, "torchcodec", None)
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # also when the real one was imported before
     with pytest.raises(BackendUnavailableError, match=r"`pip install torchcodec`.*FFmpeg's shared libraries"):
         read_frames(video, [0], backend="torchcodec")
     assert "decord" not in available_backends() and "torchcodec" not in available_backends()

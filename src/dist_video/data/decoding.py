@@ -616,7 +616,8 @@ def _install_hint(name: str, error: Exception) -> str:
         return "install it with `pip install decord` (0.6.0: wheels for Linux x86_64)"
     if name == "torchcodec":
         return ("torchcodec needs FFmpeg's shared libraries, major version 4 to 7 (Debian/Ubuntu: `apt-get install "
-                "ffmpeg`), and the torchcodec release made for your PyTorch version")
+                "ffmpeg`), and the torchcodec release made for your PyTorch version (PyPI's builds from 0.14 on need "
+                "CUDA's libraries: with a CPU-only PyTorch, `pip install 'torchcodec>=0.12,<0.14'`)")
     return "reinstall it with `pip install --force-reinstall decord`"
 
 
@@ -654,8 +655,27 @@ def _read_torchcodec(path: str, wanted: list[int], index: _FrameIndex, threads: 
         decoder = VideoDecoder(path, seek_mode="exact", dimension_order="NHWC", num_ffmpeg_threads=threads)
         n = min(len(decoder), index.info.num_frames)
         wanted = sorted({min(i, n - 1) for i in wanted})
-        frames = decoder.get_frames_at(indices=wanted).data.numpy()
-        return dict(zip(wanted, frames))
+        if any(f in _SEEKABLE_FAMILIES for f in index.info.container.split(",")):
+            frames = decoder.get_frames_at(indices=wanted).data.numpy()
+            return dict(zip(wanted, frames))
+        # Elsewhere (AVI with B-frames) torchcodec's random access returns neighbouring frames and
+        # it never outputs the last frame: read in order from the start, and what it does not
+        # give from PyAV.
+        got: dict[int, np.ndarray] = {}
+        need = set(wanted)
+        for i in range(wanted[-1] + 1):
+            try:
+                frame = decoder[i]
+            except RuntimeError:
+                break
+            if i in need:
+                got[i] = frame.numpy()
+        rest = [i for i in wanted if i not in got]
+        if rest:
+            got.update(_read_pyav(path, rest, index, threads))
+        return got
+    except VideoDecodeError:
+        raise
     except Exception as e:
         raise VideoDecodeError(path, f"torchcodec failed: {type(e).__name__}: {e}") from None
 
