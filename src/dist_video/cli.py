@@ -103,12 +103,20 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from .engine.predict import load_for_inference, predict_files
+    from .onnx_runner import OnnxVideoClassifier, is_exported_folder
 
     _check_window_arguments(args)
-    _prepare_device(args.device)
-    model, preprocess = load_for_inference(args.model, clip=args.clip, classes=args.classes, vocab=args.vocab,
-                                           prompt=args.prompt, device=args.device, clip_dtype=args.clip_dtype,
-                                           labels=args.labels, num_frames=args.frames)
+    if is_exported_folder(args.model):  # an exported folder: onnxruntime and its preprocess.json
+        if args.labels is not None:
+            raise ValueError(f"{args.model}: an exported model has a fixed class list; --labels needs a model "
+                             "folder, an authors' .pyth or CLIP weights")
+        model = OnnxVideoClassifier(args.model)
+        preprocess = model.preprocess
+    else:
+        _prepare_device(args.device)
+        model, preprocess = load_for_inference(args.model, clip=args.clip, classes=args.classes, vocab=args.vocab,
+                                               prompt=args.prompt, device=args.device, clip_dtype=args.clip_dtype,
+                                               labels=args.labels, num_frames=args.frames)
     if args.window is None:
         results = predict_files(model, args.videos, preprocess, topk=args.topk, views=args.views)
     else:
@@ -224,6 +232,28 @@ def cmd_convert(args) -> int:
     out = convert_official(args.checkpoint, args.output, clip=args.clip, classes=args.classes, vocab=args.vocab,
                            prompt=args.prompt, selected_layers=args.selected_layers, copy_clip=args.copy_clip)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_onnx
+
+    report = export_onnx(args.model, args.out_dir, opset=args.opset, clip=args.clip, classes=args.classes,
+                         labels=args.labels, vocab=args.vocab, prompt=args.prompt, tolerance=args.tolerance)
+    print(report.summary())
+    print(f"wrote {report.out_dir} (model.onnx, preprocess.json, labels.txt; opset {report.opset})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import ServeSettings, run_server
+
+    settings = ServeSettings(token=args.token or os.environ.get("DIST_VIDEO_TOKEN") or None,
+                             max_upload_bytes=int(args.max_upload_mb * 2 ** 20), timeout=args.timeout,
+                             max_concurrent=args.max_concurrent, max_queue=args.max_queue, max_batch=args.max_batch)
+    run_server(args.model, host=args.host, port=args.port, settings=settings, clip=args.clip, classes=args.classes,
+               labels=args.labels, vocab=args.vocab, prompt=args.prompt, device=args.device, clip_dtype=args.clip_dtype,
+               log_level="warning" if args.quiet else "info")
     return 0
 
 
@@ -434,6 +464,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copy-clip", action="store_true", help="store the CLIP weights in the folder "
                    "(default: copied, since the .pyth holds them; with --clip, referenced by path)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="export a model to an ONNX folder (model.onnx, preprocess.json, labels.txt)")
+    p.add_argument("model", help="a dist-video model folder or an authors' .pyth checkpoint (with --classes)")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest |onnxruntime - PyTorch| accepted")
+    p.add_argument("--clip", help="CLIP weights (for a .pyth checkpoint without them)")
+    p.add_argument("--classes", help="class names for a .pyth checkpoint's text head: a file (one per line) or "
+                   "'kinetics400' / 'ssv2'")
+    _label_arguments(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="an HTTP prediction server with a web page (needs dist-video[serve])")
+    p.add_argument("model", help="a model folder, an exported ONNX folder or an authors' .pyth (with --classes)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (or set DIST_VIDEO_TOKEN)")
+    p.add_argument("--max-upload-mb", type=float, default=200.0, help="largest upload accepted (413 above)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (504 above)")
+    p.add_argument("--max-concurrent", type=int, default=2, help="requests decoding/predicting at once")
+    p.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond those (503 above)")
+    p.add_argument("--max-batch", type=int, default=16, help="clips per forward pass, across requests")
+    p.add_argument("--clip", help="CLIP weights (for a .pyth checkpoint without them)")
+    p.add_argument("--classes", help="class names for a .pyth checkpoint")
+    _label_arguments(p)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--clip-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="frozen CLIP precision of a model folder (an exported folder is float32)")
+    p.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("prepare", help="re-encode a dataset once to a small short side with short GOPs "
                        "(every frame kept)")

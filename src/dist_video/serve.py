@@ -1,0 +1,448 @@
+"""A prediction server: ``POST /predict`` a video, get the JSON of ``dist-video predict --json``.
+
+One copy of the model (a model folder's fused inference form, or an exported folder run by
+onnxruntime) is owned by one worker thread. Requests decode their upload in their own thread
+and hand their clips to that worker through a queue; the worker runs every clip waiting at
+that moment as one batch (:class:`BatchingModel`), so concurrent requests share forward passes
+instead of each holding a model.
+
+What the server accepts is bounded (:class:`ServeSettings`): an upload larger than
+``max_upload_bytes`` gets 413 (checked on ``Content-Length`` and again on the bytes received),
+a request running longer than ``timeout`` gets 504, more than ``max_concurrent`` requests at
+once wait in line and more than ``max_queue`` waiting get 503. Uploads are written to a private
+temporary folder (mode 0700) under names the server makes, and deleted when the request ends;
+the name a client gives its file only labels the answer. Every error is a JSON
+``{"error": "..."}`` with a 4xx/5xx status, and the server keeps serving. It binds to loopback
+unless told otherwise; with a token, every route but the page needs ``Authorization: Bearer``.
+
+Routes: ``GET /`` the page (pick a video, watch it, top classes as bars, the timeline of a long
+video), ``GET /health`` (model, classes, device, runtime), ``POST /predict`` (multipart field
+``video`` or the raw body; ``topk``, ``views``, ``window``, ``stride`` as query or form fields).
+"""
+# No ``from __future__ import annotations`` here: FastAPI reads the routes' annotations at run time.
+
+import asyncio
+import hmac
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["ServeSettings", "ServedModel", "BatchingModel", "BodySizeLimit", "load_served_model", "create_app",
+           "run_server", "LOOPBACK_HOSTS"]
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass
+class ServeSettings:
+    """The server's bounds and its access rule."""
+
+    token: str | None = None
+    max_upload_bytes: int = 200 * 1024 ** 2
+    timeout: float = 120.0          # seconds per request, upload and prediction together
+    max_concurrent: int = 2         # requests decoding / predicting at once
+    max_queue: int = 32             # requests waiting for one of those places; more get 503
+    max_batch: int = 16             # clips per forward pass of the model
+    max_topk: int = 50
+
+
+@dataclass
+class ServedModel:
+    """The model a server answers with: ``model`` has the interface of the prediction functions
+    (callable on B x 3 x T x H x W -> logits, ``class_names``, ``num_classes``, ``config``)."""
+
+    model: object
+    preprocess: dict
+    name: str
+    runtime: str
+    device: str
+    method: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def load_served_model(model_path: str, *, clip: str | None = None, classes: str | None = None,
+                      labels: str | None = None, vocab: str | None = None, prompt: str | None = None,
+                      device: str = "auto",
+                      clip_dtype: str = "auto") -> ServedModel:
+    """An exported folder (onnxruntime) or a model folder / ``.pyth`` (its fused inference form;
+    the unfused model is dropped once fused, so one copy of the weights stays in memory)."""
+    from .onnx_runner import OnnxVideoClassifier, is_exported_folder
+
+    path = Path(model_path)
+    if is_exported_folder(path):
+        if labels is not None:
+            raise ValueError(f"{model_path}: an exported model has a fixed class list; labels need a model folder")
+        runner = OnnxVideoClassifier(path)
+        return ServedModel(runner, dict(runner.preprocess), runner.name, "onnxruntime", "cpu", runner.method)
+    from .engine.predict import load_for_inference
+
+    model, preprocess = load_for_inference(model_path, clip=clip, classes=classes, labels=labels, vocab=vocab,
+                                           prompt=prompt, device=device, clip_dtype=clip_dtype)
+    fused = model.fuse()
+    del model
+    device_name = str(next(fused.buffers()).device)
+    name = path.name if path.is_dir() else path.stem
+    return ServedModel(fused, preprocess, name, "pytorch", device_name, getattr(fused, "method", None))
+
+
+class BatchingModel:
+    """One model shared by many threads: each call ``model(video)`` (B_i x 3 x T x H x W) waits
+    in a queue; one worker thread runs all the calls waiting at once as one batch (up to
+    ``max_batch`` clips, calls of the same clip shape), and hands each caller its rows of the
+    logits. It has the same interface as the model (``class_names``, ``num_classes``, ``config``)."""
+
+    def __init__(self, model, max_batch: int = 16):
+        self.model = model
+        self.max_batch = max_batch
+        self.class_names = model.class_names
+        self.num_classes = model.num_classes
+        self.config = model.config
+        buffers = getattr(model, "buffers", None)
+        self.device = next(buffers()).device if callable(buffers) else torch.device("cpu")
+        self.batches_run = 0
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="dist-video-model", daemon=True)
+        self._thread.start()
+
+    def __call__(self, video: torch.Tensor) -> torch.Tensor:
+        if video.dim() == 4:
+            video = video.unsqueeze(0)
+        done: Future = Future()
+        self._jobs.put((video, done))
+        return done.result()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+
+    def _take(self) -> list | None:
+        """The next job and every other job already waiting, up to ``max_batch`` clips."""
+        first = self._jobs.get()
+        if first is None:
+            return None
+        jobs, clips = [first], first[0].shape[0]
+        while clips < self.max_batch:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._jobs.put(None)
+                break
+            jobs.append(job)
+            clips += job[0].shape[0]
+        return jobs
+
+    def _work(self) -> None:
+        while True:
+            jobs = self._take()
+            if jobs is None:
+                return
+            groups: dict[tuple, list] = {}
+            for job in jobs:
+                groups.setdefault(tuple(job[0].shape[1:]), []).append(job)
+            for group in groups.values():
+                self._run(group)
+
+    def _run(self, jobs: list) -> None:
+        jobs = [(v, f) for v, f in jobs if f.set_running_or_notify_cancel()]
+        if not jobs:
+            return
+        try:
+            with torch.no_grad():
+                logits = self.model(torch.cat([v for v, _ in jobs]).to(self.device)).float().cpu()
+            self.batches_run += 1
+        except Exception as e:  # every caller of this batch gets the error; the worker goes on
+            for _, f in jobs:
+                f.set_exception(e)
+            return
+        start = 0
+        for video, f in jobs:
+            f.set_result(logits[start:start + video.shape[0]])
+            start += video.shape[0]
+
+
+class BodySizeLimit:
+    """ASGI middleware: a request body larger than ``max_bytes`` gets 413, from its
+    ``Content-Length`` before anything is read, or once that many bytes have arrived (the rest
+    of the body is read and dropped, up to ``drain_bytes``, so that the client sees the answer)."""
+
+    def __init__(self, app, max_bytes: int, drain_bytes: int | None = None):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.drain_bytes = drain_bytes if drain_bytes is not None else 4 * max_bytes
+
+    async def _reply_413(self, send, received: int | None) -> None:
+        import json
+
+        detail = (f"the upload is larger than the limit of {self.max_bytes} bytes"
+                  + (f" ({received} bytes)" if received is not None else ""))
+        body = json.dumps({"error": detail}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            if int(length) <= self.drain_bytes:
+                await self._drain(receive, 0)
+            return await self._reply_413(send, int(length))
+        received = 0
+        too_large = False
+        started = False
+
+        async def limited_receive():
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    too_large = True
+                    raise _BodyTooLarge()
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            pass
+        if too_large and not started:
+            await self._drain(receive, received)
+            await self._reply_413(send, None)
+
+    async def _drain(self, receive, already: int) -> None:
+        total = already
+        while total <= self.drain_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            total += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _page() -> str:
+    from importlib import resources
+
+    return (resources.files("dist_video") / "assets" / "serve" / "index.html").read_text()
+
+
+def _int_option(value, name: str, low: int, high: int) -> int | None:
+    from fastapi import HTTPException
+
+    if value is None or value == "":
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise HTTPException(400, f"{name} must be an integer, got {str(value)[:40]!r}") from None
+    if not low <= number <= high:
+        raise HTTPException(400, f"{name} must be between {low} and {high}, got {number}")
+    return number
+
+
+def _float_option(value, name: str) -> float | None:
+    from fastapi import HTTPException
+
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise HTTPException(400, f"{name} must be a number of seconds, got {str(value)[:40]!r}") from None
+    if not number > 0:
+        raise HTTPException(400, f"{name} must be positive, got {number}")
+    return number
+
+
+def _display_name(filename: str | None) -> str:
+    """The client's name for its file, kept only as a label (never a path on the server)."""
+    name = (filename or "upload").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    return "".join(ch for ch in name if ch.isprintable())[:200] or "upload"
+
+
+def predict_upload(model, path: str, preprocess: dict, *, topk: int, views: int | None,
+                   window: float | None, stride: float | None) -> dict:
+    """The ``predict --json`` entry of one file (raises on a file that cannot be read)."""
+    from .engine.predict import predict_file
+
+    return predict_file(model, path, preprocess, topk=topk, views=views, window=window, stride=stride)
+
+
+def _require_serve_extra() -> None:
+    from importlib.util import find_spec
+
+    needed = {"fastapi": ["fastapi"], "uvicorn": ["uvicorn"], "python-multipart": ["python_multipart", "multipart"]}
+    missing = [name for name, modules in needed.items() if not any(find_spec(m) for m in modules)]
+    if missing:
+        raise RuntimeError(f"serving needs the serve extra ({', '.join(missing)} missing): "
+                           "pip install 'dist-video[serve]'")
+
+
+def create_app(served: ServedModel, settings: ServeSettings | None = None):
+    """The FastAPI application answering with ``served`` under ``settings``."""
+    _require_serve_extra()
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from .data.decoding import VideoDecodeError
+
+    settings = settings or ServeSettings()
+    state: dict = {"in_flight": 0}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state["tmp"] = tempfile.mkdtemp(prefix="dist-video-serve-")  # mode 0700: this user's only
+        state["model"] = BatchingModel(served.model, max_batch=settings.max_batch)
+        state["gate"] = asyncio.Semaphore(settings.max_concurrent)
+        try:
+            yield
+        finally:
+            state["model"].close()
+            shutil.rmtree(state["tmp"], ignore_errors=True)
+
+    app = FastAPI(title="dist-video", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def any_error(request, exc):
+        logger.exception("error while answering %s", request.url.path)
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    def authorize(request: Request) -> None:
+        if settings.token is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), settings.token.encode()):
+            raise HTTPException(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(_page())
+
+    @app.get("/health")
+    async def health(request: Request):
+        authorize(request)
+        model = served.model
+        return {"status": "ok", "model": served.name, "method": served.method, "runtime": served.runtime,
+                "device": served.device, "num_classes": model.num_classes, "classes": model.class_names,
+                "num_frames": model.config.num_frames, "max_upload_bytes": settings.max_upload_bytes,
+                "in_flight": state["in_flight"]}
+
+    async def receive_upload(request: Request, path: str) -> tuple[str, dict]:
+        """Write the upload to ``path``; returns (the client's name for it, its form fields)."""
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            form = await request.form(max_files=1, max_fields=16)
+            try:
+                upload = form.get("video")
+                if not isinstance(upload, UploadFile):
+                    fields = ", ".join(sorted(form.keys())) or "none"
+                    raise HTTPException(400, f"no file in the form field 'video' (fields sent: {fields})")
+                with open(path, "wb") as out:
+                    await run_in_threadpool(shutil.copyfileobj, upload.file, out, 1 << 20)
+                fields = {k: v for k, v in form.items() if isinstance(v, str)}
+                return _display_name(upload.filename), fields
+            finally:
+                await form.close()
+        with open(path, "wb") as out:
+            async for chunk in request.stream():
+                out.write(chunk)
+        return _display_name(request.headers.get("x-filename")), {}
+
+    async def answer(request: Request) -> list[dict]:
+        fd, path = tempfile.mkstemp(prefix="upload-", dir=state["tmp"])
+        os.close(fd)
+        try:
+            name, fields = await receive_upload(request, path)
+            size = os.path.getsize(path)
+            if size == 0:
+                raise HTTPException(400, f"{name}: the upload is empty")
+            options = {**fields, **request.query_params}
+            topk = _int_option(options.get("topk"), "topk", 1, settings.max_topk) or 5
+            views = _int_option(options.get("views"), "views", 1, 64)
+            window = _float_option(options.get("window"), "window")
+            stride = _float_option(options.get("stride"), "stride")
+            async with state["gate"]:
+                try:
+                    result = await run_in_threadpool(predict_upload, state["model"], path, served.preprocess,
+                                                     topk=topk, views=views, window=window, stride=stride)
+                except VideoDecodeError as e:
+                    cause = e.cause.replace(path, name)
+                    raise HTTPException(422, f"{name}: not a readable video: {cause}") from None
+                except (ValueError, RuntimeError, OSError, EOFError) as e:
+                    message = str(e).replace(path + ": ", "").replace(path, name) or type(e).__name__
+                    raise HTTPException(422, f"{name}: {message}") from None
+            result = {**result, "video": name}
+            return [result]
+        finally:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        authorize(request)
+        if state["in_flight"] >= settings.max_concurrent + settings.max_queue:
+            raise HTTPException(503, "the server is busy: try again later", headers={"Retry-After": "5"})
+        state["in_flight"] += 1
+        try:
+            return await asyncio.wait_for(answer(request), settings.timeout)
+        except asyncio.TimeoutError:
+            raise HTTPException(504, f"the request took longer than the limit of {settings.timeout:g} s") from None
+        finally:
+            state["in_flight"] -= 1
+
+    return app
+
+
+def run_server(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
+               clip: str | None = None, classes: str | None = None, labels: str | None = None,
+               vocab: str | None = None, prompt: str | None = None, device: str = "auto", clip_dtype: str = "auto",
+               log_level: str = "info") -> None:
+    """Load the model once and serve it with uvicorn until interrupted."""
+    _require_serve_extra()
+    import uvicorn
+
+    settings = settings or ServeSettings()
+    if host not in LOOPBACK_HOSTS and settings.token is None:
+        logger.warning("serving on %s without a token: anyone who can reach this address can use the model", host)
+    served = load_served_model(model_path, clip=clip, classes=classes, labels=labels, vocab=vocab, prompt=prompt,
+                               device=device, clip_dtype=clip_dtype)
+    logger.info("serving %s (%s, %s) on http://%s:%d", served.name, served.runtime, served.device, host, port)
+    app = create_app(served, settings)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
+                limit_concurrency=settings.max_concurrent + settings.max_queue + 8)
