@@ -90,6 +90,12 @@ def test_good_uploads_get_the_json_of_predict(server, videos, expected):
     [got] = raw.json()
     assert got["video"] == "raw.mp4" and len(got["top"]) == 2  # a label only: no client path is kept
     assert [t["class"] for t in got["top"]] == [t["class"] for t in expected[videos[0].name]["top"][:2]]
+    timeline = post(server, videos[2], params={"window": 0.5, "stride": 0.5, "topk": 1})
+    assert timeline.status_code == 200, timeline.text
+    [got] = timeline.json()
+    assert got["video"] == videos[2].name and len(got["windows"]) == 4  # 57 frames at 30 fps: 1.9 s
+    assert [w["start"] for w in got["windows"]] == [0.0, 0.5, 1.0, 1.5]
+    assert all(len(w["top"]) == 1 and w["top"][0]["class"] in CLASS_NAMES for w in got["windows"])
 
 
 def test_bad_uploads_get_a_4xx_json_error_naming_the_problem(server, videos, tmp_path):
