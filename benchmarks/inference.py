@@ -61,11 +61,14 @@ def throughput(batches: list[int], repeats: int, device: torch.device) -> list[d
                 run(name)
                 times[name].append(time.perf_counter() - t)
         med = {k: statistics.median(v) for k, v in times.items()}
+        best = {k: min(v) for k, v in times.items()}
         rows.append({"batch": b, "dist_seconds": med["dist"], "clip_seconds": med["clip"],
                      "dist_clips_per_second": b / med["dist"], "clip_clips_per_second": b / med["clip"],
-                     "ratio_dist_to_clip": med["dist"] / med["clip"], "times": times})
+                     "ratio_dist_to_clip": med["dist"] / med["clip"],
+                     "ratio_dist_to_clip_of_fastest": best["dist"] / best["clip"], "times": times})
         print(f"batch {b}: DiST {b / med['dist']:.2f} clips/s, CLIP alone {b / med['clip']:.2f} clips/s, "
-              f"time ratio {med['dist'] / med['clip']:.3f}", flush=True)
+              f"time ratio {med['dist'] / med['clip']:.3f} (of the fastest runs {best['dist'] / best['clip']:.3f})",
+              flush=True)
     return rows
 
 
@@ -102,10 +105,11 @@ def markdown(result: dict) -> str:
              f"`python benchmarks/inference.py` on {m['date']}: {m['cpu']} ({m['cores']} cores, "
              f"{m['device']}), torch {m['torch']}. Medians of {result['repeats']} repetitions.", "",
              "## DiST vs CLIP alone on the same 8 frames (K400 ViT-B/16 8+16f, 224 px), fused inference form", "",
-             "| batch | DiST clips/s | CLIP alone clips/s | DiST time / CLIP time |", "|---|---|---|---|"]
+             "| batch | DiST clips/s | CLIP alone clips/s | DiST time / CLIP time (medians) | of the fastest runs |",
+             "|---|---|---|---|---|"]
     for r in result["throughput"]:
         lines.append(f"| {r['batch']} | {r['dist_clips_per_second']:.2f} | {r['clip_clips_per_second']:.2f} | "
-                     f"{r['ratio_dist_to_clip']:.3f} |")
+                     f"{r['ratio_dist_to_clip']:.3f} | {r['ratio_dist_to_clip_of_fastest']:.3f} |")
     lines += ["", "## Cost per view of every preset (counted)", "",
               "| preset | CLIP | frames (CLIP/dense) | CLIP GMACs | branch GMACs | total "
               "| CLIP attention (not counted) | branch GMACs executed at inference | branch params |",
