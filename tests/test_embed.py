@@ -174,3 +174,41 @@ def test_cli_embed_and_search(official_model, files, tmp_path):
     proc = cli("search", str(tmp_path / "emb"), "a person juggling", "--model", str(tmp_path / "model"))
     assert proc.returncode == 2 and "text tower embeds 512" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_embed_killed_half_way_resumes_with_the_missing_files(official_model, tmp_path):
+    """SIGKILL in the middle of `dist-video embed`; the same command again embeds only the files
+    the killed run had not finished (its .partial/files.txt), and the result equals one run's."""
+    import re
+    import signal
+    import time
+
+    paths = [str(write_coded_video(tmp_path / f"k{i}.mp4", 24, width=80, height=64, seed=i)) for i in range(24)]
+    official_model.set_linear_head(3).save_pretrained(tmp_path / "model", metadata={"preprocess": PREPROCESS})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "dist_video.cli", "embed", str(tmp_path / "model"), *paths, "--device", "cpu",
+            "--no-progress"]
+    finished = tmp_path / "out" / ".partial" / "files.txt"
+    proc = subprocess.Popen([*args, "--out", str(tmp_path / "out")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if finished.exists() and len(finished.read_text().split()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(finished.read_text().split())
+    assert 3 <= done_before < len(paths), "the run was not killed half-way"
+    resumed = subprocess.run([*args, "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    computed = int(re.search(r"(\d+) file\(s\) embedded now", resumed.stderr).group(1))
+    assert computed == len(paths) - done_before
+    whole = subprocess.run([*args, "--out", str(tmp_path / "whole")], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    a, b = read_embeddings(tmp_path / "out"), read_embeddings(tmp_path / "whole")
+    assert a.rows == b.rows
+    torch.testing.assert_close(a.embeddings, b.embeddings, rtol=0, atol=1e-6)

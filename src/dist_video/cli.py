@@ -190,7 +190,8 @@ def cmd_embed(args) -> int:
     for e in result.errors:
         print(f"dist-video embed: error: {e['video']}: {e['error']}", file=sys.stderr)
     print(f"wrote {result.embeddings.shape[0]} embeddings of {result.embeddings.shape[1]} dimensions to "
-          f"{os.path.join(args.out, 'embeddings.safetensors')} (rows: index.csv)", file=sys.stderr)
+          f"{os.path.join(args.out, 'embeddings.safetensors')} (rows: index.csv); {result.computed} file(s) "
+          "embedded now, the others in earlier runs", file=sys.stderr)
     return 1 if result.errors else 0
 
 
@@ -426,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", help=argparse.SUPPRESS)
     p.add_argument("--frames", type=int, default=8, help="frames per clip for plain CLIP weights (default 8)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--clip-dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--clip-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     _output_arguments(p)
     p.set_defaults(func=cmd_embed)
 

@@ -42,11 +42,13 @@ _PARTIAL = ".partial"
 @dataclass
 class EmbeddingIndex:
     """Embeddings ``N x E`` and, for each row, its ``(video, start, end)`` (start/end None for a
-    whole file); ``errors``: ``{"video", "error"}`` for the files that could not be embedded."""
+    whole file); ``errors``: ``{"video", "error"}`` for the files that could not be embedded;
+    ``computed``: how many files this call embedded (the others were in the folder already)."""
 
     embeddings: torch.Tensor
     rows: list[tuple[str, float | None, float | None]]
     errors: list[dict] = field(default_factory=list)
+    computed: int = 0
 
 
 @torch.no_grad()
@@ -195,7 +197,7 @@ def embed_files(model, paths: Sequence[str | os.PathLike], preprocess: dict, *, 
     paths = [os.fspath(p) for p in paths]
     store = _Store(Path(out)) if out is not None else None
     done = store.done if store is not None else set()
-    blocks, all_rows, errors = [], [], []
+    blocks, all_rows, errors, computed = [], [], [], 0
     for path in paths:
         if path in done:
             if progress:
@@ -217,14 +219,15 @@ def embed_files(model, paths: Sequence[str | os.PathLike], preprocess: dict, *, 
                 blocks.append(z)
                 all_rows.extend(rows)
             done.add(path)
+            computed += 1
         if progress:
             progress(path)
     if store is not None:
         result = store.finish(paths)
-        result.errors = errors
+        result.errors, result.computed = errors, computed
         return result
     emb = torch.cat(blocks) if blocks else torch.empty(0, 0)
-    return EmbeddingIndex(emb, all_rows, errors)
+    return EmbeddingIndex(emb, all_rows, errors, computed)
 
 
 def read_embeddings(folder: str | os.PathLike) -> EmbeddingIndex:
