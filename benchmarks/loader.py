@@ -11,9 +11,16 @@ thread, one torch thread):
   ``TrainTransform`` (crop 224, flip, colour jitter, grayscale, normalisation);
 
 for each installed backend, as clips per second, medians of several repetitions; plus the
-cold ``probe`` cost and a DataLoader run with 0, 1 and 2 workers.
+cold ``probe`` cost and a DataLoader run with 0, 1 and 2 workers (``loader.md``).
 
-Usage: ``python benchmarks/loader.py [--videos 8] [--repeats 5] [--out benchmarks/results]``
+What users feed (``--part feed``, ``loader-feed.md``): Kinetics-like 720p originals (10 s,
+1280 x 720, 30 fps, x264 defaults) against the same files prepared by ``dist-video prepare`` at
+short side 320 and 256 (GOP 16), with ``data.clips_per_video`` 1, 2 and 4, for each installed
+backend: training clips (16 frames, crop 224) per second per core through the dataset's item
+path, all settings interleaved in every repetition; plus the time and disk ``prepare`` took.
+
+Usage: ``python benchmarks/loader.py [--part all|decode|feed] [--videos 8] [--repeats 5]
+[--feed-videos 6] [--feed-repeats 3] [--out benchmarks/results]``
 """
 
 from __future__ import annotations
@@ -54,21 +61,27 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def make_video(path: Path, seed: int, keyint: int | None) -> None:
-    """A 10 s 340x256 H.264 video: a photo panned and zoomed, a cut to another photo at a
-    random time, per-frame noise. x264 defaults otherwise (B-frames, keyint 250, scenecut)."""
+def make_video(path: Path, seed: int, keyint: int | None, width: int = WIDTH, height: int = HEIGHT,
+               fps: int = FPS, seconds: float = SECONDS, codec: str = "libx264") -> None:
+    """A 10 s H.264 video (340x256 at 30 fps unless told): a photo panned and zoomed, a cut to
+    another photo at a random time, per-frame noise. x264 defaults otherwise (B-frames, keyint
+    250, scenecut). ``codec="libvpx-vp9"``: VP9 (realtime speed, in a .webm ``path``)."""
+    WIDTH, HEIGHT = width, height  # this video's frame size
     from sklearn.datasets import load_sample_images
     photos = [torch.from_numpy(np.array(img)).permute(2, 0, 1).float() for img in load_sample_images().images]
     rng = np.random.default_rng(seed)
-    n = SECONDS * FPS
+    n = int(seconds * fps)
     cut = int(rng.integers(n // 3, 2 * n // 3))
     order = rng.permutation(len(photos))
     with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=FPS)
+        stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        options = {"crf": "23", "preset": "medium"}
-        if keyint:
-            options.update({"g": str(keyint), "keyint_min": str(keyint)})
+        if codec == "libx264":
+            options = {"crf": "23", "preset": "medium"}
+            if keyint:
+                options.update({"g": str(keyint), "keyint_min": str(keyint)})
+        else:
+            options = {"crf": "32", "b": "0", "deadline": "realtime", "cpu-used": "8"}
         stream.options = options
         for i in range(n):
             photo = photos[order[0] if i < cut else order[1]]
@@ -202,6 +215,159 @@ def measure_dataloader(paths: list[Path], workers_list: list[int], clips_per_epo
     return out
 
 
+# ----------------------------------------------------------------------------- what users feed
+
+FEED_SIZE = (1280, 720)
+#: Something-Something-v2-like: 427x240 VP9 WebM, 12 fps, about 4 s.
+SSV2_LIKE = {"width": 426, "height": 240, "fps": 12, "seconds": 4.0, "codec": "libvpx-vp9"}
+
+
+def timed_prepare(originals: list[Path], folder: Path, side: int, workers: int) -> tuple[list[Path], dict]:
+    """``prepare_dataset`` of ``originals`` into a fresh ``folder``: outputs, time and disk."""
+    from dist_video.data.prepare import PrepareJob, prepare_dataset
+    for old in folder.glob("*.mp4"):
+        old.unlink()
+    jobs = [PrepareJob(str(p), str(folder / (p.stem + ".mp4"))) for p in originals]
+    t0 = time.perf_counter()
+    results = prepare_dataset(jobs, short_side=side, gop=16, workers=workers)
+    wall = time.perf_counter() - t0
+    failed = [r for r in results if r.status != "done"]
+    if failed:
+        raise RuntimeError(f"prepare failed: {failed[0].source}: {failed[0].cause}")
+    before, after = sum(r.bytes_before for r in results), sum(r.bytes_after for r in results)
+    info = probe(results[0].output)
+    return [Path(r.output) for r in results], {
+        "videos": len(jobs), "workers": workers, "wall_seconds": wall, "bytes_before": before, "bytes_after": after,
+        "wall_seconds_per_1000_videos": wall / len(jobs) * 1000,
+        "gib_per_1000_videos_after": after / len(jobs) * 1000 / 2**30,
+        "gib_per_1000_videos_before": before / len(jobs) * 1000 / 2**30,
+        "size_before": [probe(originals[0]).width, probe(originals[0]).height], "size": [info.width, info.height]}
+
+
+def feed_sets(cache: Path, count: int, workers: int) -> tuple[dict[str, list[Path]], dict]:
+    """720p originals (cached) and their copies prepared at short side 320 and 256 (made
+    anew each run, timed); and Something-Something-v2-like originals prepared at 320 (timed
+    only)."""
+    originals, ssv2 = [], []
+    (cache / "720p").mkdir(parents=True, exist_ok=True)
+    (cache / "ssv2-like").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        path = cache / "720p" / f"kinetics_like_720p_{i:02d}.mp4"
+        if not path.exists():
+            make_video(path, 100 + i, None, *FEED_SIZE)
+        originals.append(path)
+        path = cache / "ssv2-like" / f"{200 + i}.webm"
+        if not path.exists():
+            make_video(path, 200 + i, None, **SSV2_LIKE)
+        ssv2.append(path)
+    sets = {"720p originals": originals}
+    prepare = {}
+    for side in (320, 256):
+        sets[f"prepared short side {side}"], prepare[f"kinetics-like {side}"] = timed_prepare(
+            originals, cache / f"prepared-{side}", side, workers)
+    _, prepare["ssv2-like 320"] = timed_prepare(ssv2, cache / "ssv2-like-prepared", 320, workers)
+    return sets, prepare
+
+
+def measure_feed(sets: dict[str, list[Path]], backends: list[str], clips_per_video: list[int],
+                 repeats: int, warmup: int = 1) -> dict:
+    """Training clips per second per core through ``VideoClipDataset.__getitem__`` (probe
+    cached, one decoder thread, one torch thread) for every (set, backend, clips per video);
+    every repetition runs every setting once, in the same order, after ``warmup`` passes that
+    are not counted."""
+    settings = [(name, b, n) for name in sets for b in backends for n in clips_per_video]
+    datasets = {}
+    for name, b, n in settings:
+        records = [VideoRecord(str(p), 0) for p in sets[name]]
+        datasets[(name, b, n)] = VideoClipDataset(records, sampler=SegmentSampler(16),
+                                                  transform=TrainTransform(crop_size=224), training=True, seed=0,
+                                                  backend=b, decode_threads=1, clips_per_video=n)
+        for p in sets[name]:
+            probe(p)
+    rates: dict[tuple, list[float]] = {k: [] for k in settings}
+    for rep in range(warmup + repeats):
+        for key in settings:
+            ds = datasets[key]
+            ds.set_epoch(rep)
+            t = time.perf_counter()
+            clips = 0
+            for i in range(len(ds)):
+                video = ds[i]["video"]
+                clips += video.shape[0] if key[2] > 1 else 1
+            if rep >= warmup:
+                rates[key].append(clips / (time.perf_counter() - t))
+        print(f"feed pass {rep + 1} of {warmup + repeats} done", file=sys.stderr)
+    table = {f"{name} | {b} | {n}": statistics.median(v) for (name, b, n), v in rates.items()}
+    out = {"clips_per_second_per_core": table,
+           "all_repetitions": {f"{name} | {b} | {n}": v for (name, b, n), v in rates.items()}}
+    ratios = {}
+    first = next(iter(sets))
+    for name in sets:
+        for b in backends:
+            base = table[f"{name} | {b} | 1"]
+            for n in clips_per_video:
+                ratios[f"{name} | {b} | clips_per_video {n} / 1"] = table[f"{name} | {b} | {n}"] / base
+            if name != first:
+                ratios[f"{name} / {first} | {b} | 1"] = base / table[f"{first} | {b} | 1"]
+    out["ratios"] = ratios
+    return out
+
+
+def write_feed_markdown(result: dict, path: Path) -> None:
+    m, st, feed = result["machine"], result["settings"], result["feed"]
+    table = feed["clips_per_second_per_core"]
+    lines = ["# Loader throughput on what users feed", "",
+             f"Measured by `benchmarks/loader.py --part feed` on {m['date']}: {m['cpu']}, {m['cores']} cores, "
+             f"torch {m['torch']}, PyAV {m['av']} (libavcodec {m['ffmpeg']}), Python {m['python']}; backends: "
+             f"{', '.join(f'{k} {v}' for k, v in st['backend_versions'].items())}.",
+             f"{st['feed_videos']} generated Kinetics-like videos (10 s, 1280x720, 30 fps, x264 defaults: B-frames, "
+             "keyint 250, scene cuts) and the same files after `dist-video prepare --short-side S --gop 16`. "
+             "Training clips of 16 segment-sampled frames, `TrainTransform(crop_size=224)`, through "
+             "`VideoClipDataset.__getitem__` in one process with one decoder thread and one torch thread: clips "
+             f"per second per core, medians of {st['feed_repeats']} repetitions (after {st['feed_warmup']} "
+             "uncounted passes), every setting run once in each repetition (side by side).", "",
+             "| videos | backend | " + " | ".join(f"clips_per_video {n}" for n in st["clips_per_video"])
+             + " | " + " | ".join(f"{n} / 1" for n in st["clips_per_video"][1:]) + " |",
+             "|---|---|" + "---|" * (2 * len(st["clips_per_video"]) - 1)]
+    names = list(dict.fromkeys(k.split(" | ")[0] for k in table))
+    for name in names:
+        for b in st["backends"]:
+            row = [table[f"{name} | {b} | {n}"] for n in st["clips_per_video"]]
+            lines.append(f"| {name} | {b} | " + " | ".join(f"{x:.2f}" for x in row) + " | "
+                         + " | ".join(f"{x / row[0]:.2f}x" for x in row[1:]) + " |")
+    lines += ["", "Prepared against the originals (clips_per_video 1, same backend):", "",
+              "| videos | " + " | ".join(st["backends"]) + " |", "|---|" + "---|" * len(st["backends"])]
+    for name in names[1:]:
+        lines.append(f"| {name} | " + " | ".join(f"{feed['ratios'][f'{name} / {names[0]} | {b} | 1']:.2f}x"
+                                                 for b in st["backends"]) + " |")
+    lines += ["", "## prepare", "",
+              "`prepare_dataset(..., gop=16, workers=all cores)` from scratch; SSv2-like: 426x240 VP9 WebM, 12 fps, "
+              "4 s, generated the same way.", "",
+              "| videos, short side | size before -> after | wall time per video | per 1,000 videos "
+              "| disk per 1,000 videos: after (before) |",
+              "|---|---|---|---|---|"]
+    for name, p in result["prepare"].items():
+        lines.append(f"| {name} | {p['size_before'][0]}x{p['size_before'][1]} -> {p['size'][0]}x{p['size'][1]} | "
+                     f"{p['wall_seconds'] / p['videos']:.2f} s ({p['workers']} workers) | "
+                     f"{p['wall_seconds_per_1000_videos'] / 3600:.2f} h | "
+                     f"{p['gib_per_1000_videos_after']:.2f} GiB ({p['gib_per_1000_videos_before']:.2f} GiB) |")
+    lines += ["", "Generated videos: a photo panned and zoomed with sensor-like noise and one scene cut; real "
+              "Kinetics videos differ in content, length (up to 10 s), resolution and encoder settings, so "
+              "treat the absolute rates and sizes as this machine's measurement on these files.", ""]
+    path.write_text("\n".join(lines))
+
+
+def backend_versions(backends: list[str]) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for b in backends:
+        try:
+            out[b] = version({"pyav": "av"}.get(b, b))
+        except PackageNotFoundError:
+            out[b] = "?"
+    return out
+
+
 def write_markdown(result: dict, path: Path) -> None:
     m = result["machine"]
     lines = ["# Video loader throughput", "",
@@ -251,10 +417,37 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "dist-video-loader-bench"))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--dataloader-clips", type=int, default=48, help="clips per DataLoader epoch")
+    parser.add_argument("--part", choices=["all", "decode", "feed"], default="all",
+                        help="decode: loader.md; feed: loader-feed.md (720p vs prepared, clips_per_video)")
+    parser.add_argument("--feed-videos", type=int, default=6)
+    parser.add_argument("--feed-repeats", type=int, default=3)
+    parser.add_argument("--feed-warmup", type=int, default=1, help="uncounted passes before the repetitions")
+    parser.add_argument("--clips-per-video", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--prepare-workers", type=int, default=len(os.sched_getaffinity(0)))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     backends = available_backends()
     cache = Path(args.cache)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.part in ("all", "feed"):
+        sets, prepare = feed_sets(cache, args.feed_videos, args.prepare_workers)
+        torch.set_num_threads(1)
+        print("prepared: " + json.dumps(prepare), file=sys.stderr)
+        result = {"machine": machine(),
+                  "settings": {"feed_videos": args.feed_videos, "feed_repeats": args.feed_repeats,
+                               "feed_warmup": args.feed_warmup,
+                               "clips_per_video": args.clips_per_video, "backends": backends,
+                               "backend_versions": backend_versions(backends),
+                               "clip": "16 frames, segment-based sampling, TrainTransform(crop_size=224)",
+                               "decoder_threads": 1, "torch_threads": 1},
+                  "prepare": prepare,
+                  "feed": measure_feed(sets, backends, args.clips_per_video, args.feed_repeats, args.feed_warmup)}
+        (out / "loader-feed.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_feed_markdown(result, out / "loader-feed.md")
+        print((out / "loader-feed.md").read_text())
+        if args.part == "feed":
+            return 0
     t0 = time.perf_counter()
     sets = {"x264 defaults (keyint 250, scene cuts)": videos(cache, args.videos, None),
             "short GOP (keyint 30)": videos(cache, args.videos, 30)}
@@ -273,8 +466,6 @@ def main(argv=None) -> int:
     result["dataloader"] = measure_dataloader(sets["x264 defaults (keyint 250, scene cuts)"], [0, 1, 2],
                                               args.dataloader_clips)
     print("dataloader", json.dumps(result["dataloader"]), file=sys.stderr)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "loader.json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(result, out / "loader.md")
     print((out / "loader.md").read_text())
