@@ -139,13 +139,14 @@ def main() -> None:
                     help="clips per forward (16: the evaluation default, eval.batch_size)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--skip-large", action="store_true", help="skip ViT-L/14 and 32+64f presets in the cost table")
+    ap.add_argument("--no-costs", action="store_true", help="throughput only, no cost table (scripts/gpu_check.sh)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     device = torch.device(args.device)
     result = {"machine": machine(device), "repeats": args.repeats,
               "throughput": throughput(args.batches, args.repeats, device),
-              "presets": preset_costs(device, args.skip_large)}
+              "presets": [] if args.no_costs else preset_costs(device, args.skip_large)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "inference.json").write_text(json.dumps(result, indent=2) + "\n")
