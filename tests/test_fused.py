@@ -160,10 +160,13 @@ def test_fused_model_does_not_follow_later_changes_of_the_model(variant_model):
 
 def test_fused_model_computes_in_its_own_dtype_under_autocast(variant_model):
     model, video = variant_model("subset-alpha4-3pool", dtype=torch.float32)
+    model.set_linear_head(3)
     fused = model.fuse()
-    plain = fused.encode_video(video)
+    plain, logits = fused.encode_video(video), fused(video)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(fused.encode_video(video), plain, rtol=0, atol=0)
+        assert fused(video).dtype == torch.float32
+        torch.testing.assert_close(fused(video), logits, rtol=0, atol=0)
 
 
 def test_fused_model_traces_and_exports_with_a_dynamic_batch(official_model, reference):

@@ -563,7 +563,9 @@ class _FusedClassifier(nn.Module):
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         """B x 3 x T x H x W -> B x C class logits."""
-        return self.head(self.encode_video(video))
+        z = self.encode_video(video)
+        with torch.autocast(video.device.type, enabled=False):
+            return self.head(z)
 
 
 def _sparse_frames(video: torch.Tensor, alpha: int, dtype: torch.dtype) -> torch.Tensor:
