@@ -23,8 +23,8 @@ from dist_video.data.synthetic import make_synthetic
 from dist_video.engine.data import collate_clips, train_batches_per_epoch, train_loader, videos_per_batch
 from dist_video.engine.distributed import DistEnv
 
-ASSETS = Path(__file__).parent / "assets"
-TINY_CLIP = ASSETS / "official-tiny" / "clip_openai_state_dict.pt"
+from data_helpers import tiny_run_args
+
 TIMEOUT = 240
 
 
@@ -137,17 +137,9 @@ def test_clips_per_video_is_checked(synthetic):
 
 # ----------------------------------------------------------------------------- resume after SIGKILL
 
-def tiny(data: Path, out: Path, *extra: str) -> list[str]:
-    sets = [
-        f"model.clip={TINY_CLIP}", "model.head=linear", "model.dist.num_frames=8", "model.dist.temporal_dim=16",
-        "model.dist.integration_dim=64", "data.format=csv", f"data.root={data}", f"data.train={data / 'train.csv'}",
-        f"data.val={data / 'val.csv'}", f"data.classes={data / 'classes.txt'}", "data.crop_size=32",
-        "data.test_scale=32", "data.num_views=2", "data.workers=0", "augment.mixup_alpha=0.8",
-        "optim.epochs=1", "optim.warmup_epochs=0.5", "optim.lr=1e-3", "train.batch_size=4", "train.accumulation=2",
-        "train.eval_every=0", "train.log_every=1", "eval.batch_size=6", "data.clips_per_video=2",
-        "train.checkpoint_every_steps=1", *extra,
-    ]
-    return ["--output", str(out), "--no-progress", *[a for s in sets for a in ("--set", s)]]
+def tiny(data: Path, out: Path) -> list[str]:
+    """A seconds-long run with 2 clips per video and a checkpoint after every update."""
+    return tiny_run_args(data, out, "optim.epochs=1", "data.clips_per_video=2", "train.checkpoint_every_steps=1")
 
 
 def run_env() -> dict:

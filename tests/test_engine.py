@@ -22,8 +22,9 @@ from safetensors.torch import load_file
 from dist_video.data.synthetic import make_synthetic
 from dist_video.engine.data import ResumableBatchSampler
 
+from data_helpers import tiny_run_args
+
 ASSETS = Path(__file__).parent / "assets"
-TINY_CLIP = ASSETS / "official-tiny" / "clip_openai_state_dict.pt"
 TIMEOUT = 240
 
 
@@ -36,15 +37,7 @@ def data(tmp_path_factory) -> Path:
 
 def tiny(data: Path, out: Path, *extra: str) -> list[str]:
     """CLI arguments for a seconds-long DiST run on ``data`` into ``out``."""
-    sets = [
-        f"model.clip={TINY_CLIP}", "model.head=linear", "model.dist.num_frames=8", "model.dist.temporal_dim=16",
-        "model.dist.integration_dim=64", "data.format=csv", f"data.root={data}", f"data.train={data / 'train.csv'}",
-        f"data.val={data / 'val.csv'}", f"data.classes={data / 'classes.txt'}", "data.crop_size=32",
-        "data.test_scale=32", "data.num_views=2", "data.workers=0", "augment.mixup_alpha=0.8",
-        "optim.epochs=2", "optim.warmup_epochs=0.5", "optim.lr=1e-3", "train.batch_size=4", "train.accumulation=2",
-        "train.eval_every=0", "train.log_every=1", "eval.batch_size=6", *extra,
-    ]
-    return ["--output", str(out), "--no-progress", *[a for s in sets for a in ("--set", s)]]
+    return tiny_run_args(data, out, *extra)
 
 
 def cli(*args: str, check: bool = True, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
