@@ -547,25 +547,20 @@ _AUTHORS_KEY = re.compile(r"(" + "|".join(_AUTHORS_LAYER_PARTS) + r")\.(\d+)\.(.
 _OUR_KEY = re.compile(r"layers\.(\d+)\.(" + "|".join(_AUTHORS_LAYER_PARTS.values()) + r")\.(.*)")
 
 
+def _renamed(state_dict: Mapping[str, torch.Tensor], pattern: re.Pattern, rename) -> dict[str, torch.Tensor]:
+    """``state_dict`` with every key that ``pattern`` matches replaced by ``rename(*groups)``."""
+    return {(rename(*m.groups()) if (m := pattern.fullmatch(key)) else key): value
+            for key, value in state_dict.items()}
+
+
 def branch_keys_from_authors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A branch state dict with the authors' names (``dist_net.`` removed: ``temporal_stem``,
     ``input_linears.<i>.*``, ...) -> :class:`DiSTBranch` keys (``layers.<i>.input_linear.*``, ...)."""
-    out = {}
-    for key, value in state_dict.items():
-        if match := _AUTHORS_KEY.fullmatch(key):
-            part, index, rest = match.groups()
-            key = f"layers.{index}.{_AUTHORS_LAYER_PARTS[part]}.{rest}"
-        out[key] = value
-    return out
+    return _renamed(state_dict, _AUTHORS_KEY,
+                    lambda part, index, rest: f"layers.{index}.{_AUTHORS_LAYER_PARTS[part]}.{rest}")
 
 
 def branch_keys_to_authors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of :func:`branch_keys_from_authors`."""
     theirs = {v: k for k, v in _AUTHORS_LAYER_PARTS.items()}
-    out = {}
-    for key, value in state_dict.items():
-        if match := _OUR_KEY.fullmatch(key):
-            index, part, rest = match.groups()
-            key = f"{theirs[part]}.{index}.{rest}"
-        out[key] = value
-    return out
+    return _renamed(state_dict, _OUR_KEY, lambda index, part, rest: f"{theirs[part]}.{index}.{rest}")
