@@ -20,7 +20,8 @@ from dist_video.config import Config, ConfigError, load_config
 from dist_video.data import (MixupCutmix, SegmentSampler, TrainTransform, VideoClipDataset, VideoRecord,
                              parse_csv)
 from dist_video.data.synthetic import make_synthetic
-from dist_video.engine.data import collate_clips, train_batches_per_epoch, train_loader, videos_per_batch
+from dist_video.engine.data import (clips_on_device, collate_clips, train_batches_per_epoch, train_loader,
+                                    videos_per_batch)
 from dist_video.engine.distributed import DistEnv
 
 from data_helpers import tiny_run_args
@@ -60,11 +61,12 @@ def test_two_clips_come_from_one_decode_and_are_augmented_independently(syntheti
     calls = count_decodes(monkeypatch)
     item = double[5]
     assert len(calls) == 1 and len(calls[0]) == 2 * 8  # the union of both clips' frames, one decode
-    assert tuple(item["video"].shape) == (2, 3, 8, 24, 24)
+    assert tuple(item["video"].shape) == (2, 3, 8, 24, 24) and tuple(item["colour"].shape) == (2, 3, 4)
     assert item["label"].tolist() == [double.records[5].label] * 2 and item["index"] == 5
     assert not torch.equal(item["video"][0], item["video"][1])  # two different augmentations
     assert calls[0][:8] != calls[0][8:]  # and two different frame samples
     assert torch.equal(item["video"][0], single[5]["video"])  # clip 0 is the clip_per_video=1 clip
+    assert torch.equal(item["colour"][0], single[5]["colour"])
     assert torch.equal(double[5]["video"], item["video"])  # a function of (seed, epoch, index)
     double.set_epoch(1)
     assert not torch.equal(double[5]["video"], item["video"])
@@ -75,6 +77,7 @@ def test_preloaded_clips_equal_clips_from_the_files(synthetic):
     preloaded.preload()
     for i in range(len(from_files)):
         assert torch.equal(from_files[i]["video"], preloaded[i]["video"])
+        assert torch.equal(from_files[i]["colour"], preloaded[i]["colour"])
 
 
 def test_a_bad_video_is_replaced_by_one_good_video_for_all_its_clips(synthetic, tmp_path):
@@ -122,9 +125,10 @@ def test_mixing_works_on_the_flattened_batch(synthetic):
     ds = train_set(synthetic, 2)
     batch = collate_clips([ds[0], ds[1]])
     assert tuple(batch["video"].shape) == (4, 3, 8, 24, 24) and batch["view"].tolist() == [0] * 4
-    mixed, targets = MixupCutmix(num_classes=12)(batch["video"], batch["label"],
-                                                 generator=torch.Generator().manual_seed(0))
-    assert mixed.shape == batch["video"].shape and targets.shape == (4, 12)
+    assert tuple(batch["colour"].shape) == (4, 3, 4) and torch.equal(batch["colour"][2:], ds[1]["colour"])
+    video = clips_on_device(batch, ds.transform, torch.device("cpu"))  # what the training step mixes
+    mixed, targets = MixupCutmix(num_classes=12)(video, batch["label"], generator=torch.Generator().manual_seed(0))
+    assert mixed.shape == video.shape and mixed.dtype == torch.float32 and targets.shape == (4, 12)
     assert torch.allclose(targets.sum(1), torch.ones(4))
 
 

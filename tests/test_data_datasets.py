@@ -241,9 +241,10 @@ def test_training_items_are_reproducible_per_epoch(synthetic):
     ds = VideoClipDataset(records, sampler=SegmentSampler(8), transform=TrainTransform(crop_size=24),
                           training=True, class_names=names, seed=1)
     item = ds[5]
-    assert tuple(item["video"].shape) == (3, 8, 24, 24) and item["video"].dtype == torch.float32
+    assert tuple(item["video"].shape) == (3, 8, 24, 24) and item["video"].dtype == torch.uint8
+    assert tuple(item["colour"].shape) == (3, 4) and item["colour"].dtype == torch.float32
     assert item["label"] == records[5].label and item["index"] == 5
-    assert torch.equal(ds[5]["video"], item["video"])
+    assert torch.equal(ds[5]["video"], item["video"]) and torch.equal(ds[5]["colour"], item["colour"])
     ds.set_epoch(1)
     assert not torch.equal(ds[5]["video"], item["video"])
 
@@ -260,7 +261,8 @@ def test_test_items_enumerate_views_and_crops(synthetic):
     clips = load_test_clips(records[0].path, sampler=SegmentSampler(4), num_views=3, num_crops=3,
                             transform=TestTransform(crop_size=16, short_side=16, num_crops=3))
     assert tuple(clips.shape) == (9, 3, 4, 16, 16)
-    assert torch.allclose(clips[4], items[4]["video"])
+    assert items[4]["video"].dtype == torch.uint8 and "colour" not in items[4]
+    assert torch.equal(clips[4], ds.transform.normalize(items[4]["video"][None])[0])
 
 
 def test_average_views():
@@ -287,7 +289,8 @@ def test_skip_policy_over_an_epoch_with_two_workers(synthetic, tmp_path):
     loader = DataLoader(ds, batch_size=5, num_workers=2, shuffle=False)
     seen = []
     for batch in loader:
-        assert batch["video"].shape[1:] == (3, 4, 16, 16) and torch.isfinite(batch["video"]).all()
+        assert batch["video"].shape[1:] == (3, 4, 16, 16) and batch["video"].dtype == torch.uint8
+        assert torch.isfinite(ds.transform.normalize(batch["video"], batch["colour"])).all()
         seen += batch["index"].tolist()
     assert len(seen) == len(records)
     assert not set(seen) & {len(records) - 3, len(records) - 2, len(records) - 1}  # bad ones replaced
@@ -328,6 +331,7 @@ def test_preloaded_clips_equal_clips_read_from_the_files(synthetic):
         preloaded.set_epoch(epoch)
         for i in range(len(records)):
             assert torch.equal(from_files[i]["video"], preloaded[i]["video"])
+            assert torch.equal(from_files[i]["colour"], preloaded[i]["colour"])
     val, _ = parse_csv(synthetic / "val.csv", classes=synthetic / "classes.txt")
     test_sets = [VideoClipDataset(val, sampler=SegmentSampler(8), training=False, num_views=2, num_crops=3,
                                   transform=TestTransform(crop_size=16, short_side=16, num_crops=3))

@@ -508,13 +508,19 @@ class VideoClipDataset(Dataset):
     items per video, so a DataLoader batches them; average their scores per ``index`` (see
     :func:`average_views`).
 
-    ``__getitem__`` returns ``{"video": float 3 x T x S x S, "label": int, "index": record
-    index, "view": temporal view, "crop": spatial crop}``.
+    ``__getitem__`` returns ``{"video": uint8 3 x T x S x S, "label": int, "index": record
+    index, "view": temporal view, "crop": spatial crop}``, and in training ``"colour"``: the
+    clip's colour map (3 x 4 float32). Items carry the transform's uint8 step only
+    (``transform.geometry``), a quarter of the bytes of float32 clips through the loader's
+    shared memory; ``transform.normalize(batch["video"], batch.get("colour"))`` makes the float
+    clips of a batch on the device (the engine does it after moving the batch there).
+    ``transform``: a :class:`~dist_video.data.transforms.TrainTransform` or
+    :class:`~dist_video.data.transforms.TestTransform` (anything with ``geometry`` and ``normalize``).
 
     Several clips per decoded video (training, ``clips_per_video=N > 1``): an item samples N
     clips independently, decodes the union of their frames in one pass and augments each clip
-    on its own; ``"video"`` is then N x 3 x T x S x S and ``"label"`` an int64 tensor (N,) (a
-    flip can change a clip's label). Clip 0 is the clip ``clips_per_video=1`` gives; clip
+    on its own; ``"video"`` is then N x 3 x T x S x S, ``"colour"`` N x 3 x 4 and ``"label"`` an
+    int64 tensor (N,) (a flip can change a clip's label). Clip 0 is the clip ``clips_per_video=1`` gives; clip
     ``c > 0`` draws from a generator seeded by ``(seed, epoch, index, attempt, c)``.
 
     Bad videos (``VideoDecodeError``): ``on_error="error"`` raises it (its message names the
@@ -638,26 +644,28 @@ class VideoClipDataset(Dataset):
         preloaded = self._frames.get(record_index)
         return len(preloaded) if preloaded is not None else probe(self.records[record_index].path).num_frames
 
-    def load(self, record_index: int, view: int, crop: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:
-        """Decode, sample and transform one clip; raises VideoDecodeError for a bad file."""
+    def load(self, record_index: int, view: int, crop: int, generator: torch.Generator
+             ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Decode, sample and geometrically transform one clip: (uint8 3 x T x S x S, colour map
+        3 x 4 or None, label), see ``transform.geometry``; raises VideoDecodeError for a bad file."""
         rec = self.records[record_index]
         if self.training:
             return self.load_clips(record_index, [generator])[0]
         frames = self._test_frames(record_index, self._num_frames(record_index))[view]
-        return self.transform(frames, label=rec.label, generator=generator, crop=crop)
+        return self.transform.geometry(frames, label=rec.label, generator=generator, crop=crop)
 
     def load_clips(self, record_index: int, generators: Sequence[torch.Generator]
-                   ) -> list[tuple[torch.Tensor, int]]:
+                   ) -> list[tuple[torch.Tensor, torch.Tensor | None, int]]:
         """Training clips of one record, one per generator: each clip's frames are sampled with
         its generator, the union of all clips' frames is decoded in one pass, then each clip is
-        augmented with its generator. Returns [(3 x T x S x S clip, label)] in generator order;
-        raises VideoDecodeError for a bad file."""
+        augmented with its generator. Returns [(uint8 3 x T x S x S clip, colour map, label)] in
+        generator order; raises VideoDecodeError for a bad file."""
         rec = self.records[record_index]
         n = self._num_frames(record_index)
         picks = [self.sampler(n, view=None, rng=g) for g in generators]
         frames = self._read(record_index, [i for p in picks for i in p])
         parts = torch.split(frames, [len(p) for p in picks])
-        return [self.transform(f, label=rec.label, generator=g) for f, g in zip(parts, generators)]
+        return [self.transform.geometry(f, label=rec.label, generator=g) for f, g in zip(parts, generators)]
 
     def _test_frames(self, record_index: int, num_video_frames: int) -> list[torch.Tensor]:
         """uint8 frames of every test view of a record, decoded in one pass and kept for the
@@ -687,17 +695,21 @@ class VideoClipDataset(Dataset):
                                     for c in range(1, self.clips_per_video)]
                     clips = self.load_clips(candidate, gens)
                 else:
-                    video, label = self.load(candidate, view, crop, gen)
+                    video, colour, label = self.load(candidate, view, crop, gen)
             except VideoDecodeError as e:
                 if self.on_error == "error":
                     raise
                 self._note_bad(candidate, e)
                 continue
             if self.clips_per_video > 1:
-                return {"video": torch.stack([v for v, _ in clips]),
-                        "label": torch.tensor([int(y) for _, y in clips], dtype=torch.long),
+                return {"video": torch.stack([v for v, _, _ in clips]),
+                        "colour": torch.stack([c for _, c, _ in clips]),
+                        "label": torch.tensor([int(y) for _, _, y in clips], dtype=torch.long),
                         "index": candidate, "view": view, "crop": crop}
-            return {"video": video, "label": int(label), "index": candidate, "view": view, "crop": crop}
+            item = {"video": video, "label": int(label), "index": candidate, "view": view, "crop": crop}
+            if colour is not None:
+                item["colour"] = colour
+            return item
         raise VideoDecodeError(self.records[record].path,
                                f"unreadable, and so were {self.max_replacements} replacement videos "
                                f"(see {self.bad_files_dir})")

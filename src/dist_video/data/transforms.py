@@ -6,6 +6,12 @@ frames, the only resampling is one ``F.interpolate`` of the crop to ``S x S`` in
 (antialiased when downscaling), and colour jitter, grayscale and normalisation are folded
 into a single affine colour map applied while converting to float.
 
+Each transform runs in two steps. :meth:`TrainTransform.geometry` (crop, resize, flip, and the
+draw of the clip's colour map) stays in uint8 and is what DataLoader workers run: a worker ships
+a quarter of the bytes of a float32 clip. :func:`normalize_clips` (colour map, clamp,
+``(x - mean) / std``) takes a batch of such clips on any device, after they are moved there.
+Calling a transform runs both (``transform(clip)`` returns the float clip).
+
 Colour jitter (brightness, contrast, saturation, hue; random order like torchvision's
 ``ColorJitter``) is therefore an affine map per clip: hue is a rotation about the grey axis
 in YIQ space (torchvision rotates in HSV), the contrast reference is the clip's mean grey,
@@ -28,7 +34,7 @@ import torch.nn.functional as F
 from .sampling import Rng, randint, uniform
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "TrainTransform", "TestTransform", "flip_label_map",
-           "random_resized_crop_box", "color_jitter_matrix", "normalize_to_float"]
+           "random_resized_crop_box", "color_jitter_matrix", "normalize_clips"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -99,24 +105,33 @@ def color_jitter_matrix(brightness: float, contrast: float, saturation: float, h
     return m, b
 
 
-def normalize_to_float(clip: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                       colour: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """uint8 ``T x 3 x S x S`` -> float ``3 x T x S x S``: optional affine colour map (on
-    [0, 1] values, then clamped to [0, 1]) and ``(x - mean) / std``, in one pass over the data."""
-    t, c, h, w = clip.shape
+def normalize_clips(clips: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                    colour: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 clips ``B x 3 x T x S x S`` -> float32 of the same shape, on the clips' device:
+    each clip's affine colour map (``colour`` ``B x 3 x 4`` float32, ``[M | b]`` acting on RGB in
+    [0, 1] as ``M @ x + b``, from :meth:`TrainTransform.geometry`), clamped to [0, 1], then
+    ``(x - mean) / std``. ``colour=None``: no colour map (test clips; identity maps make the clamp a
+    no-op). One float copy of the batch besides the output; the constants go to the device with
+    non-blocking copies, so a training step does not wait here."""
+    if clips.dtype != torch.uint8 or clips.dim() != 5 or clips.shape[1] != 3:
+        raise ValueError(f"expected uint8 clips B x 3 x T x S x S, got {tuple(clips.shape)} {clips.dtype}")
+    b = clips.shape[0]
     mean_t = torch.tensor(mean, dtype=torch.float64)
     std_t = torch.tensor(std, dtype=torch.float64)
-    x = clip.permute(1, 0, 2, 3).reshape(3, -1).to(torch.float32)
+    x = clips.reshape(b, 3, -1).to(torch.float32)
+
+    def on_device(values: torch.Tensor) -> torch.Tensor:  # 3 per-channel constants, as 1 x 3 x 1
+        return values.to(torch.float32).view(1, 3, 1).to(clips.device, non_blocking=True)
+
     if colour is None:
-        scale = (1 / (255 * std_t)).to(torch.float32)[:, None]
-        shift = (-mean_t / std_t).to(torch.float32)[:, None]
-        out = torch.addcmul(shift, x, scale)
+        out = torch.addcmul(on_device(-mean_t / std_t), x, on_device(1 / (255 * std_t)))
     else:
-        m, b = colour
-        out = torch.addmm(b.to(torch.float32)[:, None], (m / 255).to(torch.float32), x)
-        out.clamp_(0.0, 1.0)
-        out.sub_(mean_t.to(torch.float32)[:, None]).div_(std_t.to(torch.float32)[:, None])
-    return out.reshape(3, t, h, w)
+        if tuple(colour.shape) != (b, 3, 4):
+            raise ValueError(f"expected colour maps {b} x 3 x 4, got {tuple(colour.shape)}")
+        colour = colour.to(device=clips.device, dtype=torch.float32)
+        out = torch.baddbmm(colour[:, :, 3:], colour[:, :, :3] / 255, x)
+        out.clamp_(0.0, 1.0).sub_(on_device(mean_t)).div_(on_device(std_t))
+    return out.view(clips.shape)
 
 
 def _resize(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -165,7 +180,8 @@ class TrainTransform:
     probability ``color_jitter_p``, random grayscale, normalisation.
 
     Call: ``transform(clip, label=y, generator=g)`` with clip uint8 ``T x H x W x 3``;
-    returns (float ``3 x T x S x S``, label after flipping)."""
+    returns (float ``3 x T x S x S``, label after flipping). The same in two steps, for loader
+    workers that ship uint8: :meth:`geometry` in the worker, :meth:`normalize` on the batch."""
 
     crop_size: int = 224
     scale: tuple[float, float] = (0.4, 1.0)
@@ -183,6 +199,14 @@ class TrainTransform:
 
     def __call__(self, clip: torch.Tensor, *, label: int = -1, generator: Rng = None,
                  crop: int = 0) -> tuple[torch.Tensor, int]:
+        frames, colour, label = self.geometry(clip, label=label, generator=generator)
+        return self.normalize(frames[None], colour[None])[0], label
+
+    def geometry(self, clip: torch.Tensor, *, label: int = -1, generator: Rng = None,
+                 crop: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The uint8 step: (uint8 ``3 x T x S x S`` crop, resized and maybe flipped; the clip's
+        colour map ``3 x 4`` float32 for :func:`normalize_clips` (identity without jitter and
+        grayscale); label after flipping). Draws every random number of the transform."""
         _check_clip(clip)
         t, h, w, _ = clip.shape
         top, left, ch, cw = random_resized_crop_box(h, w, self.scale, self.ratio, generator)
@@ -199,12 +223,17 @@ class TrainTransform:
         if do_flip:
             frames = frames.flip(-1)
         colour = self._colour(frames, u_jitter < self.color_jitter_p, u_gray < self.grayscale_p, generator)
-        return normalize_to_float(frames, self.mean, self.std, colour), label
+        return frames.permute(1, 0, 2, 3).contiguous(), colour, label
 
-    def _colour(self, frames: torch.Tensor, jitter: bool, gray: bool, rng: Rng
-                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def normalize(self, clips: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
+        """Float clips from a batch of :meth:`geometry` outputs: :func:`normalize_clips` with
+        this transform's mean and std (uint8 ``B x 3 x T x S x S`` and ``B x 3 x 4``, on any device)."""
+        return normalize_clips(clips, self.mean, self.std, colour)
+
+    def _colour(self, frames: torch.Tensor, jitter: bool, gray: bool, rng: Rng) -> torch.Tensor:
+        """The clip's colour map ``[M | b]`` (3 x 4 float32)."""
         if not jitter and not gray:
-            return None
+            return torch.eye(3, 4)
         factors = [1.0, 1.0, 1.0, 0.0]
         order: list[int] = []
         mean_rgb = torch.zeros(3)
@@ -215,7 +244,8 @@ class TrainTransform:
             order = _permutation(rng, 4)
             if self.contrast:
                 mean_rgb = frames[:, :, ::4, ::4].float().mean(dim=(0, 2, 3)) / 255
-        return color_jitter_matrix(*factors, order=order, mean_rgb=mean_rgb, grayscale=gray)
+        m, b = color_jitter_matrix(*factors, order=order, mean_rgb=mean_rgb, grayscale=gray)
+        return torch.cat([m, b[:, None]], dim=1).to(torch.float32)
 
 
 def _permutation(rng: Rng, n: int) -> list[int]:
@@ -230,7 +260,8 @@ class TestTransform:
     normalise. Only the crop's source region is resampled.
 
     Call: ``transform(clip, crop=c)`` with clip uint8 ``T x H x W x 3``; returns
-    (float ``3 x T x S x S``, label unchanged)."""
+    (float ``3 x T x S x S``, label unchanged). In two steps like :class:`TrainTransform`:
+    :meth:`geometry` (uint8, in loader workers), then :meth:`normalize` on the batch."""
 
     __test__ = False  # not a pytest test class
 
@@ -265,6 +296,13 @@ class TestTransform:
 
     def __call__(self, clip: torch.Tensor, *, label: int = -1, generator: Rng = None,
                  crop: int = 0) -> tuple[torch.Tensor, int]:
+        frames, colour, label = self.geometry(clip, label=label, crop=crop)
+        return self.normalize(frames[None], colour)[0], label
+
+    def geometry(self, clip: torch.Tensor, *, label: int = -1, generator: Rng = None,
+                 crop: int = 0) -> tuple[torch.Tensor, None, int]:
+        """The uint8 step: (uint8 ``3 x T x S x S`` crop ``crop``, resized; ``None``: no colour
+        map; label unchanged). ``generator`` is not used (the test protocol is deterministic)."""
         _check_clip(clip)
         if not 0 <= crop < self.num_crops:
             raise ValueError(f"crop {crop} out of range for {self.num_crops} crops")
@@ -272,4 +310,9 @@ class TestTransform:
         top, left, ch, cw = self.crop_box(h, w, crop)
         frames = clip[:, top:top + ch, left:left + cw, :].permute(0, 3, 1, 2)
         frames = _resize(frames, (self.crop_size, self.crop_size))
-        return normalize_to_float(frames, self.mean, self.std), label
+        return frames.permute(1, 0, 2, 3).contiguous(), None, label
+
+    def normalize(self, clips: torch.Tensor, colour: None = None) -> torch.Tensor:
+        """Float clips from a batch of :meth:`geometry` outputs (uint8 ``B x 3 x T x S x S``, on
+        any device): ``(x / 255 - mean) / std``."""
+        return normalize_clips(clips, self.mean, self.std)

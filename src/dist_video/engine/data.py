@@ -10,6 +10,10 @@ With ``data.clips_per_video = N`` the permutation is over videos: a batch of ``b
 clips holds ``batch_size / N`` videos, N clips each (decoded once, augmented independently),
 flattened by :func:`collate_clips` so the training step sees ``batch_size`` clips as before;
 an epoch visits every video once.
+
+Loader workers ship uint8 clips and each clip's colour map (the transforms' ``geometry`` step), a
+quarter of the bytes of float32 clips in shared and pinned memory; :func:`clips_on_device` moves
+a batch to the device and makes the float clips there (colour jitter, grayscale, normalisation).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from .distributed import DistEnv, local_world_size
 
 __all__ = ["Datasets", "build_datasets", "train_loader", "ResumableBatchSampler", "write_bad_files",
            "test_clips_of_file", "test_transform", "train_transform", "videos_per_batch", "train_batches_per_epoch",
-           "collate_clips"]
+           "collate_clips", "clips_on_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -170,16 +174,30 @@ def train_batches_per_epoch(dataset: VideoClipDataset, cfg: Config, world_size: 
 
 
 def collate_clips(items: list[dict]) -> dict:
-    """Batch items of N clips each (``"video"`` N x ...) into a batch of clips: ``"video"``
-    (B * N) x ..., ``"label"`` (B * N,), and ``"index"``/``"view"``/``"crop"`` repeated per
-    clip. Clips of one video are consecutive."""
+    """Batch items of N clips each (``"video"`` N x ..., ``"colour"`` N x 3 x 4) into a batch of
+    clips: ``"video"`` (B * N) x ..., ``"colour"`` (B * N) x 3 x 4, ``"label"`` (B * N,), and
+    ``"index"``/``"view"``/``"crop"`` repeated per clip. Clips of one video are consecutive."""
     batch = default_collate(items)
     n = batch["video"].shape[1]
     batch["video"] = batch["video"].flatten(0, 1)
+    if "colour" in batch:
+        batch["colour"] = batch["colour"].flatten(0, 1)
     batch["label"] = batch["label"].flatten()
     for key in ("index", "view", "crop"):
         batch[key] = batch[key].repeat_interleave(n)
     return batch
+
+
+def clips_on_device(batch: dict, transform, device: torch.device) -> torch.Tensor:
+    """The float clips (B x 3 x T x S x S float32) of a loader batch on ``device``: its uint8
+    ``"video"`` and, for training batches, ``"colour"`` (B x 3 x 4) are copied there without
+    waiting (``non_blocking``; pinned on CUDA), then ``transform.normalize`` applies each clip's
+    colour map, the clamp and ``(x - mean) / std`` on the device. ``transform``: the dataset's."""
+    video = batch["video"].to(device, non_blocking=True)
+    colour = batch.get("colour")
+    if colour is not None:
+        colour = colour.to(device, non_blocking=True)
+    return transform.normalize(video, colour)
 
 
 def _worker_init(_: int) -> None:

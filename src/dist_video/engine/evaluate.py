@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from .data import clips_on_device
 from .distributed import DistEnv, all_gather_objects
 from .metrics import classification_metrics, plot_confusion_matrix, write_predictions_csv
 
@@ -47,8 +48,9 @@ def predict_dataset(model, dataset, env: DistEnv, *, batch_size: int, workers: i
                     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Average class probabilities over each video's views and crops.
 
-    ``dataset`` items are dicts with ``video`` (3 x T x S x S), ``label`` and ``index`` (the
-    video's record index). Returns (scores V x C, labels V, record indices V) on every
+    ``dataset`` items are dicts with ``video`` (uint8 3 x T x S x S, made float on the device by
+    ``dataset.transform.normalize``, see :func:`~dist_video.engine.data.clips_on_device`),
+    ``label`` and ``index`` (the video's record index). Returns (scores V x C, labels V, record indices V) on every
     process, sorted by record index. The model runs in its inference form
     (:func:`fuse_for_inference`), made once here. Each process takes whole videos
     (:class:`ShardSampler`), and each batch whole videos when ``batch_size`` allows (rounded
@@ -68,7 +70,7 @@ def predict_dataset(model, dataset, env: DistEnv, *, batch_size: int, workers: i
         from tqdm import tqdm
         iterator = tqdm(loader, desc="evaluate", unit="batch", dynamic_ncols=True, leave=False)
     for batch in iterator:
-        video = batch["video"].to(env.device, non_blocking=True)
+        video = clips_on_device(batch, dataset.transform, env.device)
         probs = fused(video).float().softmax(dim=1).cpu()
         for p, idx, y in zip(probs, batch["index"].tolist(), batch["label"].tolist()):
             sums[idx] = sums[idx] + p if idx in sums else p.clone()

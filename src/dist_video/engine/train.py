@@ -28,7 +28,7 @@ from ..data.mixup import MixupCutmix, soft_target_cross_entropy
 from .builder import attach_head, build_classifier, load_clip_for
 from .checkpoint import (check_output_dir, cuda_rng_state, load_training_state, rng_state, save_training_state,
                          set_rng_state)
-from .data import build_datasets, train_batches_per_epoch, train_loader, write_bad_files
+from .data import build_datasets, clips_on_device, train_batches_per_epoch, train_loader, write_bad_files
 from .distributed import DistEnv, all_gather_objects, barrier, cleanup_distributed, setup_distributed
 from .evaluate import evaluate
 from .metrics import MetricLog, plot_training_curves
@@ -396,7 +396,7 @@ class _Run:
         are averaged only when ``sync``). Returns the loss (a detached 0-dim tensor on the
         device: reading it would make the host wait for the device)."""
         cfg, env, pos = self.cfg, self.env, self.pos
-        video = batch["video"].to(env.device, non_blocking=True)
+        video = clips_on_device(batch, self.datasets.train.transform, env.device)  # uint8 from the workers
         labels = batch["label"].to(env.device, non_blocking=True)
         gen = torch.Generator().manual_seed(hash((cfg.train.seed, pos.epoch, batch_idx, env.rank)) & 0x7FFFFFFF)
         video, targets = self.mixer(video, labels, generator=gen)
