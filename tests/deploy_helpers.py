@@ -1,4 +1,5 @@
-"""A tiny DiST model folder and short test videos for the export and serving tests."""
+"""Tiny DiST model folders (a linear head; a class-text head with a text tower) and short test
+videos for the export and serving tests."""
 
 from __future__ import annotations
 
@@ -31,6 +32,33 @@ def make_tiny_model_folder(path: Path, clip_factory) -> Path:
     with torch.no_grad():
         model.head.weight.normal_(0, 0.5)
         model.head.bias.normal_(0, 0.1)
+    model.save_pretrained(path, metadata={"preprocess": {**TINY_PREPROCESS, "num_frames": 8}})
+    return path
+
+
+def make_tiny_text_model_folder(path: Path) -> Path:
+    """A tiny DiST model whose CLIP has a text tower with the full 49408-token vocabulary (so the
+    shipped OpenAI vocabulary tokenizes for it: per-request labels work) and a class-text head
+    over :data:`CLASS_NAMES` (seeded random class embeddings), saved like :func:`make_tiny_model_folder`."""
+    from dist_video import DiSTConfig, DiSTVideoModel
+    from dist_video.clip import CLIP, CLIPConfig
+
+    torch.manual_seed(11)
+    clip = CLIP(CLIPConfig(embed_dim=64, image_size=64, patch_size=16, vision_width=128, vision_layers=4,
+                           vision_heads=2, context_length=77, vocab_size=49408, text_width=32, text_heads=1,
+                           text_layers=1)).eval()
+    with torch.no_grad():
+        for name, p in clip.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+            elif "ln" in name and name.endswith("weight"):
+                p.normal_(1.0, 0.1)
+    model = DiSTVideoModel(clip, DiSTConfig(num_frames=8, alpha=2, temporal_dim=16, integration_dim=64,
+                                            pooling_layers=2), clip_dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.branch.named_parameters():
+            p.normal_(mean=1.0 if name.endswith("ln.weight") else 0.0, std=0.05)
+    model.set_class_embeddings(torch.randn(len(CLASS_NAMES), 64), CLASS_NAMES)
     model.save_pretrained(path, metadata={"preprocess": {**TINY_PREPROCESS, "num_frames": 8}})
     return path
 

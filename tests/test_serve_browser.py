@@ -1,5 +1,6 @@
 """The server's page in a real headless browser (Debian's Chromium through its chromedriver):
-pick a video with the page's own form, submit, read the predicted class from the page."""
+pick a video with the page's own form (and, for a class-text model, type label names into it),
+submit, read the predicted class from the page."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from deploy_helpers import Server, make_tiny_model_folder, write_test_videos  # noqa: E402
+from deploy_helpers import Server, make_tiny_model_folder, make_tiny_text_model_folder, write_test_videos  # noqa: E402
 
 from dist_video.engine.predict import load_for_inference, predict_files  # noqa: E402
 
@@ -71,3 +72,26 @@ def test_the_page_classifies_a_video_picked_in_its_form(browser, tmp_path, tiny_
         assert shown == [t["class"] for t in want["top"]]
         if os.environ.get("DIST_VIDEO_SCREENSHOT"):  # the README's picture of the page
             browser.save_screenshot(os.environ["DIST_VIDEO_SCREENSHOT"])
+
+
+def test_the_page_sends_the_labels_typed_into_its_form(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    folder = make_tiny_text_model_folder(tmp_path / "model")
+    video = write_test_videos(tmp_path / "videos")[1]
+    labels = ["surfing", "archery", "washing dishes"]
+    model, preprocess = load_for_inference(str(folder), labels=", ".join(labels), device="cpu", clip_dtype="fp32")
+    [want] = predict_files(model, [str(video)], preprocess, topk=5)
+    with Server(folder, "--clip-dtype", "fp32", env={"TMPDIR": str(tmp_path)}) as srv:
+        browser.get(srv.url + "/")
+        WebDriverWait(browser, 30).until(lambda d: "classes" in d.find_element(By.ID, "model-info").text)
+        assert browser.find_element(By.ID, "labels").is_enabled()
+        browser.find_element(By.ID, "video-input").send_keys(str(Path(video).resolve()))
+        browser.find_element(By.ID, "labels").send_keys(", ".join(labels))
+        browser.find_element(By.ID, "submit").click()
+        WebDriverWait(browser, 120).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+                                          in ("done", "error"))
+        assert browser.find_element(By.ID, "error").text == ""
+        shown = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#bars .class-name")]
+        assert shown == [t["class"] for t in want["top"]] and sorted(shown) == sorted(labels)

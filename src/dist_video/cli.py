@@ -251,7 +251,8 @@ def cmd_serve(args) -> int:
 
     settings = ServeSettings(token=args.token or os.environ.get("DIST_VIDEO_TOKEN") or None,
                              max_upload_bytes=int(args.max_upload_mb * 2 ** 20), timeout=args.timeout,
-                             max_concurrent=args.max_concurrent, max_queue=args.max_queue, max_batch=args.max_batch)
+                             max_concurrent=args.max_concurrent, max_queue=args.max_queue, max_batch=args.max_batch,
+                             max_labels=args.max_labels)
     run_server(args.model, host=args.host, port=args.port, settings=settings, clip=args.clip, classes=args.classes,
                labels=args.labels, vocab=args.vocab, prompt=args.prompt, device=args.device, clip_dtype=args.clip_dtype,
                log_level="warning" if args.quiet else "info")
@@ -488,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=2, help="requests decoding/predicting at once")
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond those (503 above)")
     p.add_argument("--max-batch", type=int, default=16, help="clips per forward pass, across requests")
+    p.add_argument("--max-labels", type=int, default=1000, help="label names a request may send (text-head models)")
     p.add_argument("--clip", help="CLIP weights (for a .pyth checkpoint without them)")
     p.add_argument("--classes", help="class names for a .pyth checkpoint")
     _label_arguments(p)

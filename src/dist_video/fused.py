@@ -543,11 +543,18 @@ class _FusedClassifier(nn.Module):
     def num_classes(self) -> int | None:
         return None if self.head.kind is None else self.head.weight.shape[0]
 
+    def text_head(self, text_embeddings: torch.Tensor, logit_scale: float) -> FusedHead:
+        """A class-text head for this model (C x E class-text embeddings, e.g. from the model's
+        ``encode_text``; ``logit_scale`` CLIP's, before ``exp``), in the model's output dtype on its
+        device, made exactly as the model's own text head is. The model is left as it is: give the
+        head to :meth:`classify` (several heads can share one model)."""
+        device = next(self.buffers()).device
+        return FusedHead("text", self.output_dtype, text=text_embeddings, logit_scale=logit_scale).to(device)
+
     def set_class_embeddings(self, text_embeddings: torch.Tensor, logit_scale: float,
                              class_names: Sequence[str] | None = None) -> "_FusedClassifier":
         """Use class-text embeddings (C x E, e.g. from the model's ``encode_text``) as the head."""
-        device = next(self.buffers()).device
-        self.head = FusedHead("text", self.output_dtype, text=text_embeddings, logit_scale=logit_scale).to(device)
+        self.head = self.text_head(text_embeddings, logit_scale)
         self.class_names = list(class_names) if class_names is not None else None
         return self
 
@@ -561,11 +568,15 @@ class _FusedClassifier(nn.Module):
     def embed(self, video: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def classify(self, embeddings: torch.Tensor, head: FusedHead | None = None) -> torch.Tensor:
+        """Embeddings B x E (from :meth:`encode_video`) -> B x C class logits through ``head``
+        (default: the model's own; or one from :meth:`text_head`), outside any autocast."""
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return (self.head if head is None else head)(embeddings)
+
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         """B x 3 x T x H x W -> B x C class logits."""
-        z = self.encode_video(video)
-        with torch.autocast(video.device.type, enabled=False):
-            return self.head(z)
+        return self.classify(self.encode_video(video))
 
 
 def _sparse_frames(video: torch.Tensor, alpha: int, dtype: torch.dtype) -> torch.Tensor:

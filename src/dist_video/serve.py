@@ -15,9 +15,17 @@ the name a client gives its file only labels the answer. Every error is a JSON
 ``{"error": "..."}`` with a 4xx/5xx status, and the server keeps serving. It binds to loopback
 unless told otherwise; with a token, every route but the page needs ``Authorization: Bearer``.
 
+Per-request labels: a model with a class-text head (and a tokenizer for its text tower) keeps
+its CLIP text tower beside the one fused model (:class:`LabelHeads`). A request naming
+``labels`` gets the class-text head of those names, made once per distinct label set and prompt
+(an LRU cache of ``max_label_sets`` heads) off the event loop, within the request's time limit;
+the worker runs every waiting clip through the shared model's ``encode_video`` as one batch and
+applies each request's own head to its rows (the shared model is never changed per request).
+
 Routes: ``GET /`` the page (pick a video, watch it, top classes as bars, the timeline of a long
-video), ``GET /health`` (model, classes, device, runtime), ``POST /predict`` (multipart field
-``video`` or the raw body; ``topk``, ``views``, ``window``, ``stride`` as query or form fields).
+video), ``GET /health`` (model, classes, device, runtime, whether per-request labels are
+accepted), ``POST /predict`` (multipart field ``video`` or the raw body; ``topk``, ``views``,
+``window``, ``stride``, ``labels``, ``prompt`` as query or form fields).
 """
 # No ``from __future__ import annotations`` here: FastAPI reads the routes' annotations at run time.
 
@@ -29,6 +37,7 @@ import queue
 import shutil
 import tempfile
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -36,12 +45,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ServeSettings", "ServedModel", "BatchingModel", "BodySizeLimit", "load_served_model", "create_app",
-           "run_server", "LOOPBACK_HOSTS"]
+__all__ = ["ServeSettings", "ServedModel", "BatchingModel", "LabelHeads", "LabelledModel", "BodySizeLimit",
+           "load_served_model", "parse_request_labels", "create_app", "run_server", "LOOPBACK_HOSTS"]
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+EXPORTED_LABELS_REFUSAL = ("an exported model has a fixed class list; labels need a model folder, an authors' "
+                           ".pyth or CLIP weights")
 
 
 @dataclass
@@ -55,6 +66,9 @@ class ServeSettings:
     max_queue: int = 32             # requests waiting for one of those places; more get 503
     max_batch: int = 16             # clips per forward pass of the model
     max_topk: int = 50
+    max_labels: int = 1000          # label names per request
+    max_label_chars: int = 200      # characters per label name, and of a prompt
+    max_label_sets: int = 16        # class-text heads kept (LRU) for the label sets requests name
 
 
 @dataclass
@@ -69,38 +83,108 @@ class ServedModel:
     device: str
     method: str | None = None
     extra: dict = field(default_factory=dict)
+    label_heads: "LabelHeads | None" = None   # per-request labels; None: not accepted ...
+    labels_refusal: str | None = None         # ... for this reason
+
+
+class LabelHeads:
+    """Class-text heads for the label sets requests name, made with the model's text tower
+    (kept once, beside the fused model) exactly as ``predict --labels`` makes its head: the
+    names embedded under the prompt templates (:func:`dist_video.prompts.label_embeddings`),
+    then ``make_head`` (the fused model's :meth:`~dist_video.fused.FusedDiSTModel.text_head`).
+    The last ``max_sets`` heads are kept (least recently used dropped first); thread-safe."""
+
+    def __init__(self, encode_text, tokenizer, make_head, max_sets: int = 16):
+        self.encode_text = encode_text
+        self.tokenizer = tokenizer
+        self.make_head = make_head
+        self.max_sets = max(1, int(max_sets))
+        self.made = 0
+        self._heads: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def head(self, names: list[str], prompt: str | None = None):
+        """The head scoring ``names`` (in this order) under ``prompt`` (a template or prefix;
+        None: CLIP's Kinetics prompt ensemble)."""
+        from .prompts import label_embeddings, templates_of
+
+        key = (tuple(names), tuple(templates_of(prompt)))
+        with self._lock:  # one label set encoded at a time; a set asked twice at once is encoded once
+            head = self._heads.get(key)
+            if head is None:
+                head = self.make_head(label_embeddings(self.encode_text, self.tokenizer, list(names), list(key[1])))
+                self.made += 1
+                self._heads[key] = head
+                while len(self._heads) > self.max_sets:
+                    self._heads.popitem(last=False)
+            else:
+                self._heads.move_to_end(key)
+            return head
+
+    def __len__(self) -> int:
+        return len(self._heads)
 
 
 def load_served_model(model_path: str, *, clip: str | None = None, classes: str | None = None,
                       labels: str | None = None, vocab: str | None = None, prompt: str | None = None,
-                      device: str = "auto",
-                      clip_dtype: str = "auto") -> ServedModel:
+                      device: str = "auto", clip_dtype: str = "auto", max_label_sets: int = 16) -> ServedModel:
     """An exported folder (onnxruntime) or a model folder / ``.pyth`` (its fused inference form;
-    the unfused model is dropped once fused, so one copy of the weights stays in memory)."""
+    the unfused model is dropped once fused, so one copy of the weights stays in memory). A model
+    with a class-text head keeps its CLIP text tower (not its unfused image tower) for
+    per-request labels (:class:`LabelHeads`, keeping ``max_label_sets`` heads); otherwise
+    ``labels_refusal`` says why requests cannot name labels."""
     from .onnx_runner import OnnxVideoClassifier, is_exported_folder
 
     path = Path(model_path)
     if is_exported_folder(path):
         if labels is not None:
-            raise ValueError(f"{model_path}: an exported model has a fixed class list; labels need a model folder")
+            raise ValueError(f"{model_path}: {EXPORTED_LABELS_REFUSAL}")
         runner = OnnxVideoClassifier(path)
-        return ServedModel(runner, dict(runner.preprocess), runner.name, "onnxruntime", "cpu", runner.method)
-    from .engine.predict import load_for_inference
+        return ServedModel(runner, dict(runner.preprocess), runner.name, "onnxruntime", "cpu", runner.method,
+                           labels_refusal=EXPORTED_LABELS_REFUSAL)
+    from .engine.predict import labels_refusal, load_for_inference
+    from .prompts import text_tokenizer
 
     model, preprocess = load_for_inference(model_path, clip=clip, classes=classes, labels=labels, vocab=vocab,
                                            prompt=prompt, device=device, clip_dtype=clip_dtype)
     fused = model.fuse()
+    refusal = labels_refusal(model, option="labels")
+    tokenizer = None
+    if refusal is None:
+        try:
+            tokenizer = text_tokenizer(model.clip, vocab=vocab, checkpoint=path)
+        except ValueError as e:
+            refusal = f"no tokenizer for the model's text tower: {e}"
+    heads = None
+    if refusal is None:
+        text_tower = model.clip
+        text_tower.visual = None  # the image tower lives on, fused: only the text tower stays beside it
+        logit_scale = float(text_tower.logit_scale)
+
+        def encode_text(tokens: torch.Tensor) -> torch.Tensor:  # as VideoClassifier.encode_text
+            return text_tower.encode_text(tokens).float()
+
+        heads = LabelHeads(encode_text, tokenizer, lambda embeddings: fused.text_head(embeddings, logit_scale),
+                           max_sets=max_label_sets)
+    else:
+        logger.info("per-request labels are not accepted: %s", refusal)
     del model
     device_name = str(next(fused.buffers()).device)
     name = path.name if path.is_dir() else path.stem
-    return ServedModel(fused, preprocess, name, "pytorch", device_name, getattr(fused, "method", None))
+    return ServedModel(fused, preprocess, name, "pytorch", device_name, getattr(fused, "method", None),
+                       label_heads=heads, labels_refusal=refusal)
 
 
 class BatchingModel:
     """One model shared by many threads: each call ``model(video)`` (B_i x 3 x T x H x W) waits
     in a queue; one worker thread runs all the calls waiting at once as one batch (up to
     ``max_batch`` clips, calls of the same clip shape), and hands each caller its rows of the
-    logits. It has the same interface as the model (``class_names``, ``num_classes``, ``config``)."""
+    logits. It has the same interface as the model (``class_names``, ``num_classes``, ``config``).
+
+    ``model(video, head)``: that call's logits through its own class head (a fused model's
+    :meth:`~dist_video.fused.FusedDiSTModel.text_head`). For a model with ``classify`` (the
+    fused forms), the batch goes through ``encode_video`` once, whatever heads its calls have,
+    and each call's rows through its head (or the model's own); the model is never changed."""
 
     def __init__(self, model, max_batch: int = 16):
         self.model = model
@@ -110,16 +194,19 @@ class BatchingModel:
         self.config = model.config
         buffers = getattr(model, "buffers", None)
         self.device = next(buffers()).device if callable(buffers) else torch.device("cpu")
+        self.separate_heads = all(callable(getattr(model, name, None)) for name in ("encode_video", "classify"))
         self.batches_run = 0
         self._jobs: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="dist-video-model", daemon=True)
         self._thread.start()
 
-    def __call__(self, video: torch.Tensor) -> torch.Tensor:
+    def __call__(self, video: torch.Tensor, head=None) -> torch.Tensor:
+        if head is not None and not self.separate_heads:
+            raise ValueError("this model cannot take another class head (it has no classify method)")
         if video.dim() == 4:
             video = video.unsqueeze(0)
         done: Future = Future()
-        self._jobs.put((video, done))
+        self._jobs.put((video, head, done))
         return done.result()
 
     def close(self) -> None:
@@ -156,21 +243,46 @@ class BatchingModel:
                 self._run(group)
 
     def _run(self, jobs: list) -> None:
-        jobs = [(v, f) for v, f in jobs if f.set_running_or_notify_cancel()]
+        jobs = [(v, h, f) for v, h, f in jobs if f.set_running_or_notify_cancel()]
         if not jobs:
             return
         try:
             with torch.no_grad():
-                logits = self.model(torch.cat([v for v, _ in jobs]).to(self.device)).float().cpu()
+                batch = torch.cat([v for v, _, _ in jobs]).to(self.device)
+                if self.separate_heads:  # one encode for the batch, each call's rows through its own head
+                    embeddings, logits, start = self.model.encode_video(batch), [], 0
+                    for video, head, _ in jobs:
+                        rows = embeddings[start:start + video.shape[0]]
+                        logits.append(self.model.classify(rows, head).float().cpu())
+                        start += video.shape[0]
+                else:
+                    out = self.model(batch).float().cpu()
+                    bounds = torch.tensor([v.shape[0] for v, _, _ in jobs]).cumsum(0).tolist()
+                    logits = [out[end - v.shape[0]:end] for (v, _, _), end in zip(jobs, bounds)]
             self.batches_run += 1
         except Exception as e:  # every caller of this batch gets the error; the worker goes on
-            for _, f in jobs:
+            for _, _, f in jobs:
                 f.set_exception(e)
             return
-        start = 0
-        for video, f in jobs:
-            f.set_result(logits[start:start + video.shape[0]])
-            start += video.shape[0]
+        for (_, _, f), result in zip(jobs, logits):
+            f.set_result(result)
+
+
+class LabelledModel:
+    """A request's view of a :class:`BatchingModel` that classifies into its own label names
+    through ``head`` (the interface of the prediction functions: callable, ``class_names``,
+    ``num_classes``, ``config``, ``device``)."""
+
+    def __init__(self, batching: BatchingModel, head, class_names: list[str]):
+        self.batching = batching
+        self.head = head
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.config = batching.config
+        self.device = batching.device
+
+    def __call__(self, video: torch.Tensor) -> torch.Tensor:
+        return self.batching(video, self.head)
 
 
 class BodySizeLimit:
@@ -278,6 +390,48 @@ def _float_option(value, name: str) -> float | None:
     return number
 
 
+def parse_request_labels(text: str, *, max_labels: int = 1000, max_chars: int = 200) -> list[str]:
+    """A request's ``labels``: names separated by commas (``"juggling, archery"``) or, when the
+    text has a line break, one per line (as the lines of ``--labels FILE``; the text is never a
+    path). Raises ``ValueError`` naming the problem: no names, more than ``max_labels``, a name
+    longer than ``max_chars`` or with control characters, a name given twice."""
+    from .prompts import parse_labels
+
+    if not isinstance(text, str):
+        raise ValueError("labels must be text (names separated by commas, or one per line)")
+    parts = text.splitlines() if ("\n" in text or "\r" in text) else text.split(",")
+    names = [part.strip() for part in parts if part.strip()]
+    if not names:
+        raise ValueError("labels: no label names (give names separated by commas, or one per line)")
+    if len(names) > max_labels:
+        raise ValueError(f"labels: {len(names)} names, more than the limit of {max_labels}")
+    for name in names:
+        if len(name) > max_chars:
+            raise ValueError(f"labels: the name {name[:40]!r}... is longer than the limit of {max_chars} characters")
+        if not name.isprintable():
+            raise ValueError(f"labels: the name {name[:40]!r} has control characters")
+    try:
+        return parse_labels(names)
+    except ValueError as e:
+        raise ValueError(f"labels: {e}") from None
+
+
+def _prompt_option(value, max_chars: int) -> str | None:
+    """A request's ``prompt`` (a template with one ``{}``, or a prefix); empty: not given."""
+    from fastapi import HTTPException
+
+    if value is None or not isinstance(value, str) or not value.strip():
+        return None
+    if len(value) > max_chars:
+        raise HTTPException(400, f"prompt: longer than the limit of {max_chars} characters")
+    if not value.isprintable():
+        raise HTTPException(400, "prompt: has control characters")
+    if value.count("{}") > 1 or "{" in value.replace("{}", "", 1) or "}" in value.replace("{}", "", 1):
+        raise HTTPException(400, f"prompt: {value[:40]!r} is not a template with one '{{}}' (where the label goes) "
+                                 "or a prefix without braces")
+    return value
+
+
 def _display_name(filename: str | None) -> str:
     """The client's name for its file, kept only as a label (never a path on the server)."""
     name = (filename or "upload").replace("\\", "/").rsplit("/", 1)[-1].strip()
@@ -356,9 +510,14 @@ def create_app(served: ServedModel, settings: ServeSettings | None = None):
     async def health(request: Request):
         authorize(request)
         model = served.model
+        labels = {"accepts_labels": served.label_heads is not None}
+        if served.label_heads is not None:
+            labels.update(max_labels=settings.max_labels, max_label_chars=settings.max_label_chars)
+        else:
+            labels["labels_refusal"] = served.labels_refusal
         return {"status": "ok", "model": served.name, "method": served.method, "runtime": served.runtime,
                 "device": served.device, "num_classes": model.num_classes, "classes": model.class_names,
-                "num_frames": model.config.num_frames, "max_upload_bytes": settings.max_upload_bytes,
+                "num_frames": model.config.num_frames, **labels, "max_upload_bytes": settings.max_upload_bytes,
                 "in_flight": state["in_flight"]}
 
     async def receive_upload(request: Request, path: str) -> tuple[str, dict]:
@@ -382,6 +541,18 @@ def create_app(served: ServedModel, settings: ServeSettings | None = None):
                 out.write(chunk)
         return _display_name(request.headers.get("x-filename")), {}
 
+    def requested_labels(options) -> list[str] | None:
+        """The request's ``labels`` (None: the model's own classes); 400 when malformed or refused."""
+        if "labels" not in options:
+            return None
+        if served.label_heads is None:
+            raise HTTPException(400, f"labels: {served.labels_refusal}")
+        try:
+            return parse_request_labels(options["labels"], max_labels=settings.max_labels,
+                                        max_chars=settings.max_label_chars)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+
     async def answer(request: Request) -> list[dict]:
         fd, path = tempfile.mkstemp(prefix="upload-", dir=state["tmp"])
         os.close(fd)
@@ -395,9 +566,20 @@ def create_app(served: ServedModel, settings: ServeSettings | None = None):
             views = _int_option(options.get("views"), "views", 1, 64)
             window = _float_option(options.get("window"), "window")
             stride = _float_option(options.get("stride"), "stride")
+            labels = requested_labels(options)
+            prompt = _prompt_option(options.get("prompt"), settings.max_label_chars)
+            if prompt is not None and labels is None:
+                raise HTTPException(400, "prompt applies to labels: send labels too")
             async with state["gate"]:
+                model = state["model"]
+                if labels is not None:  # the text tower runs off the event loop, within the time limit
+                    try:
+                        head = await run_in_threadpool(served.label_heads.head, labels, prompt)
+                    except ValueError as e:
+                        raise HTTPException(400, f"labels: {e}") from None
+                    model = LabelledModel(model, head, labels)
                 try:
-                    result = await run_in_threadpool(predict_upload, state["model"], path, served.preprocess,
+                    result = await run_in_threadpool(predict_upload, model, path, served.preprocess,
                                                      topk=topk, views=views, window=window, stride=stride)
                 except VideoDecodeError as e:
                     cause = e.cause.replace(path, name)
@@ -441,8 +623,9 @@ def run_server(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, se
     if host not in LOOPBACK_HOSTS and settings.token is None:
         logger.warning("serving on %s without a token: anyone who can reach this address can use the model", host)
     served = load_served_model(model_path, clip=clip, classes=classes, labels=labels, vocab=vocab, prompt=prompt,
-                               device=device, clip_dtype=clip_dtype)
-    logger.info("serving %s (%s, %s) on http://%s:%d", served.name, served.runtime, served.device, host, port)
+                               device=device, clip_dtype=clip_dtype, max_label_sets=settings.max_label_sets)
+    logger.info("serving %s (%s, %s) on http://%s:%d; per-request labels %s", served.name, served.runtime,
+                served.device, host, port, "accepted" if served.label_heads is not None else "not accepted")
     app = create_app(served, settings)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
                 limit_concurrency=settings.max_concurrent + settings.max_queue + 8)

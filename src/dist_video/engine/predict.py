@@ -21,8 +21,8 @@ from ..prompts import label_embeddings, parse_labels, templates_of, text_tokeniz
 from .distributed import resolve_device
 from .inference import FILE_ERRORS, class_names_of, error_message, model_device
 
-__all__ = ["load_for_inference", "use_labels", "text_query", "predict_clip", "predict_file", "predict_files",
-           "model_device", "convert_official", "read_class_names", "DEFAULT_PREPROCESS"]
+__all__ = ["load_for_inference", "use_labels", "labels_refusal", "text_query", "predict_clip", "predict_file",
+           "predict_files", "model_device", "convert_official", "read_class_names", "DEFAULT_PREPROCESS"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,13 +123,24 @@ def use_labels(model: VideoClassifier, labels: str | Sequence[str], *, prompt: s
     CLIP's Kinetics prompt ensemble, :data:`dist_video.prompts.KINETICS_TEMPLATES`).
     Models with a linear head are refused: its weights belong to the classes it was trained on."""
     names = parse_labels(labels)
-    if model.head_type == "linear":
-        raise ValueError("the model has a linear head (one learned weight row per training class), so it "
-                         "cannot score new label names: --labels needs a model with a class-text head (trained "
-                         "with model.head=text, an authors' .pyth checkpoint, or plain CLIP weights)")
+    refusal = labels_refusal(model)
+    if refusal is not None:
+        raise ValueError(refusal)
     tokenizer = text_tokenizer(model.clip, vocab=vocab, checkpoint=checkpoint)
     embeddings = label_embeddings(model.encode_text, tokenizer, names, templates_of(prompt))
     return model.set_class_embeddings(embeddings, names)
+
+
+def labels_refusal(model: VideoClassifier, option: str = "--labels") -> str | None:
+    """Why ``model`` cannot score label names it was not trained on (None: it can): a linear
+    head, or CLIP weights without a text tower. ``option``: how the message names the request."""
+    if model.head_type == "linear":
+        return ("the model has a linear head (one learned weight row per training class), so it cannot score "
+                f"new label names: {option} needs a model with a class-text head (trained with model.head=text, "
+                "an authors' .pyth checkpoint, or plain CLIP weights)")
+    if not model.clip.has_text:
+        return "the CLIP weights have no text tower, so label names cannot be embedded"
+    return None
 
 
 def text_query(model: VideoClassifier, text: str, *, prompt: str | None = None, vocab: str | None = None
