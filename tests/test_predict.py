@@ -244,6 +244,16 @@ def test_plain_clip_weights_are_a_zero_shot_model(tmp_path, videos, monkeypatch)
         load_for_inference(str(weights), device="cpu")
 
 
+def test_serve_takes_the_frames_of_plain_clip_weights(tmp_path, monkeypatch):
+    from dist_video.serve import load_served_model
+
+    monkeypatch.setattr(tk, "VOCAB_PACKAGES", ("dist_video_test_no_such_package", "dist_video.assets.vocab"))
+    weights = tiny_text_clip(tmp_path / "ViT-tiny.pt")
+    served = load_served_model(str(weights), labels="juggling, archery", device="cpu", clip_dtype="fp32", num_frames=4)
+    assert served.preprocess["num_frames"] == 4 and served.model.config.num_frames == 4
+    assert served.label_heads is not None
+
+
 # ----------------------------------------------------------------------------- the command line
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     run_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}

@@ -81,6 +81,12 @@ def test_a_label_head_is_the_head_of_predict_labels_and_the_model_is_shared(offi
     torch.testing.assert_close(heads.head(SETS["home"]).weight,
                                fused.text_head(ensemble, logit_scale).weight, rtol=0, atol=0)
     assert heads.head(SETS["home"]) is heads.head(SETS["home"]) and heads.made == 3
+    # a server started with --prompt uses it for requests that send none
+    with_default = LabelHeads(official_model.encode_text, ModuloTokenizer(),
+                              lambda e: fused.text_head(e, logit_scale), default_prompt="a video of {}.")
+    torch.testing.assert_close(with_default.head(SETS["home"]).weight,
+                               heads.head(SETS["home"], "a video of {}.").weight, rtol=0, atol=0)
+    assert not torch.equal(with_default.head(SETS["home"]).weight, heads.head(SETS["home"]).weight)
 
 
 # ----------------------------------------------------------------------------- the real server

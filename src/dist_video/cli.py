@@ -255,7 +255,7 @@ def cmd_serve(args) -> int:
                              max_labels=args.max_labels)
     run_server(args.model, host=args.host, port=args.port, settings=settings, clip=args.clip, classes=args.classes,
                labels=args.labels, vocab=args.vocab, prompt=args.prompt, device=args.device, clip_dtype=args.clip_dtype,
-               log_level="warning" if args.quiet else "info")
+               num_frames=args.frames, log_level="warning" if args.quiet else "info")
     return 0
 
 

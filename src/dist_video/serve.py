@@ -94,8 +94,9 @@ class LabelHeads:
     then ``make_head`` (the fused model's :meth:`~dist_video.fused.FusedDiSTModel.text_head`).
     The last ``max_sets`` heads are kept (least recently used dropped first); thread-safe."""
 
-    def __init__(self, encode_text, tokenizer, make_head, max_sets: int = 16):
+    def __init__(self, encode_text, tokenizer, make_head, max_sets: int = 16, default_prompt: str | None = None):
         self.encode_text = encode_text
+        self.default_prompt = default_prompt
         self.tokenizer = tokenizer
         self.make_head = make_head
         self.max_sets = max(1, int(max_sets))
@@ -105,10 +106,10 @@ class LabelHeads:
 
     def head(self, names: list[str], prompt: str | None = None):
         """The head scoring ``names`` (in this order) under ``prompt`` (a template or prefix;
-        None: CLIP's Kinetics prompt ensemble)."""
+        None: the server's ``--prompt`` if it was given, else CLIP's Kinetics prompt ensemble)."""
         from .prompts import label_embeddings, templates_of
 
-        key = (tuple(names), tuple(templates_of(prompt)))
+        key = (tuple(names), tuple(templates_of(self.default_prompt if prompt is None else prompt)))
         with self._lock:  # one label set encoded at a time; a set asked twice at once is encoded once
             head = self._heads.get(key)
             if head is None:
@@ -127,12 +128,15 @@ class LabelHeads:
 
 def load_served_model(model_path: str, *, clip: str | None = None, classes: str | None = None,
                       labels: str | None = None, vocab: str | None = None, prompt: str | None = None,
-                      device: str = "auto", clip_dtype: str = "auto", max_label_sets: int = 16) -> ServedModel:
+                      device: str = "auto", clip_dtype: str = "auto", max_label_sets: int = 16,
+                      num_frames: int = 8) -> ServedModel:
     """An exported folder (onnxruntime) or a model folder / ``.pyth`` (its fused inference form;
     the unfused model is dropped once fused, so one copy of the weights stays in memory). A model
     with a class-text head keeps its CLIP text tower (not its unfused image tower) for
     per-request labels (:class:`LabelHeads`, keeping ``max_label_sets`` heads); otherwise
-    ``labels_refusal`` says why requests cannot name labels."""
+    ``labels_refusal`` says why requests cannot name labels. A request's labels use its own
+    ``prompt``, else ``prompt`` (the server's), else the prompt ensemble. ``num_frames``: frames
+    per clip for plain CLIP weights."""
     from .onnx_runner import OnnxVideoClassifier, is_exported_folder
 
     path = Path(model_path)
@@ -146,7 +150,7 @@ def load_served_model(model_path: str, *, clip: str | None = None, classes: str 
     from .prompts import text_tokenizer
 
     model, preprocess = load_for_inference(model_path, clip=clip, classes=classes, labels=labels, vocab=vocab,
-                                           prompt=prompt, device=device, clip_dtype=clip_dtype)
+                                           prompt=prompt, device=device, clip_dtype=clip_dtype, num_frames=num_frames)
     fused = model.fuse()
     refusal = labels_refusal(model, option="labels")
     tokenizer = None
@@ -165,7 +169,7 @@ def load_served_model(model_path: str, *, clip: str | None = None, classes: str 
             return text_tower.encode_text(tokens).float()
 
         heads = LabelHeads(encode_text, tokenizer, lambda embeddings: fused.text_head(embeddings, logit_scale),
-                           max_sets=max_label_sets)
+                           max_sets=max_label_sets, default_prompt=prompt)
     else:
         logger.info("per-request labels are not accepted: %s", refusal)
     del model
@@ -614,7 +618,7 @@ def create_app(served: ServedModel, settings: ServeSettings | None = None):
 def run_server(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
                clip: str | None = None, classes: str | None = None, labels: str | None = None,
                vocab: str | None = None, prompt: str | None = None, device: str = "auto", clip_dtype: str = "auto",
-               log_level: str = "info") -> None:
+               num_frames: int = 8, log_level: str = "info") -> None:
     """Load the model once and serve it with uvicorn until interrupted."""
     _require_serve_extra()
     import uvicorn
@@ -623,7 +627,8 @@ def run_server(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, se
     if host not in LOOPBACK_HOSTS and settings.token is None:
         logger.warning("serving on %s without a token: anyone who can reach this address can use the model", host)
     served = load_served_model(model_path, clip=clip, classes=classes, labels=labels, vocab=vocab, prompt=prompt,
-                               device=device, clip_dtype=clip_dtype, max_label_sets=settings.max_label_sets)
+                               device=device, clip_dtype=clip_dtype, max_label_sets=settings.max_label_sets,
+                               num_frames=num_frames)
     logger.info("serving %s (%s, %s) on http://%s:%d; per-request labels %s", served.name, served.runtime,
                 served.device, host, port, "accepted" if served.label_heads is not None else "not accepted")
     app = create_app(served, settings)
