@@ -16,8 +16,10 @@ cold ``probe`` cost and a DataLoader run with 0, 1 and 2 workers (``loader.md``)
 What users feed (``--part feed``, ``loader-feed.md``): Kinetics-like 720p originals (10 s,
 1280 x 720, 30 fps, x264 defaults) against the same files prepared by ``dist-video prepare`` at
 short side 320 and 256 (GOP 16), with ``data.clips_per_video`` 1, 2 and 4, for each installed
-backend: training clips (16 frames, crop 224) per second per core through the dataset's item
-path, all settings interleaved in every repetition; plus the time and disk ``prepare`` took.
+backend, and Something-Something-v2-like videos prepared at 320: training clips (16 frames,
+crop 224) per second per core through the dataset's item path (what a loader worker runs: decode
+and the uint8 crop/resize/flip; the colour map and normalisation run on the batch on the device),
+all settings interleaved in every repetition; plus the time and disk ``prepare`` took.
 
 Usage: ``python benchmarks/loader.py [--part all|decode|feed] [--videos 8] [--repeats 5]
 [--feed-videos 6] [--feed-repeats 3] [--out benchmarks/results]``
@@ -265,7 +267,8 @@ def feed_sets(cache: Path, count: int, workers: int) -> tuple[dict[str, list[Pat
     for side in (320, 256):
         sets[f"prepared short side {side}"], prepare[f"kinetics-like {side}"] = timed_prepare(
             originals, cache / f"prepared-{side}", side, workers)
-    _, prepare["ssv2-like 320"] = timed_prepare(ssv2, cache / "ssv2-like-prepared", 320, workers)
+    sets["ssv2-like, prepared 320"], prepare["ssv2-like 320"] = timed_prepare(ssv2, cache / "ssv2-like-prepared",
+                                                                              320, workers)
     return sets, prepare
 
 
@@ -307,7 +310,7 @@ def measure_feed(sets: dict[str, list[Path]], backends: list[str], clips_per_vid
             base = table[f"{name} | {b} | 1"]
             for n in clips_per_video:
                 ratios[f"{name} | {b} | clips_per_video {n} / 1"] = table[f"{name} | {b} | {n}"] / base
-            if name != first:
+            if name.startswith("prepared"):
                 ratios[f"{name} / {first} | {b} | 1"] = base / table[f"{first} | {b} | 1"]
     out["ratios"] = ratios
     return out
@@ -321,9 +324,12 @@ def write_feed_markdown(result: dict, path: Path) -> None:
              f"torch {m['torch']}, PyAV {m['av']} (libavcodec {m['ffmpeg']}), Python {m['python']}; backends: "
              f"{', '.join(f'{k} {v}' for k, v in st['backend_versions'].items())}.",
              f"{st['feed_videos']} generated Kinetics-like videos (10 s, 1280x720, 30 fps, x264 defaults: B-frames, "
-             "keyint 250, scene cuts) and the same files after `dist-video prepare --short-side S --gop 16`. "
+             "keyint 250, scene cuts) and the same files after `dist-video prepare --short-side S --gop 16`; "
+             f"{st['feed_videos']} SSv2-like videos (4 s, 426x240, 12 fps, VP9) after `prepare --short-side 320`. "
              "Training clips of 16 segment-sampled frames, `TrainTransform(crop_size=224)`, through "
-             "`VideoClipDataset.__getitem__` in one process with one decoder thread and one torch thread: clips "
+             "`VideoClipDataset.__getitem__` (a loader worker's share: decoding and the uint8 crop, resize and flip; "
+             "the colour map and normalisation run on the batch on the device) "
+             "in one process with one decoder thread and one torch thread: clips "
              f"per second per core, medians of {st['feed_repeats']} repetitions (after {st['feed_warmup']} "
              "uncounted passes), every setting run once in each repetition (side by side).", "",
              "| videos | backend | " + " | ".join(f"clips_per_video {n}" for n in st["clips_per_video"])
@@ -337,7 +343,7 @@ def write_feed_markdown(result: dict, path: Path) -> None:
                          + " | ".join(f"{x / row[0]:.2f}x" for x in row[1:]) + " |")
     lines += ["", "Prepared against the originals (clips_per_video 1, same backend):", "",
               "| videos | " + " | ".join(st["backends"]) + " |", "|---|" + "---|" * len(st["backends"])]
-    for name in names[1:]:
+    for name in (n for n in names if n.startswith("prepared")):
         lines.append(f"| {name} | " + " | ".join(f"{feed['ratios'][f'{name} / {names[0]} | {b} | 1']:.2f}x"
                                                  for b in st["backends"]) + " |")
     lines += ["", "## prepare", "",

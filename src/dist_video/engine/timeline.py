@@ -8,10 +8,11 @@ the window's frames ``[round(k s fps), round(end fps))`` by the model's test sam
 central view, the centre crop).
 
 Memory is bounded by the window, not by the video: one thread decodes the file from start to
-end once (frames nobody asked for are never converted to RGB), transforms each requested
-frame as it comes and hands every finished window's clip to a small queue; the calling thread
-batches the clips through the model while the next ones are decoded. Only the clips of the
-windows in progress (about ``w / s`` of them) and the queue are held.
+end once (frames nobody asked for are never converted to RGB), crops and resizes each requested
+frame as it comes (in uint8) and hands every finished window's clip to a small queue; the
+calling thread copies the clips into one reused batch buffer on the model's device, normalises
+it there and runs the model while the next ones are decoded. Only the clips of the windows in
+progress (about ``w / s`` of them), the queue and the one batch are held.
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ def _video_stream(container, path: str):
 
 
 def _stream_clips(path: str, plan: list[list[int]], transform, out: queue.Queue, stop: threading.Event) -> None:
-    """Decode ``path`` once, from the start; put ``(k, clip 3 x T x S x S)`` on ``out`` as soon as
-    window k's frames are all decoded, then ``None``; a failure is put as the exception."""
+    """Decode ``path`` once, from the start; put ``(k, uint8 clip 3 x T x S x S)`` on ``out`` as soon
+    as window k's frames are all decoded, then ``None``; a failure is put as the exception."""
     try:
         wanted: dict[int, list[tuple[int, int]]] = {}
         for k, frames in enumerate(plan):
@@ -129,7 +130,7 @@ def _stream_clips(path: str, plan: list[list[int]], transform, out: queue.Queue,
 
         def frame_tensor(frame) -> torch.Tensor:
             rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).unsqueeze(0)  # 1 x H x W x 3
-            return transform(rgb)[0]  # 3 x 1 x S x S
+            return transform.geometry(rgb)[0]  # uint8 3 x 1 x S x S
 
         index = -1
         with av.open(path, mode="r", metadata_errors="ignore") as container:
@@ -206,11 +207,17 @@ def window_outputs(fn, path: str | os.PathLike, preprocess: dict, *, num_frames:
     plan = window_frames(bounds, fps, n, build_sampler(p["sampling"], num_frames, p.get("interval", 4)))
     transform = test_transform(p["crop_size"], p["test_scale"], 1, p["mean"], p["std"])
     outputs: torch.Tensor | None = None
+    inputs: torch.Tensor | None = None  # one uint8 batch buffer, reused: a long video does not churn the heap
     batch: list[tuple[int, torch.Tensor]] = []
 
     def run() -> None:
-        nonlocal outputs
-        y = fn(torch.stack([c for _, c in batch]).to(device)).float().cpu()
+        nonlocal outputs, inputs
+        if inputs is None:
+            inputs = torch.empty((batch_size, *batch[0][1].shape), dtype=torch.uint8, device=device)
+        x = inputs[:len(batch)]
+        for row, (_, clip) in zip(x, batch):
+            row.copy_(clip, non_blocking=True)
+        y = fn(transform.normalize(x)).float().cpu()
         if outputs is None:
             outputs = torch.empty(len(plan), y.shape[1])
         outputs[[k for k, _ in batch]] = y
