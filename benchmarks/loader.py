@@ -273,11 +273,12 @@ def feed_sets(cache: Path, count: int, workers: int) -> tuple[dict[str, list[Pat
 
 
 def measure_feed(sets: dict[str, list[Path]], backends: list[str], clips_per_video: list[int],
-                 repeats: int, warmup: int = 1) -> dict:
+                 repeats: int, warmup: int = 1, min_seconds: float = 3.0) -> dict:
     """Training clips per second per core through ``VideoClipDataset.__getitem__`` (probe
     cached, one decoder thread, one torch thread) for every (set, backend, clips per video);
     every repetition runs every setting once, in the same order, after ``warmup`` passes that
-    are not counted."""
+    are not counted. A setting's repetition goes over its videos (new random draws each time)
+    until ``min_seconds`` have passed, so fast settings are not timed over a fraction of a second."""
     settings = [(name, b, n) for name in sets for b in backends for n in clips_per_video]
     datasets = {}
     for name, b, n in settings:
@@ -291,12 +292,14 @@ def measure_feed(sets: dict[str, list[Path]], backends: list[str], clips_per_vid
     for rep in range(warmup + repeats):
         for key in settings:
             ds = datasets[key]
-            ds.set_epoch(rep)
             t = time.perf_counter()
-            clips = 0
-            for i in range(len(ds)):
-                video = ds[i]["video"]
-                clips += video.shape[0] if key[2] > 1 else 1
+            clips = passes = 0
+            while passes == 0 or time.perf_counter() - t < min_seconds:
+                ds.set_epoch(1000 * rep + passes)
+                for i in range(len(ds)):
+                    video = ds[i]["video"]
+                    clips += video.shape[0] if key[2] > 1 else 1
+                passes += 1
             if rep >= warmup:
                 rates[key].append(clips / (time.perf_counter() - t))
         print(f"feed pass {rep + 1} of {warmup + repeats} done", file=sys.stderr)
@@ -331,7 +334,8 @@ def write_feed_markdown(result: dict, path: Path) -> None:
              "the colour map and normalisation run on the batch on the device) "
              "in one process with one decoder thread and one torch thread: clips "
              f"per second per core, medians of {st['feed_repeats']} repetitions (after {st['feed_warmup']} "
-             "uncounted passes), every setting run once in each repetition (side by side).", "",
+             "uncounted passes), every setting run once in each repetition (side by side), each over its videos "
+             f"again until at least {st.get('feed_min_seconds', 0):g} s had passed.", "",
              "| videos | backend | " + " | ".join(f"clips_per_video {n}" for n in st["clips_per_video"])
              + " | " + " | ".join(f"{n} / 1" for n in st["clips_per_video"][1:]) + " |",
              "|---|---|" + "---|" * (2 * len(st["clips_per_video"]) - 1)]
@@ -428,6 +432,8 @@ def main(argv=None) -> int:
     parser.add_argument("--feed-videos", type=int, default=6)
     parser.add_argument("--feed-repeats", type=int, default=3)
     parser.add_argument("--feed-warmup", type=int, default=1, help="uncounted passes before the repetitions")
+    parser.add_argument("--feed-min-seconds", type=float, default=3.0,
+                        help="each setting's repetition runs over its videos again until this long")
     parser.add_argument("--clips-per-video", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--prepare-workers", type=int, default=len(os.sched_getaffinity(0)))
     args = parser.parse_args(argv)
@@ -442,13 +448,14 @@ def main(argv=None) -> int:
         print("prepared: " + json.dumps(prepare), file=sys.stderr)
         result = {"machine": machine(),
                   "settings": {"feed_videos": args.feed_videos, "feed_repeats": args.feed_repeats,
-                               "feed_warmup": args.feed_warmup,
+                               "feed_warmup": args.feed_warmup, "feed_min_seconds": args.feed_min_seconds,
                                "clips_per_video": args.clips_per_video, "backends": backends,
                                "backend_versions": backend_versions(backends),
                                "clip": "16 frames, segment-based sampling, TrainTransform(crop_size=224)",
                                "decoder_threads": 1, "torch_threads": 1},
                   "prepare": prepare,
-                  "feed": measure_feed(sets, backends, args.clips_per_video, args.feed_repeats, args.feed_warmup)}
+                  "feed": measure_feed(sets, backends, args.clips_per_video, args.feed_repeats, args.feed_warmup,
+                                       args.feed_min_seconds)}
         (out / "loader-feed.json").write_text(json.dumps(result, indent=2) + "\n")
         write_feed_markdown(result, out / "loader-feed.md")
         print((out / "loader-feed.md").read_text())

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from dist_video.config import load_config
 from dist_video.data import MixupCutmix, SegmentSampler, TestTransform, TrainTransform, VideoClipDataset, parse_csv
 from dist_video.data.synthetic import make_synthetic
-from dist_video.data.transforms import normalize_clips
+from dist_video.data.transforms import CLIP_MEAN, CLIP_STD, normalize_clips
 from dist_video.engine.data import build_datasets, clips_on_device, train_loader
 from dist_video.engine.train import train
 from dist_video.engine.distributed import DistEnv
@@ -114,6 +114,19 @@ def test_normalize_clips_checks_its_inputs():
     # identity colour maps give the test clips' normalisation
     out = normalize_clips(clips + 255, (0.5,) * 3, (0.25,) * 3, torch.eye(3, 4).expand(2, 3, 4))
     assert torch.equal(out, torch.full_like(out, 2.0))
+    with pytest.raises(ValueError, match="out must be float32"):
+        normalize_clips(clips, (0.5,) * 3, (0.5,) * 3, out=torch.empty(2, 3, 4, 8, 8, dtype=torch.float64))
+
+
+def test_normalize_clips_into_a_reused_buffer_gives_the_same_values():
+    g = torch.Generator().manual_seed(0)
+    clips = torch.randint(0, 256, (3, 3, 4, 8, 8), dtype=torch.uint8, generator=g)
+    colour = torch.cat([torch.rand(3, 3, 3, generator=g), torch.rand(3, 3, 1, generator=g) - 0.5], dim=2)
+    for maps in (None, colour):
+        want = normalize_clips(clips, CLIP_MEAN, CLIP_STD, maps)
+        buffer = torch.full(clips.shape, float("nan"))
+        got = normalize_clips(clips, CLIP_MEAN, CLIP_STD, maps, out=buffer)
+        assert got.data_ptr() == buffer.data_ptr() and torch.equal(got, want)
 
 
 def test_the_training_step_mixes_the_clips_normalised_on_the_device(synthetic, tmp_path, monkeypatch):

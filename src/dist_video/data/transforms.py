@@ -106,32 +106,39 @@ def color_jitter_matrix(brightness: float, contrast: float, saturation: float, h
 
 
 def normalize_clips(clips: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                    colour: torch.Tensor | None = None) -> torch.Tensor:
+                    colour: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 clips ``B x 3 x T x S x S`` -> float32 of the same shape, on the clips' device:
     each clip's affine colour map (``colour`` ``B x 3 x 4`` float32, ``[M | b]`` acting on RGB in
     [0, 1] as ``M @ x + b``, from :meth:`TrainTransform.geometry`), clamped to [0, 1], then
     ``(x - mean) / std``. ``colour=None``: no colour map (test clips; identity maps make the clamp a
-    no-op). One float copy of the batch besides the output; the constants go to the device with
+    no-op). ``out``: a float32 tensor of the clips' shape and device to write into (a buffer
+    reused batch after batch). Without a colour map the output is the only float copy made; with
+    one, a float copy of the batch besides the output. The constants go to the device with
     non-blocking copies, so a training step does not wait here."""
     if clips.dtype != torch.uint8 or clips.dim() != 5 or clips.shape[1] != 3:
         raise ValueError(f"expected uint8 clips B x 3 x T x S x S, got {tuple(clips.shape)} {clips.dtype}")
+    if out is not None and (out.shape != clips.shape or out.dtype != torch.float32 or out.device != clips.device):
+        raise ValueError(f"out must be float32 {tuple(clips.shape)} on {clips.device}, got {tuple(out.shape)} "
+                         f"{out.dtype} on {out.device}")
     b = clips.shape[0]
     mean_t = torch.tensor(mean, dtype=torch.float64)
     std_t = torch.tensor(std, dtype=torch.float64)
-    x = clips.reshape(b, 3, -1).to(torch.float32)
+    flat = clips.reshape(b, 3, -1)
+    target = None if out is None else out.view(b, 3, -1)
 
     def on_device(values: torch.Tensor) -> torch.Tensor:  # 3 per-channel constants, as 1 x 3 x 1
         return values.to(torch.float32).view(1, 3, 1).to(clips.device, non_blocking=True)
 
     if colour is None:
-        out = torch.addcmul(on_device(-mean_t / std_t), x, on_device(1 / (255 * std_t)))
-    else:
-        if tuple(colour.shape) != (b, 3, 4):
-            raise ValueError(f"expected colour maps {b} x 3 x 4, got {tuple(colour.shape)}")
-        colour = colour.to(device=clips.device, dtype=torch.float32)
-        out = torch.baddbmm(colour[:, :, 3:], colour[:, :, :3] / 255, x)
-        out.clamp_(0.0, 1.0).sub_(on_device(mean_t)).div_(on_device(std_t))
-    return out.view(clips.shape)
+        x = flat.to(torch.float32) if target is None else target.copy_(flat)
+        torch.addcmul(on_device(-mean_t / std_t), x, on_device(1 / (255 * std_t)), out=x)  # in place
+        return x.view(clips.shape)
+    if tuple(colour.shape) != (b, 3, 4):
+        raise ValueError(f"expected colour maps {b} x 3 x 4, got {tuple(colour.shape)}")
+    colour = colour.to(device=clips.device, dtype=torch.float32)
+    y = torch.baddbmm(colour[:, :, 3:], colour[:, :, :3] / 255, flat.to(torch.float32), out=target)
+    y.clamp_(0.0, 1.0).sub_(on_device(mean_t)).div_(on_device(std_t))
+    return y.view(clips.shape)
 
 
 def _resize(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -225,10 +232,11 @@ class TrainTransform:
         colour = self._colour(frames, u_jitter < self.color_jitter_p, u_gray < self.grayscale_p, generator)
         return frames.permute(1, 0, 2, 3).contiguous(), colour, label
 
-    def normalize(self, clips: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
+    def normalize(self, clips: torch.Tensor, colour: torch.Tensor, *, out: torch.Tensor | None = None
+                  ) -> torch.Tensor:
         """Float clips from a batch of :meth:`geometry` outputs: :func:`normalize_clips` with
         this transform's mean and std (uint8 ``B x 3 x T x S x S`` and ``B x 3 x 4``, on any device)."""
-        return normalize_clips(clips, self.mean, self.std, colour)
+        return normalize_clips(clips, self.mean, self.std, colour, out=out)
 
     def _colour(self, frames: torch.Tensor, jitter: bool, gray: bool, rng: Rng) -> torch.Tensor:
         """The clip's colour map ``[M | b]`` (3 x 4 float32)."""
@@ -312,7 +320,8 @@ class TestTransform:
         frames = _resize(frames, (self.crop_size, self.crop_size))
         return frames.permute(1, 0, 2, 3).contiguous(), None, label
 
-    def normalize(self, clips: torch.Tensor, colour: None = None) -> torch.Tensor:
+    def normalize(self, clips: torch.Tensor, colour: None = None, *, out: torch.Tensor | None = None
+                  ) -> torch.Tensor:
         """Float clips from a batch of :meth:`geometry` outputs (uint8 ``B x 3 x T x S x S``, on
-        any device): ``(x / 255 - mean) / std``."""
-        return normalize_clips(clips, self.mean, self.std)
+        any device): ``(x / 255 - mean) / std``; ``out``: as :func:`normalize_clips`."""
+        return normalize_clips(clips, self.mean, self.std, out=out)

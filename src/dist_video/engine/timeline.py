@@ -207,17 +207,20 @@ def window_outputs(fn, path: str | os.PathLike, preprocess: dict, *, num_frames:
     plan = window_frames(bounds, fps, n, build_sampler(p["sampling"], num_frames, p.get("interval", 4)))
     transform = test_transform(p["crop_size"], p["test_scale"], 1, p["mean"], p["std"])
     outputs: torch.Tensor | None = None
-    inputs: torch.Tensor | None = None  # one uint8 batch buffer, reused: a long video does not churn the heap
+    # One uint8 and one float batch buffer, made once and reused: a long video does not churn the heap.
+    inputs: torch.Tensor | None = None
+    normalized: torch.Tensor | None = None
     batch: list[tuple[int, torch.Tensor]] = []
 
     def run() -> None:
-        nonlocal outputs, inputs
+        nonlocal outputs, inputs, normalized
         if inputs is None:
             inputs = torch.empty((batch_size, *batch[0][1].shape), dtype=torch.uint8, device=device)
+            normalized = torch.empty(inputs.shape, dtype=torch.float32, device=device)
         x = inputs[:len(batch)]
         for row, (_, clip) in zip(x, batch):
             row.copy_(clip, non_blocking=True)
-        y = fn(transform.normalize(x)).float().cpu()
+        y = fn(transform.normalize(x, out=normalized[:len(batch)])).float().cpu()
         if outputs is None:
             outputs = torch.empty(len(plan), y.shape[1])
         outputs[[k for k, _ in batch]] = y
