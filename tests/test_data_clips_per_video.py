@@ -44,15 +44,15 @@ def train_set(synthetic: Path, n: int, **kw) -> VideoClipDataset:
 
 
 def count_decodes(monkeypatch) -> list[list[int]]:
-    """Record the frame indices of every read_frames call the dataset makes."""
+    """Record the frame indices of every read_frame_list call the dataset makes."""
     calls: list[list[int]] = []
-    real = datasets_module.read_frames
+    real = datasets_module.read_frame_list
 
     def counting(path, indices, *args, **kw):
         calls.append(list(indices))
         return real(path, indices, *args, **kw)
 
-    monkeypatch.setattr(datasets_module, "read_frames", counting)
+    monkeypatch.setattr(datasets_module, "read_frame_list", counting)
     return calls
 
 

@@ -65,6 +65,8 @@ def test_probe_counts_and_read_frames_exact(videos, name):
     frames = read_frames(path, indices)
     assert frames.dtype == torch.uint8 and tuple(frames.shape) == (len(indices), h, w, 3)
     assert [frame_code(f) for f in frames.numpy()] == indices
+    listed = decoding.read_frame_list(path, indices)  # the same frames, not stacked
+    assert len(listed) == len(indices) and all(torch.equal(f, g) for f, g in zip(listed, frames))
 
 
 @pytest.mark.parametrize("name", ["h264_bframes_long_gop.mp4", "h264_short_gop.mp4", "vp9.webm",

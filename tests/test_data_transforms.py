@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -204,3 +205,24 @@ def test_soft_target_cross_entropy_equals_hard_cross_entropy_for_one_hot():
     labels = torch.tensor([0, 4, 2, 2, 1, 3])
     assert torch.allclose(soft_target_cross_entropy(logits, F.one_hot(labels, 5).float()),
                           F.cross_entropy(logits, labels))
+
+
+def test_a_clip_given_as_frames_gives_the_same_clip_as_one_tensor():
+    """The dataset hands the transforms decoded frames one by one (only their crops are copied):
+    the same pixels and the same random draws as the stacked clip."""
+    clip = torch.randint(0, 256, (6, 30, 41, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    padded = torch.zeros(6, 30, 48, 3, dtype=torch.uint8)
+    padded[:, :, :41] = clip
+    frames = [padded[i, :, :41] for i in range(6)]  # strided views, as decoded frames with line padding are
+    train = TrainTransform(crop_size=16)
+    for seed in range(6):
+        a = train.geometry(clip, label=1, generator=torch.Generator().manual_seed(seed))
+        b = train.geometry(frames, label=1, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+    test = TestTransform(crop_size=16, short_side=20, num_crops=3)
+    for crop in range(3):
+        assert torch.equal(test.geometry(clip, crop=crop)[0], test.geometry(frames, crop=crop)[0])
+    with pytest.raises(ValueError, match="one size"):
+        train.geometry([frames[0], frames[1][:20]])
+    with pytest.raises(ValueError, match="no frames"):
+        test.geometry([])

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .decoding import VideoDecodeError, probe, read_frames
+from .decoding import VideoDecodeError, probe, read_frame_list, read_frames
 from .sampling import IntervalSampler, SegmentSampler
 
 __all__ = [
@@ -634,11 +634,13 @@ class VideoClipDataset(Dataset):
             kept += frames.numel()
         return kept
 
-    def _read(self, record_index: int, indices: Sequence[int]) -> torch.Tensor:
+    def _read(self, record_index: int, indices: Sequence[int]) -> list[torch.Tensor]:
+        """The frames ``indices`` of a record, ``H x W x 3`` uint8 each, not copied into one
+        tensor: the transforms copy only their crops."""
         frames = self._frames.get(record_index)
         if frames is not None:
-            return frames[[min(int(j), len(frames) - 1) for j in indices]]
-        return read_frames(self.records[record_index].path, indices, self.backend, threads=self.decode_threads)
+            return [frames[min(int(j), len(frames) - 1)] for j in indices]
+        return read_frame_list(self.records[record_index].path, indices, self.backend, threads=self.decode_threads)
 
     def _num_frames(self, record_index: int) -> int:
         preloaded = self._frames.get(record_index)
@@ -664,10 +666,11 @@ class VideoClipDataset(Dataset):
         n = self._num_frames(record_index)
         picks = [self.sampler(n, view=None, rng=g) for g in generators]
         frames = self._read(record_index, [i for p in picks for i in p])
-        parts = torch.split(frames, [len(p) for p in picks])
-        return [self.transform.geometry(f, label=rec.label, generator=g) for f, g in zip(parts, generators)]
+        starts = [sum(len(p) for p in picks[:c]) for c in range(len(picks))]
+        return [self.transform.geometry(frames[a:a + len(p)], label=rec.label, generator=g)
+                for a, p, g in zip(starts, picks, generators)]
 
-    def _test_frames(self, record_index: int, num_video_frames: int) -> list[torch.Tensor]:
+    def _test_frames(self, record_index: int, num_video_frames: int) -> list[list[torch.Tensor]]:
         """uint8 frames of every test view of a record, decoded in one pass and kept for the
         record's next items (its views and crops are consecutive items)."""
         cached = getattr(self, "_view_cache", None)
@@ -676,7 +679,8 @@ class VideoClipDataset(Dataset):
         views = [self.sampler(num_video_frames, view=v, num_views=self.num_views) for v in range(self.num_views)]
         flat = [i for v in views for i in v]
         frames = self._read(record_index, flat)
-        split = list(torch.split(frames, [len(v) for v in views]))
+        starts = [sum(len(v) for v in views[:k]) for k in range(len(views))]
+        split = [frames[a:a + len(v)] for a, v in zip(starts, views)]
         self._view_cache = (record_index, split)
         return split
 

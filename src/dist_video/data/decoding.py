@@ -58,6 +58,7 @@ __all__ = [
     "BackendUnavailableError",
     "probe",
     "read_frames",
+    "read_frame_list",
     "available_backends",
     "clear_probe_cache",
     "decoder_threads",
@@ -691,6 +692,14 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int], backend: str | 
     docstring). ``backend``: ``"pyav"`` (default), ``"decord"`` or ``"torchcodec"``;
     ``threads``: decoder threads (default: :func:`decoder_threads`).
     Raises :class:`VideoDecodeError` for a bad file, ``ValueError`` for negative indices."""
+    return torch.stack(read_frame_list(path, indices, backend, threads=threads))
+
+
+def read_frame_list(path: str | os.PathLike, indices: Sequence[int], backend: str | None = None, *,
+                    threads: int | None = None) -> list[torch.Tensor]:
+    """:func:`read_frames` as a list of ``H x W x 3`` uint8 frames, one per index (a repeated
+    index repeats the same tensor), without copying the decoded frames into one tensor: for
+    consumers that copy only a crop of each frame (the clip transforms)."""
     path = os.fspath(path)
     indices = [int(i) for i in indices]
     if not indices:
@@ -719,15 +728,16 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int], backend: str | 
     if not got:
         raise VideoDecodeError(path, "no decodable video frames")
     last = max(got)
+    frames = {i: torch.from_numpy(array) for i, array in got.items()}
     rows = []
     for i in clamped:
-        if i in got:
-            rows.append(got[i])
+        if i in frames:
+            rows.append(frames[i])
         elif i > last:  # beyond the last decodable frame: clamp
-            rows.append(got[last])
+            rows.append(frames[last])
         else:
             raise VideoDecodeError(path, f"frame {i} could not be decoded")
-    return torch.from_numpy(np.stack(rows))
+    return rows
 
 
 def _read_pyav(path: str, wanted: list[int], index: _FrameIndex, threads: int) -> dict[int, np.ndarray]:

@@ -150,9 +150,31 @@ def _resize(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=down)
 
 
-def _check_clip(clip: torch.Tensor) -> None:
-    if clip.dtype != torch.uint8 or clip.dim() != 4 or clip.shape[-1] != 3:
-        raise ValueError(f"expected a uint8 clip T x H x W x 3, got {tuple(clip.shape)} {clip.dtype}")
+Clip = torch.Tensor | Sequence[torch.Tensor]  # T x H x W x 3, or T frames H x W x 3 (uint8)
+
+
+def _clip_size(clip: Clip) -> tuple[int, int]:
+    """(H, W) of a uint8 clip given as one ``T x H x W x 3`` tensor or as a sequence of
+    ``H x W x 3`` frames (as :func:`~dist_video.data.decoding.read_frame_list` returns them)."""
+    if isinstance(clip, torch.Tensor):
+        if clip.dtype != torch.uint8 or clip.dim() != 4 or clip.shape[-1] != 3:
+            raise ValueError(f"expected a uint8 clip T x H x W x 3, got {tuple(clip.shape)} {clip.dtype}")
+        return clip.shape[1], clip.shape[2]
+    if not clip:
+        raise ValueError("expected a uint8 clip, got no frames")
+    size = clip[0].shape
+    for frame in clip:
+        if frame.dtype != torch.uint8 or frame.dim() != 3 or frame.shape[-1] != 3 or frame.shape != size:
+            raise ValueError(f"expected uint8 frames H x W x 3 of one size, got {tuple(frame.shape)} {frame.dtype}")
+    return size[0], size[1]
+
+
+def _crop(clip: Clip, top: int, left: int, height: int, width: int) -> torch.Tensor:
+    """uint8 ``T x 3 x height x width`` (channels-last memory): a view of a tensor clip; from a
+    sequence of frames, only the crop of each frame is copied."""
+    if isinstance(clip, torch.Tensor):
+        return clip[:, top:top + height, left:left + width, :].permute(0, 3, 1, 2)
+    return torch.stack([f[top:top + height, left:left + width] for f in clip]).permute(0, 3, 1, 2)
 
 
 _SIDE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
@@ -209,17 +231,16 @@ class TrainTransform:
         frames, colour, label = self.geometry(clip, label=label, generator=generator)
         return self.normalize(frames[None], colour[None])[0], label
 
-    def geometry(self, clip: torch.Tensor, *, label: int = -1, generator: Rng = None,
+    def geometry(self, clip: Clip, *, label: int = -1, generator: Rng = None,
                  crop: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The uint8 step: (uint8 ``3 x T x S x S`` crop, resized and maybe flipped; the clip's
         colour map ``3 x 4`` float32 for :func:`normalize_clips` (identity without jitter and
-        grayscale); label after flipping). Draws every random number of the transform."""
-        _check_clip(clip)
-        t, h, w, _ = clip.shape
+        grayscale); label after flipping). Draws every random number of the transform. ``clip``:
+        uint8 ``T x H x W x 3``, or a sequence of ``H x W x 3`` frames (only their crops are copied)."""
+        h, w = _clip_size(clip)
         top, left, ch, cw = random_resized_crop_box(h, w, self.scale, self.ratio, generator)
         u_flip, u_jitter, u_gray = uniform(generator, 3)
-        frames = clip[:, top:top + ch, left:left + cw, :].permute(0, 3, 1, 2)
-        frames = _resize(frames, (self.crop_size, self.crop_size))
+        frames = _resize(_crop(clip, top, left, ch, cw), (self.crop_size, self.crop_size))
         do_flip = self.flip and u_flip < 0.5
         if do_flip and self.flip_labels is not None and label >= 0:
             flipped = self.flip_labels[label]
@@ -307,17 +328,16 @@ class TestTransform:
         frames, colour, label = self.geometry(clip, label=label, crop=crop)
         return self.normalize(frames[None], colour)[0], label
 
-    def geometry(self, clip: torch.Tensor, *, label: int = -1, generator: Rng = None,
+    def geometry(self, clip: Clip, *, label: int = -1, generator: Rng = None,
                  crop: int = 0) -> tuple[torch.Tensor, None, int]:
         """The uint8 step: (uint8 ``3 x T x S x S`` crop ``crop``, resized; ``None``: no colour
-        map; label unchanged). ``generator`` is not used (the test protocol is deterministic)."""
-        _check_clip(clip)
+        map; label unchanged). ``generator`` is not used (the test protocol is deterministic).
+        ``clip`` as in :meth:`TrainTransform.geometry`."""
+        h, w = _clip_size(clip)
         if not 0 <= crop < self.num_crops:
             raise ValueError(f"crop {crop} out of range for {self.num_crops} crops")
-        t, h, w, _ = clip.shape
         top, left, ch, cw = self.crop_box(h, w, crop)
-        frames = clip[:, top:top + ch, left:left + cw, :].permute(0, 3, 1, 2)
-        frames = _resize(frames, (self.crop_size, self.crop_size))
+        frames = _resize(_crop(clip, top, left, ch, cw), (self.crop_size, self.crop_size))
         return frames.permute(1, 0, 2, 3).contiguous(), None, label
 
     def normalize(self, clips: torch.Tensor, colour: None = None, *, out: torch.Tensor | None = None
