@@ -209,13 +209,13 @@ def _evaluation_rank(rank: int, world: int, init_file: str, data: str, out: str)
     from dist_video.engine.evaluate import predict_dataset
 
     decoded = []
-    read_frames = datasets_module.read_frames
+    read_frame_list = datasets_module.read_frame_list
 
     def counting(path, *args, **kwargs):
         decoded.append(os.path.basename(path))
-        return read_frames(path, *args, **kwargs)
+        return read_frame_list(path, *args, **kwargs)
 
-    datasets_module.read_frames = counting
+    datasets_module.read_frame_list = counting
     if world > 1:
         torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
