@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_helpers import realistic_scales
+
 from dist_video.clip import CLIP, CLIPConfig
 
 # One intra-op thread unless OMP_NUM_THREADS says otherwise: the tests' models are tiny, so on a
@@ -23,13 +25,7 @@ def _tiny_clip(width=128, layers=4, heads=None, patch=16, image=64, embed=64, se
     cfg = CLIPConfig(embed_dim=embed, image_size=image, patch_size=patch, vision_width=width,
                      vision_layers=layers, vision_heads=heads or width // 64, text_layers=0)
     clip = CLIP(cfg)
-    # Random weights with realistic scales (the default init leaves biases zero).
-    with torch.no_grad():
-        for name, p in clip.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.02)
-            elif "ln" in name and name.endswith("weight"):
-                p.normal_(1.0, 0.1)
+    realistic_scales(clip)
     return clip.eval()
 
 

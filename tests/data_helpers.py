@@ -12,6 +12,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import torch
 
 BITS = 10
 
@@ -122,3 +123,14 @@ def tiny_run_args(data: Path, out: Path, *extra: str) -> list[str]:
         "train.eval_every=0", "train.log_every=1", "eval.batch_size=6", *extra,
     ]
     return ["--output", str(out), "--no-progress", *[a for s in sets for a in ("--set", s)]]
+
+
+def realistic_scales(module: torch.nn.Module) -> None:
+    """Random weights with realistic scales in place (the default init leaves biases zero and
+    LayerNorm weights one): biases N(0, 0.02), LayerNorm weights N(1, 0.1)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+            elif "ln" in name and name.endswith("weight"):
+                p.normal_(1.0, 0.1)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from data_helpers import write_coded_video
+from data_helpers import realistic_scales, write_coded_video
 
 CLASS_NAMES = ["juggling", "knitting", "rowing", "surfing", "yawning"]
 #: The tiny model's test protocol: 64 px crops of a 64 px short side, 2 segment views.
@@ -36,6 +37,16 @@ def make_tiny_model_folder(path: Path, clip_factory) -> Path:
     return path
 
 
+def same_prediction(got: dict, want: dict, name: str) -> None:
+    """``got`` (a server's answer for file ``name``) is ``want`` (in-process ``predict``): same
+    views and top classes, probabilities within 1e-5."""
+    assert got["video"] == name
+    assert got["views"] == want["views"]
+    assert [t["class"] for t in got["top"]] == [t["class"] for t in want["top"]]
+    np.testing.assert_allclose([t["probability"] for t in got["top"]], [t["probability"] for t in want["top"]],
+                               atol=1e-5)
+
+
 def make_tiny_text_model_folder(path: Path) -> Path:
     """A tiny DiST model whose CLIP has a text tower with the full 49408-token vocabulary (so the
     shipped OpenAI vocabulary tokenizes for it: per-request labels work) and a class-text head
@@ -47,12 +58,7 @@ def make_tiny_text_model_folder(path: Path) -> Path:
     clip = CLIP(CLIPConfig(embed_dim=64, image_size=64, patch_size=16, vision_width=128, vision_layers=4,
                            vision_heads=2, context_length=77, vocab_size=49408, text_width=32, text_heads=1,
                            text_layers=1)).eval()
-    with torch.no_grad():
-        for name, p in clip.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.02)
-            elif "ln" in name and name.endswith("weight"):
-                p.normal_(1.0, 0.1)
+    realistic_scales(clip)
     model = DiSTVideoModel(clip, DiSTConfig(num_frames=8, alpha=2, temporal_dim=16, integration_dim=64,
                                             pooling_layers=2), clip_dtype=torch.float32)
     with torch.no_grad():

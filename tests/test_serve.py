@@ -8,7 +8,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
@@ -16,7 +15,8 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from data_helpers import truncate  # noqa: E402
-from deploy_helpers import CLASS_NAMES, Server, make_tiny_model_folder, write_test_videos  # noqa: E402
+from deploy_helpers import (CLASS_NAMES, Server, make_tiny_model_folder, same_prediction,  # noqa: E402
+                            write_test_videos)
 
 from dist_video.engine.predict import load_for_inference, predict_files  # noqa: E402
 
@@ -39,14 +39,6 @@ def expected(model_folder, videos):
     """What ``dist-video predict --json --clip-dtype fp32`` gives for each video, by name."""
     model, preprocess = load_for_inference(str(model_folder), device="cpu", clip_dtype="fp32")
     return {Path(r["video"]).name: r for r in predict_files(model, [str(v) for v in videos], preprocess, topk=5)}
-
-
-def same_prediction(got: dict, want: dict, name: str) -> None:
-    assert got["video"] == name
-    assert got["views"] == want["views"]
-    assert [t["class"] for t in got["top"]] == [t["class"] for t in want["top"]]
-    np.testing.assert_allclose([t["probability"] for t in got["top"]], [t["probability"] for t in want["top"]],
-                               atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,10 @@ import copy
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from deploy_helpers import (CLASS_NAMES, Server, make_tiny_model_folder, make_tiny_text_model_folder,
-                            write_test_videos)
+                            same_prediction, write_test_videos)
 from zero_shot_helpers import ModuloTokenizer
 
 from dist_video.engine.predict import load_for_inference, predict_files, use_labels
@@ -106,14 +105,6 @@ def expected_with_labels(folder: Path, videos, names, prompt=None, **kwargs) -> 
                                            clip_dtype="fp32")
     assert model.class_names == list(names)
     return {Path(r["video"]).name: r for r in predict_files(model, [str(v) for v in videos], preprocess, **kwargs)}
-
-
-def same_prediction(got: dict, want: dict, name: str) -> None:
-    assert got["video"] == name
-    assert got["views"] == want["views"]
-    assert [t["class"] for t in got["top"]] == [t["class"] for t in want["top"]]
-    np.testing.assert_allclose([t["probability"] for t in got["top"]], [t["probability"] for t in want["top"]],
-                               atol=1e-5)
 
 
 def post(server, video: Path | None, *, data: dict | None = None, params=None, content: bytes | None = None,

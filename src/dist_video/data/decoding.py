@@ -59,6 +59,8 @@ __all__ = [
     "probe",
     "read_frames",
     "read_frame_list",
+    "video_stream",
+    "decoded_frames",
     "available_backends",
     "clear_probe_cache",
     "decoder_threads",
@@ -272,7 +274,10 @@ def _ffmpeg_message(e: BaseException) -> str:
     return strerror or str(e) or type(e).__name__
 
 
-def _video_stream(container, path: str):
+def video_stream(container, path: str):
+    """The video stream of an open container (cover art skipped); raises
+    :class:`VideoDecodeError` naming ``path`` for text rendered as video, no video stream, or
+    no decoder in this FFmpeg build."""
     if container.format.name in _TEXT_ART_FORMATS:
         raise VideoDecodeError(path, f"not a video (FFmpeg would render it as text art, format "
                                      f"{container.format.name!r})")
@@ -326,6 +331,15 @@ def _demux(container, stream):
         yield packet
 
 
+def decoded_frames(container, stream):
+    """Every frame of ``stream`` in decoder output order, the way this module counts them: a
+    packet the decoder rejects gives no frames, a read error (a truncated end) ends the stream."""
+    cc = stream.codec_context
+    for packet in _demux(container, stream):
+        yield from _decode(cc, packet)
+    yield from _decode(cc, None)
+
+
 def _stream_rate(stream) -> float:
     for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
         if rate:
@@ -361,7 +375,7 @@ def _make_info(container, stream, num_frames: int, pts: _PtsTable | None, counte
 
 def _build_index(path: str, force_decode: bool = False) -> _FrameIndex:
     with _open(path) as container:
-        stream = _video_stream(container, path)
+        stream = video_stream(container, path)
         family = _family(container)
         meta_frames = int(stream.frames or 0)
         codec = stream.codec_context.name
@@ -405,7 +419,7 @@ def _build_index(path: str, force_decode: bool = False) -> _FrameIndex:
 def _index_by_decoding(path: str) -> _FrameIndex:
     """Count frames by decoding all of them (no RGB conversion)."""
     with _open(path) as container:
-        stream = _video_stream(container, path)
+        stream = video_stream(container, path)
         _configure(stream, decoder_threads(None, stream.codec_context.width * stream.codec_context.height))
         cc = stream.codec_context
         family = _family(container)
@@ -479,7 +493,7 @@ def _read_sequential(path: str, wanted: list[int], index: _FrameIndex, threads: 
     count = 0
     last = None
     with _open(path) as container:
-        stream = _video_stream(container, path)
+        stream = video_stream(container, path)
         _configure(stream, threads)
         cc = stream.codec_context
 
@@ -510,7 +524,7 @@ def _read_indexed(path: str, wanted: list[int], index: _FrameIndex, threads: int
     remaining = list(wanted)  # ascending; remaining[0] is the next frame to obtain
     got: dict[int, np.ndarray] = {}
     with _open(path) as container:
-        stream = _video_stream(container, path)
+        stream = video_stream(container, path)
         _configure(stream, threads)
         cc = stream.codec_context
         pos = -1            # index of the last frame the decoder output

@@ -31,13 +31,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import av
 from av.video.frame import PictureType
 
 from .datasets import VIDEO_EXTENSIONS, Annotations, VideoRecord, load_annotations
-from .decoding import VideoDecodeError, probe
+from .decoding import VideoDecodeError, decoded_frames, probe, video_stream
 
 __all__ = ["PrepareJob", "PrepareResult", "PrepareReport", "output_size", "prepare_video", "plan_prepare",
            "prepare_dataset", "write_annotations", "write_report", "REPORT_NAME", "TEMP_MARK"]
@@ -126,30 +126,6 @@ def _frame_rate(stream, fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(1001) if fps > 0 else Fraction(25)
 
 
-def _decoded_frames(container, stream) -> Iterable:
-    """Frames in decoder output order; a packet the decoder rejects, or a read error at a
-    truncated end, gives no frames (as :mod:`~dist_video.data.decoding` counts them)."""
-    cc = stream.codec_context
-    it = container.demux(stream)
-    while True:
-        try:
-            packet = next(it)
-        except StopIteration:
-            break
-        except av.FFmpegError:
-            break
-        if packet.size == 0 or packet.is_corrupt:
-            continue
-        try:
-            yield from cc.decode(packet)
-        except av.FFmpegError:
-            continue
-    try:
-        yield from cc.decode(None)
-    except av.FFmpegError:
-        return
-
-
 def _remove_stale(output: Path) -> None:
     for old in output.parent.glob(f".{glob.escape(output.name)}.{TEMP_MARK}*.mp4"):
         try:
@@ -177,7 +153,7 @@ def prepare_video(source: str | os.PathLike, output: str | os.PathLike, *, short
         width, height = output_size(info.width, info.height, short_side)
         written = 0
         with av.open(source, metadata_errors="ignore") as src, av.open(str(tmp), "w", format="mp4") as dst:
-            stream = _first_video(src)
+            stream = video_stream(src, source)
             stream.codec_context.thread_count = threads
             stream.codec_context.thread_type = "AUTO" if threads != 1 else "SLICE"
             rate = _frame_rate(stream, info.fps)
@@ -188,7 +164,7 @@ def prepare_video(source: str | os.PathLike, output: str | os.PathLike, *, short
             out.options = {"crf": str(crf), "preset": preset,
                            "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
             time_base = 1 / rate
-            for frame in _decoded_frames(src, stream):
+            for frame in decoded_frames(src, stream):
                 small = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
                 small.pts, small.time_base = written, time_base
                 small.pict_type = PictureType.NONE  # the source's keyframes must not force ours
@@ -219,23 +195,12 @@ def prepare_video(source: str | os.PathLike, output: str | os.PathLike, *, short
                          bytes_after=output.stat().st_size, seconds=time.perf_counter() - t0)
 
 
-def _first_video(container):
-    for s in container.streams.video:
-        try:
-            if s.disposition & av.stream.Disposition.attached_pic:
-                continue
-        except (AttributeError, TypeError):
-            pass
-        return s
-    raise ValueError("no video stream")
-
-
 def _count_frames(path: Path) -> int:
     """Frames the file decodes to (every frame, no RGB conversion)."""
     with av.open(str(path)) as c:
         stream = c.streams.video[0]
         stream.codec_context.thread_count = 1
-        return sum(1 for _ in _decoded_frames(c, stream))
+        return sum(1 for _ in decoded_frames(c, stream))
 
 
 def _unlink(path: Path) -> None:

@@ -31,7 +31,7 @@ import av
 import numpy as np
 import torch
 
-from ..data.decoding import VideoDecodeError, probe
+from ..data.decoding import VideoDecodeError, probe, video_stream
 from ..data.sampling import build_sampler
 from .data import test_transform
 from .inference import class_names_of, model_device
@@ -92,20 +92,6 @@ def window_frames(bounds: Sequence[tuple[float, float]], fps: float, num_frames:
     return out
 
 
-def _is_cover_art(stream) -> bool:
-    try:
-        return bool(stream.disposition & av.stream.Disposition.attached_pic)
-    except (AttributeError, TypeError):
-        return False
-
-
-def _video_stream(container, path: str):
-    streams = [s for s in container.streams.video if not _is_cover_art(s)]
-    if not streams:
-        raise VideoDecodeError(path, "no video stream")
-    return streams[0]
-
-
 def _stream_clips(path: str, plan: list[list[int]], transform, out: queue.Queue, stop: threading.Event) -> None:
     """Decode ``path`` once, from the start; put ``(k, uint8 clip 3 x T x S x S)`` on ``out`` as soon
     as window k's frames are all decoded, then ``None``; a failure is put as the exception."""
@@ -134,7 +120,7 @@ def _stream_clips(path: str, plan: list[list[int]], transform, out: queue.Queue,
 
         index = -1
         with av.open(path, mode="r", metadata_errors="ignore") as container:
-            stream = _video_stream(container, path)
+            stream = video_stream(container, path)
             stream.thread_type = "AUTO"
             try:
                 for frame in container.decode(stream):
@@ -306,7 +292,7 @@ def annotate_video(timeline: Timeline, out: str | os.PathLike, *, crf: int = 23)
     rate = Fraction(timeline.fps).limit_denominator(1001)
     out = Path(out)
     with av.open(src, mode="r", metadata_errors="ignore") as container:
-        stream = _video_stream(container, src)
+        stream = video_stream(container, src)
         stream.thread_type = "AUTO"
         rate = stream.average_rate or rate
         width, height = stream.codec_context.width // 2 * 2, stream.codec_context.height // 2 * 2
