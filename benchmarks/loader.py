@@ -224,14 +224,16 @@ FEED_SIZE = (1280, 720)
 SSV2_LIKE = {"width": 426, "height": 240, "fps": 12, "seconds": 4.0, "codec": "libvpx-vp9"}
 
 
-def timed_prepare(originals: list[Path], folder: Path, side: int, workers: int) -> tuple[list[Path], dict]:
+def timed_prepare(originals: list[Path], folder: Path, side: int, workers: int, gop: int = 16,
+                  tune: str | None = "fastdecode") -> tuple[list[Path], dict]:
     """``prepare_dataset`` of ``originals`` into a fresh ``folder``: outputs, time and disk."""
     from dist_video.data.prepare import PrepareJob, prepare_dataset
+    folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.mp4"):
         old.unlink()
     jobs = [PrepareJob(str(p), str(folder / (p.stem + ".mp4"))) for p in originals]
     t0 = time.perf_counter()
-    results = prepare_dataset(jobs, short_side=side, gop=16, workers=workers)
+    results = prepare_dataset(jobs, short_side=side, gop=gop, tune=tune, workers=workers)
     wall = time.perf_counter() - t0
     failed = [r for r in results if r.status != "done"]
     if failed:
@@ -239,7 +241,8 @@ def timed_prepare(originals: list[Path], folder: Path, side: int, workers: int) 
     before, after = sum(r.bytes_before for r in results), sum(r.bytes_after for r in results)
     info = probe(results[0].output)
     return [Path(r.output) for r in results], {
-        "videos": len(jobs), "workers": workers, "wall_seconds": wall, "bytes_before": before, "bytes_after": after,
+        "videos": len(jobs), "workers": workers, "gop": gop, "tune": tune, "wall_seconds": wall,
+        "bytes_before": before, "bytes_after": after,
         "wall_seconds_per_1000_videos": wall / len(jobs) * 1000,
         "gib_per_1000_videos_after": after / len(jobs) * 1000 / 2**30,
         "gib_per_1000_videos_before": before / len(jobs) * 1000 / 2**30,
@@ -272,20 +275,27 @@ def feed_sets(cache: Path, count: int, workers: int) -> tuple[dict[str, list[Pat
     return sets, prepare
 
 
+def setting_key(name: str, backend: str, n: int, clip_frames: str) -> str:
+    return f"{name} | {backend} | {n}" + (" shared" if clip_frames == "shared" else "")
+
+
 def measure_feed(sets: dict[str, list[Path]], backends: list[str], clips_per_video: list[int],
-                 repeats: int, warmup: int = 1, min_seconds: float = 3.0) -> dict:
+                 repeats: int, warmup: int = 1, min_seconds: float = 3.0,
+                 clip_frames: tuple[str, ...] = ("independent",)) -> dict:
     """Training clips per second per core through ``VideoClipDataset.__getitem__`` (probe
-    cached, one decoder thread, one torch thread) for every (set, backend, clips per video);
-    every repetition runs every setting once, in the same order, after ``warmup`` passes that
-    are not counted. A setting's repetition goes over its videos (new random draws each time)
-    until ``min_seconds`` have passed, so fast settings are not timed over a fraction of a second."""
-    settings = [(name, b, n) for name in sets for b in backends for n in clips_per_video]
+    cached, one decoder thread, one torch thread) for every (set, backend, clips per video,
+    clip frames: ``independent`` always, ``shared`` for several clips per video); every
+    repetition runs every setting once, in the same order, after ``warmup`` passes that are not
+    counted. A setting's repetition goes over its videos (new random draws each time) until
+    ``min_seconds`` have passed, so fast settings are not timed over a fraction of a second."""
+    settings = [(name, b, n, mode) for name in sets for b in backends for n in clips_per_video
+                for mode in clip_frames if mode == "independent" or n > 1]
     datasets = {}
-    for name, b, n in settings:
+    for name, b, n, mode in settings:
         records = [VideoRecord(str(p), 0) for p in sets[name]]
-        datasets[(name, b, n)] = VideoClipDataset(records, sampler=SegmentSampler(16),
-                                                  transform=TrainTransform(crop_size=224), training=True, seed=0,
-                                                  backend=b, decode_threads=1, clips_per_video=n)
+        datasets[(name, b, n, mode)] = VideoClipDataset(
+            records, sampler=SegmentSampler(16), transform=TrainTransform(crop_size=224), training=True, seed=0,
+            backend=b, decode_threads=1, clips_per_video=n, clip_frames=mode)
         for p in sets[name]:
             probe(p)
     rates: dict[tuple, list[float]] = {k: [] for k in settings}
@@ -303,20 +313,26 @@ def measure_feed(sets: dict[str, list[Path]], backends: list[str], clips_per_vid
             if rep >= warmup:
                 rates[key].append(clips / (time.perf_counter() - t))
         print(f"feed pass {rep + 1} of {warmup + repeats} done", file=sys.stderr)
-    table = {f"{name} | {b} | {n}": statistics.median(v) for (name, b, n), v in rates.items()}
-    out = {"clips_per_second_per_core": table,
-           "all_repetitions": {f"{name} | {b} | {n}": v for (name, b, n), v in rates.items()}}
+    table = {setting_key(*k): statistics.median(v) for k, v in rates.items()}
+    out = {"clips_per_second_per_core": table, "all_repetitions": {setting_key(*k): v for k, v in rates.items()}}
     ratios = {}
     first = next(iter(sets))
-    for name in sets:
-        for b in backends:
-            base = table[f"{name} | {b} | 1"]
-            for n in clips_per_video:
-                ratios[f"{name} | {b} | clips_per_video {n} / 1"] = table[f"{name} | {b} | {n}"] / base
-            if name.startswith("prepared"):
-                ratios[f"{name} / {first} | {b} | 1"] = base / table[f"{first} | {b} | 1"]
+    for name, b, n, mode in settings:
+        base = table[setting_key(name, b, 1, "independent")]
+        ratios[f"{setting_key(name, b, n, mode)} / 1"] = table[setting_key(name, b, n, mode)] / base
+        if n == 1 and name.startswith("prepared") and first.endswith("originals"):
+            ratios[f"{name} / {first} | {b} | 1"] = base / table[setting_key(first, b, 1, "independent")]
     out["ratios"] = ratios
     return out
+
+
+def feed_columns(st: dict) -> list[tuple[int, str]]:
+    return [(n, mode) for mode in st.get("clip_frames", ["independent"]) for n in st["clips_per_video"]
+            if mode == "independent" or n > 1]
+
+
+def column_name(n: int, mode: str) -> str:
+    return f"{n}" + (" shared" if mode == "shared" else "")
 
 
 def write_feed_markdown(result: dict, path: Path) -> None:
@@ -327,7 +343,8 @@ def write_feed_markdown(result: dict, path: Path) -> None:
              f"torch {m['torch']}, PyAV {m['av']} (libavcodec {m['ffmpeg']}), Python {m['python']}; backends: "
              f"{', '.join(f'{k} {v}' for k, v in st['backend_versions'].items())}.",
              f"{st['feed_videos']} generated Kinetics-like videos (10 s, 1280x720, 30 fps, x264 defaults: B-frames, "
-             "keyint 250, scene cuts) and the same files after `dist-video prepare --short-side S --gop 16`; "
+             "keyint 250, scene cuts) and the same files after `dist-video prepare --short-side S` (its defaults: "
+             "GOP 16, `--tune fastdecode`); "
              f"{st['feed_videos']} SSv2-like videos (4 s, 426x240, 12 fps, VP9) after `prepare --short-side 320`. "
              "Training clips of 16 segment-sampled frames, `TrainTransform(crop_size=224)`, through "
              "`VideoClipDataset.__getitem__` (a loader worker's share: decoding and the uint8 crop, resize and flip; "
@@ -336,22 +353,22 @@ def write_feed_markdown(result: dict, path: Path) -> None:
              f"per second per core, medians of {st['feed_repeats']} repetitions (after {st['feed_warmup']} "
              "uncounted passes), every setting run once in each repetition (side by side), each over its videos "
              f"again until at least {st.get('feed_min_seconds', 0):g} s had passed.", "",
-             "| videos | backend | " + " | ".join(f"clips_per_video {n}" for n in st["clips_per_video"])
-             + " | " + " | ".join(f"{n} / 1" for n in st["clips_per_video"][1:]) + " |",
-             "|---|---|" + "---|" * (2 * len(st["clips_per_video"]) - 1)]
+             "Columns: `data.clips_per_video` N with each clip sampled on its own (the default), and "
+             "`N shared` with `data.clip_frames=shared` (the N clips share one sample of frames and differ "
+             "in augmentation only).", "",
+             feed_table_header(st), "|---|---|" + "---|" * (2 * len(feed_columns(st)) - 1)]
     names = list(dict.fromkeys(k.split(" | ")[0] for k in table))
     for name in names:
         for b in st["backends"]:
-            row = [table[f"{name} | {b} | {n}"] for n in st["clips_per_video"]]
-            lines.append(f"| {name} | {b} | " + " | ".join(f"{x:.2f}" for x in row) + " | "
-                         + " | ".join(f"{x / row[0]:.2f}x" for x in row[1:]) + " |")
+            lines.append(feed_table_row(table, name, b, st))
     lines += ["", "Prepared against the originals (clips_per_video 1, same backend):", "",
               "| videos | " + " | ".join(st["backends"]) + " |", "|---|" + "---|" * len(st["backends"])]
     for name in (n for n in names if n.startswith("prepared")):
         lines.append(f"| {name} | " + " | ".join(f"{feed['ratios'][f'{name} / {names[0]} | {b} | 1']:.2f}x"
                                                  for b in st["backends"]) + " |")
     lines += ["", "## prepare", "",
-              "`prepare_dataset(..., gop=16, workers=all cores)` from scratch; SSv2-like: 426x240 VP9 WebM, 12 fps, "
+              "`prepare_dataset(..., gop=16, tune='fastdecode', workers=all cores)` from scratch; "
+              "SSv2-like: 426x240 VP9 WebM, 12 fps, "
               "4 s, generated the same way.", "",
               "| videos, short side | size before -> after | wall time per video | per 1,000 videos "
               "| disk per 1,000 videos: after (before) |",
@@ -364,6 +381,68 @@ def write_feed_markdown(result: dict, path: Path) -> None:
     lines += ["", "Generated videos: a photo panned and zoomed with sensor-like noise and one scene cut; real "
               "Kinetics videos differ in content, length (up to 10 s), resolution and encoder settings, so "
               "treat the absolute rates and sizes as this machine's measurement on these files.", ""]
+    path.write_text("\n".join(lines))
+
+
+def feed_table_header(st: dict, first: str = "videos | backend") -> str:
+    columns = feed_columns(st)
+    return (f"| {first} | " + " | ".join(f"clips_per_video {column_name(*c)}" for c in columns) + " | "
+            + " | ".join(f"{column_name(*c)} / 1" for c in columns[1:]) + " |")
+
+
+def feed_table_row(table: dict, name: str, b: str, st: dict, label: str | None = None) -> str:
+    row = [table[setting_key(name, b, n, mode)] for n, mode in feed_columns(st)]
+    return (f"| {label or f'{name} | {b}'} | " + " | ".join(f"{x:.2f}" for x in row) + " | "
+            + " | ".join(f"{x / row[0]:.2f}x" for x in row[1:]) + " |")
+
+
+#: ``prepare`` settings compared by ``--part prepare-options`` at short side 320: (GOP, x264 tune).
+PREPARE_OPTIONS = [(16, None), (16, "fastdecode"), (32, "fastdecode"), (64, "fastdecode"), (250, "fastdecode")]
+
+
+def option_name(gop: int, tune: str | None) -> str:
+    return f"GOP {gop}, " + (f"tune {tune}" if tune else "x264 default tools")
+
+
+def measure_prepare_options(cache: Path, count: int, workers: int, repeats: int, warmup: int,
+                            min_seconds: float) -> dict:
+    """The 720p originals prepared at short side 320 with each of ``PREPARE_OPTIONS``; clips per
+    second per core (PyAV) at ``clips_per_video`` 1 and 2 (independent and shared frames)."""
+    originals = []
+    (cache / "720p").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        path = cache / "720p" / f"kinetics_like_720p_{i:02d}.mp4"
+        if not path.exists():
+            make_video(path, 100 + i, None, *FEED_SIZE)
+        originals.append(path)
+    sets, prepare = {}, {}
+    for gop, tune in PREPARE_OPTIONS:
+        name = option_name(gop, tune)
+        sets[name], prepare[name] = timed_prepare(originals, cache / f"options-g{gop}-{tune or 'none'}", 320,
+                                                  workers, gop=gop, tune=tune)
+    feed = measure_feed(sets, ["pyav"], [1, 2], repeats, warmup, min_seconds, clip_frames=("independent", "shared"))
+    return {"prepare": prepare, "feed": feed}
+
+
+def write_prepare_options_markdown(result: dict, path: Path) -> None:
+    m, st, feed = result["machine"], result["settings"], result["feed"]
+    table = feed["clips_per_second_per_core"]
+    lines = ["# prepare's settings against the loader's speed", "",
+             f"Measured by `benchmarks/loader.py --part prepare-options` on {m['date']}: {m['cpu']}, {m['cores']} "
+             f"cores, torch {m['torch']}, PyAV {m['av']} (libavcodec {m['ffmpeg']}), Python {m['python']}.",
+             f"{st['feed_videos']} generated Kinetics-like 720p videos (as in loader-feed.md) prepared at short side "
+             "320 with each GOP and x264 tuning below; training clips of 16 segment-sampled frames through "
+             "`VideoClipDataset.__getitem__` with PyAV, one decoder thread and one torch thread: clips per second "
+             f"per core, medians of {st['feed_repeats']} repetitions (after {st['feed_warmup']} uncounted passes), "
+             f"all settings side by side in every repetition, each over its videos until at least "
+             f"{st['feed_min_seconds']:g} s had passed. `2 shared`: `data.clip_frames=shared`.", "",
+             feed_table_header(st, "prepared at 320")[:-1] + "| disk per 1,000 videos | prepare per 1,000 videos |",
+             "|---|" + "---|" * (2 * len(feed_columns(st)) - 1) + "---|---|"]
+    for name, p in result["prepare"].items():
+        lines.append(feed_table_row(table, name, "pyav", st, label=name)
+                     + f" {p['gib_per_1000_videos_after']:.2f} GiB | {p['wall_seconds_per_1000_videos'] / 3600:.2f} h "
+                     f"({p['workers']} workers) |")
+    lines.append("")
     path.write_text("\n".join(lines))
 
 
@@ -427,14 +506,17 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "dist-video-loader-bench"))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--dataloader-clips", type=int, default=48, help="clips per DataLoader epoch")
-    parser.add_argument("--part", choices=["all", "decode", "feed"], default="all",
-                        help="decode: loader.md; feed: loader-feed.md (720p vs prepared, clips_per_video)")
+    parser.add_argument("--part", choices=["all", "decode", "feed", "prepare-options"], default="all",
+                        help="decode: loader.md; feed: loader-feed.md (720p vs prepared, clips_per_video); "
+                             "prepare-options: loader-prepare-options.md (prepare's GOP and tuning)")
     parser.add_argument("--feed-videos", type=int, default=6)
     parser.add_argument("--feed-repeats", type=int, default=3)
     parser.add_argument("--feed-warmup", type=int, default=1, help="uncounted passes before the repetitions")
     parser.add_argument("--feed-min-seconds", type=float, default=3.0,
                         help="each setting's repetition runs over its videos again until this long")
     parser.add_argument("--clips-per-video", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--clip-frames", nargs="+", choices=["independent", "shared"],
+                        default=["independent", "shared"], help="feed: data.clip_frames settings to measure")
     parser.add_argument("--prepare-workers", type=int, default=len(os.sched_getaffinity(0)))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -449,17 +531,33 @@ def main(argv=None) -> int:
         result = {"machine": machine(),
                   "settings": {"feed_videos": args.feed_videos, "feed_repeats": args.feed_repeats,
                                "feed_warmup": args.feed_warmup, "feed_min_seconds": args.feed_min_seconds,
-                               "clips_per_video": args.clips_per_video, "backends": backends,
+                               "clips_per_video": args.clips_per_video, "clip_frames": args.clip_frames,
+                               "backends": backends,
                                "backend_versions": backend_versions(backends),
                                "clip": "16 frames, segment-based sampling, TrainTransform(crop_size=224)",
                                "decoder_threads": 1, "torch_threads": 1},
                   "prepare": prepare,
                   "feed": measure_feed(sets, backends, args.clips_per_video, args.feed_repeats, args.feed_warmup,
-                                       args.feed_min_seconds)}
+                                       args.feed_min_seconds, clip_frames=tuple(args.clip_frames))}
         (out / "loader-feed.json").write_text(json.dumps(result, indent=2) + "\n")
         write_feed_markdown(result, out / "loader-feed.md")
         print((out / "loader-feed.md").read_text())
         if args.part == "feed":
+            return 0
+    if args.part in ("all", "prepare-options"):
+        measured = measure_prepare_options(cache, args.feed_videos, args.prepare_workers, args.feed_repeats,
+                                           args.feed_warmup, args.feed_min_seconds)
+        torch.set_num_threads(1)
+        result = {"machine": machine(),
+                  "settings": {"feed_videos": args.feed_videos, "feed_repeats": args.feed_repeats,
+                               "feed_warmup": args.feed_warmup, "feed_min_seconds": args.feed_min_seconds,
+                               "clips_per_video": [1, 2], "clip_frames": ["independent", "shared"],
+                               "backends": ["pyav"], "options": PREPARE_OPTIONS},
+                  **measured}
+        (out / "loader-prepare-options.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_prepare_options_markdown(result, out / "loader-prepare-options.md")
+        print((out / "loader-prepare-options.md").read_text())
+        if args.part == "prepare-options":
             return 0
     t0 = time.perf_counter()
     sets = {"x264 defaults (keyint 250, scene cuts)": videos(cache, args.videos, None),

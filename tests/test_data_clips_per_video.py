@@ -20,8 +20,8 @@ from dist_video.config import Config, ConfigError, load_config
 from dist_video.data import (MixupCutmix, SegmentSampler, TrainTransform, VideoClipDataset, VideoRecord,
                              parse_csv)
 from dist_video.data.synthetic import make_synthetic
-from dist_video.engine.data import (clips_on_device, collate_clips, train_batches_per_epoch, train_loader,
-                                    videos_per_batch)
+from dist_video.engine.data import (build_datasets, clips_on_device, collate_clips, train_batches_per_epoch,
+                                    train_loader, videos_per_batch)
 from dist_video.engine.distributed import DistEnv
 
 from data_helpers import tiny_run_args
@@ -70,6 +70,29 @@ def test_two_clips_come_from_one_decode_and_are_augmented_independently(syntheti
     assert torch.equal(double[5]["video"], item["video"])  # a function of (seed, epoch, index)
     double.set_epoch(1)
     assert not torch.equal(double[5]["video"], item["video"])
+
+
+def test_shared_frames_decode_one_clip_for_all_clips_and_augment_each(synthetic, monkeypatch):
+    single, shared = train_set(synthetic, 1), train_set(synthetic, 3, clip_frames="shared")
+    calls = count_decodes(monkeypatch)
+    item = shared[5]
+    reference = single[5]
+    assert len(calls) == 2 and calls[0] == calls[1] and len(calls[0]) == 8  # one clip's frames, once
+    assert tuple(item["video"].shape) == (3, 3, 8, 24, 24) and item["label"].tolist() == [shared.records[5].label] * 3
+    assert torch.equal(item["video"][0], reference["video"])  # clip 0 is the clip_per_video=1 clip
+    assert not torch.equal(item["video"][1], item["video"][2])  # the others are augmented on their own
+    assert not torch.equal(item["colour"][1], item["colour"][2])
+    independent = train_set(synthetic, 3)[5]  # same generators: the augmentation of clip 0 agrees
+    assert torch.equal(independent["video"][0], item["video"][0])
+    with pytest.raises(ValueError, match="clip_frames must be 'independent' or 'shared'"):
+        train_set(synthetic, 2, clip_frames="same")
+
+
+def test_clip_frames_reaches_the_training_set_from_the_config(synthetic):
+    cfg = load_config(None, None, [f"data.root={synthetic}", f"data.train={synthetic / 'train.csv'}",
+                                   "data.clips_per_video=2", "data.clip_frames=shared", "data.workers=0"])
+    train = build_datasets(cfg, splits=("train",)).train
+    assert train.clips_per_video == 2 and train.clip_frames == "shared"
 
 
 def test_preloaded_clips_equal_clips_from_the_files(synthetic):

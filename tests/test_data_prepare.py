@@ -72,6 +72,26 @@ def test_prepare_keeps_every_frame_in_order_at_the_same_rate(tmp_path, codec, su
     assert again.status == "skipped" and again.bytes_after == out.stat().st_size
 
 
+def x264_settings(path: Path) -> str:
+    """The encoder's settings string that x264 writes into the stream (an SEI message)."""
+    data = path.read_bytes()
+    start = data.index(b"x264 - core")
+    return data[start:data.index(b"\x00", start)].decode("ascii", "replace")
+
+
+def test_prepared_copies_are_tuned_for_decoding_unless_asked_not_to(tmp_path):
+    src = write_coded_video(tmp_path / "src.mp4", 20, width=160, height=120, fps=30)
+    tuned = prepare_video(src, tmp_path / "tuned.mp4", short_side=64, gop=16)
+    plain = prepare_video(src, tmp_path / "plain.mp4", short_side=64, gop=16, tune=None)
+    assert tuned.status == plain.status == "done"
+    fast, default = x264_settings(tmp_path / "tuned.mp4"), x264_settings(tmp_path / "plain.mp4")
+    assert "cabac=0" in fast and "deblock=0" in fast and "weightb=0" in fast
+    assert "cabac=1" in default and "deblock=1" in default
+    assert len(decode_all(tmp_path / "tuned.mp4")) == 20
+    with pytest.raises(ValueError, match="did you mean 'fastdecode'"):
+        prepare_dataset([], tune="fastdecod")
+
+
 def test_bad_inputs_are_listed_and_the_others_prepared(tmp_path):
     src = tmp_path / "src"
     (src / "a").mkdir(parents=True)

@@ -275,14 +275,18 @@ def _bar(total: int, unit: str, enabled: bool):
 def cmd_prepare(args) -> int:
     import time
 
-    from .data.prepare import PrepareReport, plan_prepare, prepare_dataset, write_annotations, write_report
+    from .data.prepare import (PrepareReport, check_tune, plan_prepare, prepare_dataset, write_annotations,
+                               write_report)
 
     t0 = time.perf_counter()
+    tune = None if args.tune == "none" else args.tune
+    check_tune(tune)
     jobs, ann = plan_prepare(args.src, args.dst, fmt=args.format, root=args.root, classes=args.classes,
                              split=args.split, fold=args.fold)
     workers = args.workers or max(1, len(os.sched_getaffinity(0)))
     report = PrepareReport(source=os.path.abspath(args.src), destination=os.path.abspath(args.dst),
-                           short_side=args.short_side, gop=args.gop, workers=workers)
+                           short_side=args.short_side, gop=args.gop, workers=workers, crf=args.crf,
+                           preset=args.preset, tune=tune)
     with _bar(len(jobs), "video", args.progress) as bar:
         def on_result(r):
             report.add(r)
@@ -292,7 +296,7 @@ def cmd_prepare(args) -> int:
             bar.update(1)
 
         results = prepare_dataset(jobs, short_side=args.short_side, gop=args.gop, workers=workers, crf=args.crf,
-                                  preset=args.preset, on_result=on_result)
+                                  preset=args.preset, tune=tune, on_result=on_result)
     if ann is not None:
         name = os.path.splitext(os.path.basename(os.path.normpath(args.src)))[0]
         report.annotation_files = [str(p) for p in write_annotations(jobs, results, ann, args.dst, name)]
@@ -507,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gop", type=int, default=16, help="frames between keyframes (default 16)")
     p.add_argument("--crf", type=int, default=23, help="x264 quality, lower is better (default 23)")
     p.add_argument("--preset", default="veryfast", help="x264 speed preset (default veryfast)")
+    p.add_argument("--tune", default="fastdecode",
+                   help="x264 tuning, comma-separated, or none (default fastdecode: cheaper decoding, "
+                        "slightly larger files)")
     _dataset_arguments(p)
     _output_arguments(p)
     p.set_defaults(func=cmd_prepare)

@@ -105,6 +105,9 @@ class DataConfig:
     # training clips cut from one decode of a video, each sampled and augmented on its own;
     # train.batch_size still counts clips (a multiple of this); an epoch visits every video once
     clips_per_video: int = 1
+    # independent: each clip its own frames | shared: the clips share one sample of frames and
+    # differ in augmentation only (VideoMAE's num_sample, MAE-ST's repeated augmentation)
+    clip_frames: str = "independent"
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
 

@@ -521,7 +521,10 @@ class VideoClipDataset(Dataset):
     clips independently, decodes the union of their frames in one pass and augments each clip
     on its own; ``"video"`` is then N x 3 x T x S x S, ``"colour"`` N x 3 x 4 and ``"label"`` an
     int64 tensor (N,) (a flip can change a clip's label). Clip 0 is the clip ``clips_per_video=1`` gives; clip
-    ``c > 0`` draws from a generator seeded by ``(seed, epoch, index, attempt, c)``.
+    ``c > 0`` draws from a generator seeded by ``(seed, epoch, index, attempt, c)``. With
+    ``clip_frames="shared"`` the N clips take clip 0's frames and differ in their augmentation
+    only (VideoMAE's ``num_sample``, MAE-ST's repeated augmentation): one clip's decoding for N
+    clips.
 
     Bad videos (``VideoDecodeError``): ``on_error="error"`` raises it (its message names the
     file and the cause); ``on_error="skip"`` replaces the item by another record drawn
@@ -540,7 +543,8 @@ class VideoClipDataset(Dataset):
                  transform: Callable, training: bool, num_views: int = 1, num_crops: int = 1,
                  class_names: Sequence[str] | None = None, seed: int = 0, on_error: str = "error",
                  bad_files_dir: str | os.PathLike | None = None, backend: str | None = None,
-                 decode_threads: int | None = None, max_replacements: int = 20, clips_per_video: int = 1):
+                 decode_threads: int | None = None, max_replacements: int = 20, clips_per_video: int = 1,
+                 clip_frames: str = "independent"):
         if on_error not in ("error", "skip"):
             raise ValueError(f"on_error must be 'error' or 'skip', got {on_error!r}")
         if not records:
@@ -549,6 +553,8 @@ class VideoClipDataset(Dataset):
             raise ValueError("num_views and num_crops must be >= 1")
         if int(clips_per_video) < 1:
             raise ValueError(f"clips_per_video must be >= 1, got {clips_per_video}")
+        if clip_frames not in ("independent", "shared"):
+            raise ValueError(f"clip_frames must be 'independent' or 'shared', got {clip_frames!r}")
         self.records = list(records)
         self.sampler = sampler
         self.transform = transform
@@ -556,6 +562,7 @@ class VideoClipDataset(Dataset):
         self.num_views = 1 if training else int(num_views)
         self.num_crops = 1 if training else int(num_crops)
         self.clips_per_video = int(clips_per_video) if training else 1
+        self.clip_frames = clip_frames
         self.class_names = list(class_names) if class_names is not None else None
         self.seed = int(seed)
         self.epoch = 0
@@ -659,11 +666,15 @@ class VideoClipDataset(Dataset):
     def load_clips(self, record_index: int, generators: Sequence[torch.Generator]
                    ) -> list[tuple[torch.Tensor, torch.Tensor | None, int]]:
         """Training clips of one record, one per generator: each clip's frames are sampled with
-        its generator, the union of all clips' frames is decoded in one pass, then each clip is
+        its generator (with ``clip_frames="shared"``: every clip takes the first generator's
+        frames), the union of all clips' frames is decoded in one pass, then each clip is
         augmented with its generator. Returns [(uint8 3 x T x S x S clip, colour map, label)] in
         generator order; raises VideoDecodeError for a bad file."""
         rec = self.records[record_index]
         n = self._num_frames(record_index)
+        if self.clip_frames == "shared":
+            frames = self._read(record_index, self.sampler(n, view=None, rng=generators[0]))
+            return [self.transform.geometry(frames, label=rec.label, generator=g) for g in generators]
         picks = [self.sampler(n, view=None, rng=g) for g in generators]
         frames = self._read(record_index, [i for p in picks for i in p])
         starts = [sum(len(p) for p in picks[:c]) for c in range(len(picks))]

@@ -109,7 +109,8 @@ def build_datasets(cfg: Config, splits: Sequence[str] = ("train", "val"),
             transform = train_transform(cfg, class_names)
             out[split] = VideoClipDataset(ann.records, sampler=sampler, transform=transform, training=True,
                                           class_names=class_names, seed=cfg.train.seed, on_error=d.on_error,
-                                          bad_files_dir=bad_dir / "train", clips_per_video=d.clips_per_video)
+                                          bad_files_dir=bad_dir / "train", clips_per_video=d.clips_per_video,
+                                          clip_frames=d.clip_frames)
         else:
             transform = test_transform(d.crop_size, d.test_scale, d.num_crops, d.mean, d.std)
             out[split] = VideoClipDataset(ann.records, sampler=sampler, transform=transform, training=False,
