@@ -15,14 +15,18 @@ cold ``probe`` cost and a DataLoader run with 0, 1 and 2 workers (``loader.md``)
 
 What users feed (``--part feed``, ``loader-feed.md``): Kinetics-like 720p originals (10 s,
 1280 x 720, 30 fps, x264 defaults) against the same files prepared by ``dist-video prepare`` at
-short side 320 and 256 (GOP 16), with ``data.clips_per_video`` 1, 2 and 4, for each installed
-backend, and Something-Something-v2-like videos prepared at 320: training clips (16 frames,
-crop 224) per second per core through the dataset's item path (what a loader worker runs: decode
-and the uint8 crop/resize/flip; the colour map and normalisation run on the batch on the device),
-all settings interleaved in every repetition; plus the time and disk ``prepare`` took.
+short side 320 and 256 (prepare's defaults: GOP 16, x264 ``fastdecode``), with
+``data.clips_per_video`` 1, 2 and 4 (independent and shared frames), for each installed backend,
+and Something-Something-v2-like videos prepared at 320: training clips (16 frames, crop 224) per
+second per core through the dataset's item path (what a loader worker runs: decode and the uint8
+crop/resize/flip; the colour map and normalisation run on the batch on the device), all settings
+interleaved in every repetition; plus the time and disk ``prepare`` took.
 
-Usage: ``python benchmarks/loader.py [--part all|decode|feed] [--videos 8] [--repeats 5]
-[--feed-videos 6] [--feed-repeats 3] [--out benchmarks/results]``
+prepare's settings (``--part prepare-options``, ``loader-prepare-options.md``): the 720p originals
+prepared at 320 with several GOPs, with and without ``fastdecode``, side by side with PyAV.
+
+Usage: ``python benchmarks/loader.py [--part all|decode|feed|prepare-options] [--videos 8]
+[--repeats 5] [--feed-videos 6] [--feed-repeats 3] [--out benchmarks/results]``
 """
 
 from __future__ import annotations
