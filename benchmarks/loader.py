@@ -253,22 +253,28 @@ def timed_prepare(originals: list[Path], folder: Path, side: int, workers: int, 
         "size_before": [probe(originals[0]).width, probe(originals[0]).height], "size": [info.width, info.height]}
 
 
+def cached_videos(folder: Path, names: list[str], seeds: list[int], **video) -> list[Path]:
+    """Generated videos ``folder/name`` (made once, then reused from the cache)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, seed in zip(names, seeds):
+        if not (folder / name).exists():
+            make_video(folder / name, seed, None, **video)
+    return [folder / name for name in names]
+
+
+def feed_originals(cache: Path, count: int) -> list[Path]:
+    """The Kinetics-like 720p originals (cached)."""
+    return cached_videos(cache / "720p", [f"kinetics_like_720p_{i:02d}.mp4" for i in range(count)],
+                         [100 + i for i in range(count)], width=FEED_SIZE[0], height=FEED_SIZE[1])
+
+
 def feed_sets(cache: Path, count: int, workers: int) -> tuple[dict[str, list[Path]], dict]:
     """720p originals (cached) and their copies prepared at short side 320 and 256 (made
     anew each run, timed); and Something-Something-v2-like originals prepared at 320 (timed
     only)."""
-    originals, ssv2 = [], []
-    (cache / "720p").mkdir(parents=True, exist_ok=True)
-    (cache / "ssv2-like").mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        path = cache / "720p" / f"kinetics_like_720p_{i:02d}.mp4"
-        if not path.exists():
-            make_video(path, 100 + i, None, *FEED_SIZE)
-        originals.append(path)
-        path = cache / "ssv2-like" / f"{200 + i}.webm"
-        if not path.exists():
-            make_video(path, 200 + i, None, **SSV2_LIKE)
-        ssv2.append(path)
+    originals = feed_originals(cache, count)
+    ssv2 = cached_videos(cache / "ssv2-like", [f"{200 + i}.webm" for i in range(count)],
+                         [200 + i for i in range(count)], **SSV2_LIKE)
     sets = {"720p originals": originals}
     prepare = {}
     for side in (320, 256):
@@ -412,13 +418,7 @@ def measure_prepare_options(cache: Path, count: int, workers: int, repeats: int,
                             min_seconds: float) -> dict:
     """The 720p originals prepared at short side 320 with each of ``PREPARE_OPTIONS``; clips per
     second per core (PyAV) at ``clips_per_video`` 1 and 2 (independent and shared frames)."""
-    originals = []
-    (cache / "720p").mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        path = cache / "720p" / f"kinetics_like_720p_{i:02d}.mp4"
-        if not path.exists():
-            make_video(path, 100 + i, None, *FEED_SIZE)
-        originals.append(path)
+    originals = feed_originals(cache, count)
     sets, prepare = {}, {}
     for gop, tune in PREPARE_OPTIONS:
         name = option_name(gop, tune)
