@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -30,6 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# As `predict --window` runs: malloc's defaults, not the kept freed memory of other CPU runs
+# (see dist_video.cli._prepare_device); set DIST_VIDEO_KEEP_FREED_MEMORY=1 to measure the other way.
+os.environ.setdefault("DIST_VIDEO_KEEP_FREED_MEMORY", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_method, machine  # noqa: E402
 
@@ -156,9 +160,11 @@ def main() -> None:
         f"DiST K400 ViT-B/16 8+16f (random weights, fused), 224 x 224; synthetic 320 x 240 H.264 at 30 fps; "
         f"windows of {args.window:g} s every {args.stride:g} s; batches of {args.batch}; peak memory: "
         f"median of {args.memory_repeats} fresh process(es) per video; speed: medians of {args.repeats} "
-        "interleaved repetitions.", "",
-        "| video | windows | peak RSS (MiB) | model alone (MiB) |", "|---|---|---|---|",
-        *[f"| {r['minutes']:g} min | {r['windows']} | {r['peak_mib']:.0f} | {r['model_peak_mib']:.0f} |" for r in mem],
+        f"interleaved repetitions; malloc keeps freed memory: {m['malloc_keeps_freed_memory']}.", "",
+        "| video | windows | peak RSS (MiB) | each process (MiB) | model alone (MiB) |", "|---|---|---|---|---|",
+        *[f"| {r['minutes']:g} min | {r['windows']} | {r['peak_mib']:.0f} | "
+          + ", ".join(f"{x['peak_bytes'] / 2**20:.0f}" for x in r["runs"]) + f" | {r['model_peak_mib']:.0f} |"
+          for r in mem],
         "", f"Peak memory, {mem[-1]['minutes']:g} min / {mem[0]['minutes']:g} min: {result['memory_ratio']:.3f}.", "",
         f"Speed ({min(args.minutes):g}-minute video): {fast['window_rate']:.2f} windows/s against the fused model's "
         f"{fast['clip_rate']:.2f} clips/s on clips in memory at batch {args.batch}: ratio {fast['ratio']:.2f}.",

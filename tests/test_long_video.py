@@ -182,3 +182,25 @@ def test_cli_window_outputs(long_video, tmp_path):
     assert all(sorted(t["class"] for t in w["top"]) == ["blue", "green", "red"] for w in windows)
     assert len(list(csv.DictReader(open(out["csv"])))) == 12
     assert probe(out["annotate"]).num_frames == 600 and out["timeline"].stat().st_size > 0
+
+
+def test_window_runs_leave_malloc_alone_and_others_keep_freed_memory(tmp_path, monkeypatch):
+    """``predict``/``embed --window`` run a decoding thread beside the model: glibc's default
+    behaviour keeps their peak steady, so the CLI does not make malloc keep freed memory there."""
+    from data_helpers import write_coded_video
+    from zero_shot_helpers import tiny_text_clip
+
+    import dist_video.engine.allocator as allocator
+    from dist_video import cli
+
+    calls: list[int] = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+    weights = tiny_text_clip(tmp_path / "clip.pt")
+    video = write_coded_video(tmp_path / "v.mp4", 60, width=64, height=48, fps=30)
+    common = ["--frames", "4", "--device", "cpu"]
+    assert cli.main(["predict", str(weights), str(video), "--labels", "a, b", "--window", "1", *common]) == 0
+    assert cli.main(["embed", str(weights), str(video), "--window", "1", "--out", str(tmp_path / "e"), "--quiet",
+                     *common]) == 0
+    assert calls == []
+    assert cli.main(["predict", str(weights), str(video), "--labels", "a, b", *common]) == 0
+    assert calls == [1]

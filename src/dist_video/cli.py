@@ -42,10 +42,14 @@ def _configure_logging(quiet: bool) -> None:
     logging.getLogger("dist_video").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
-def _prepare_device(name: str) -> None:
+def _prepare_device(name: str, keep_freed: bool = True) -> None:
     """Process-wide settings for the device this process runs on. On a CPU, have glibc keep
-    freed memory for reuse: the large activations of every step then reuse memory instead of
-    page-faulting fresh pages (:mod:`dist_video.engine.allocator`). On a GPU, let cuDNN pick
+    freed memory for reuse (unless ``keep_freed`` is False): the large activations of every
+    step then reuse memory instead of page-faulting fresh pages
+    (:mod:`dist_video.engine.allocator`). Long-video runs (``--window``) leave malloc alone:
+    there a decoding thread and the model's thread allocate side by side, and with freed memory
+    kept the heap's fragments made the peak of a 10-minute video vary from run to run by up to
+    45% (benchmarks/README.md#long-videos). On a GPU, let cuDNN pick
     its fastest convolution algorithms for the run's fixed shapes, and let float32 matrix
     products use TF32 tensor cores (the frozen CLIP and autocast regions compute in bf16/fp16
     anyway)."""
@@ -55,7 +59,7 @@ def _prepare_device(name: str) -> None:
     from .engine.distributed import local_world_size, resolve_device
 
     device = resolve_device(name, int(os.environ.get("LOCAL_RANK", "0")), local_world_size())
-    if device.type == "cpu":
+    if device.type == "cpu" and keep_freed:
         keep_freed_memory()
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -113,7 +117,7 @@ def cmd_predict(args) -> int:
         model = OnnxVideoClassifier(args.model)
         preprocess = model.preprocess
     else:
-        _prepare_device(args.device)
+        _prepare_device(args.device, keep_freed=args.window is None)
         model, preprocess = load_for_inference(args.model, clip=args.clip, classes=args.classes, vocab=args.vocab,
                                                prompt=args.prompt, device=args.device, clip_dtype=args.clip_dtype,
                                                labels=args.labels, num_frames=args.frames)
@@ -181,7 +185,7 @@ def cmd_embed(args) -> int:
     from .engine.predict import load_for_inference
 
     _check_window_arguments(args)
-    _prepare_device(args.device)
+    _prepare_device(args.device, keep_freed=args.window is None)
     model, preprocess = load_for_inference(args.model, clip=args.clip, vocab=args.vocab, device=args.device,
                                            clip_dtype=args.clip_dtype, num_frames=args.frames, require_head=False)
     with _bar(len(args.videos), "video", args.progress) as bar:
