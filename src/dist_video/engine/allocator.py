@@ -8,10 +8,10 @@ Raising the threshold and the trim limit keeps freed blocks in malloc's heap, wh
 tcmalloc or jemalloc (the allocators Intel recommends for PyTorch on CPUs) do too.
 
 The setting is process-wide and only changes where memory comes from, never values. The
-library never makes it on its own: the command line applies it for CPU runs, and the
-benchmarks for theirs; set ``DIST_VIDEO_KEEP_FREED_MEMORY=0`` to leave malloc alone. It is
-skipped when ``LD_PRELOAD`` brings in another allocator or ``MALLOC_MMAP_THRESHOLD_`` is set
-already.
+library never makes it on its own: the command line applies it for CPU runs (not for
+``--window`` runs over long videos), and the benchmarks for theirs; set
+``DIST_VIDEO_KEEP_FREED_MEMORY=0`` to leave malloc alone. It is skipped when ``LD_PRELOAD``
+brings in another allocator or ``MALLOC_MMAP_THRESHOLD_`` is set already.
 """
 
 from __future__ import annotations
