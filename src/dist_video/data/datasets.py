@@ -677,9 +677,8 @@ class VideoClipDataset(Dataset):
             return [self.transform.geometry(frames, label=rec.label, generator=g) for g in generators]
         picks = [self.sampler(n, view=None, rng=g) for g in generators]
         frames = self._read(record_index, [i for p in picks for i in p])
-        starts = [sum(len(p) for p in picks[:c]) for c in range(len(picks))]
-        return [self.transform.geometry(frames[a:a + len(p)], label=rec.label, generator=g)
-                for a, p, g in zip(starts, picks, generators)]
+        return [self.transform.geometry(f, label=rec.label, generator=g)
+                for f, g in zip(_split(frames, picks), generators)]
 
     def _test_frames(self, record_index: int, num_video_frames: int) -> list[list[torch.Tensor]]:
         """uint8 frames of every test view of a record, decoded in one pass and kept for the
@@ -689,9 +688,7 @@ class VideoClipDataset(Dataset):
             return cached[1]
         views = [self.sampler(num_video_frames, view=v, num_views=self.num_views) for v in range(self.num_views)]
         flat = [i for v in views for i in v]
-        frames = self._read(record_index, flat)
-        starts = [sum(len(v) for v in views[:k]) for k in range(len(views))]
-        split = [frames[a:a + len(v)] for a, v in zip(starts, views)]
+        split = _split(self._read(record_index, flat), views)
         self._view_cache = (record_index, split)
         return split
 
@@ -757,6 +754,16 @@ class VideoClipDataset(Dataset):
     def num_skipped(self) -> int:
         """How many items were replaced because their video was bad (all processes)."""
         return sum(count for _, count in self.bad_videos().values())
+
+
+def _split(frames: list[torch.Tensor], parts: Sequence[Sequence[int]]) -> list[list[torch.Tensor]]:
+    """``frames`` read for the concatenation of ``parts`` (lists of frame indices), cut back
+    into one list per part."""
+    out, start = [], 0
+    for part in parts:
+        out.append(frames[start:start + len(part)])
+        start += len(part)
+    return out
 
 
 def _available_memory() -> int | None:
