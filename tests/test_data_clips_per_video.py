@@ -158,6 +158,8 @@ def test_mixing_works_on_the_flattened_batch(synthetic):
 def test_clips_per_video_is_checked(synthetic):
     with pytest.raises(ConfigError, match="clips_per_video must be >= 1"):
         config(synthetic, 0, 4)
+    with pytest.raises(ConfigError, match="clip_frames must be 'independent' or 'shared', got 'same'"):
+        load_config(None, None, ["data.clip_frames=same"])
     with pytest.raises(ValueError, match="batch_size=6 is not a multiple of data.clips_per_video=4"):
         videos_per_batch(config(synthetic, 4, 6))
 

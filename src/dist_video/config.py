@@ -114,6 +114,8 @@ class DataConfig:
     def __post_init__(self):
         if self.clips_per_video < 1:
             raise ValueError(f"clips_per_video must be >= 1, got {self.clips_per_video}")
+        if self.clip_frames not in ("independent", "shared"):
+            raise ValueError(f"clip_frames must be 'independent' or 'shared', got {self.clip_frames!r}")
 
 
 @dataclass
