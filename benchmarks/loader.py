@@ -285,8 +285,17 @@ def feed_sets(cache: Path, count: int, workers: int) -> tuple[dict[str, list[Pat
     return sets, prepare
 
 
+def clip_columns(clips_per_video: list[int], clip_frames) -> list[tuple[int, str]]:
+    """(clips per video, clip frames) settings: ``shared`` only where there are several clips."""
+    return [(n, mode) for mode in clip_frames for n in clips_per_video if mode == "independent" or n > 1]
+
+
+def column_name(n: int, mode: str) -> str:
+    return f"{n}" + (" shared" if mode == "shared" else "")
+
+
 def setting_key(name: str, backend: str, n: int, clip_frames: str) -> str:
-    return f"{name} | {backend} | {n}" + (" shared" if clip_frames == "shared" else "")
+    return f"{name} | {backend} | {column_name(n, clip_frames)}"
 
 
 def measure_feed(sets: dict[str, list[Path]], backends: list[str], clips_per_video: list[int],
@@ -298,8 +307,8 @@ def measure_feed(sets: dict[str, list[Path]], backends: list[str], clips_per_vid
     repetition runs every setting once, in the same order, after ``warmup`` passes that are not
     counted. A setting's repetition goes over its videos (new random draws each time) until
     ``min_seconds`` have passed, so fast settings are not timed over a fraction of a second."""
-    settings = [(name, b, n, mode) for name in sets for b in backends for n in clips_per_video
-                for mode in clip_frames if mode == "independent" or n > 1]
+    settings = [(name, b, n, mode) for name in sets for b in backends for n, mode in clip_columns(clips_per_video,
+                                                                                                 clip_frames)]
     datasets = {}
     for name, b, n, mode in settings:
         records = [VideoRecord(str(p), 0) for p in sets[name]]
@@ -337,12 +346,7 @@ def measure_feed(sets: dict[str, list[Path]], backends: list[str], clips_per_vid
 
 
 def feed_columns(st: dict) -> list[tuple[int, str]]:
-    return [(n, mode) for mode in st.get("clip_frames", ["independent"]) for n in st["clips_per_video"]
-            if mode == "independent" or n > 1]
-
-
-def column_name(n: int, mode: str) -> str:
-    return f"{n}" + (" shared" if mode == "shared" else "")
+    return clip_columns(st["clips_per_video"], st.get("clip_frames", ["independent"]))
 
 
 def write_feed_markdown(result: dict, path: Path) -> None:
