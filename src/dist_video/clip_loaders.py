@@ -20,6 +20,7 @@ from typing import Mapping
 
 import torch
 
+from .authors_keys import BRANCH_PREFIX, LEGACY_BRANCH_PREFIX
 from .clip import CLIP, CLIPConfig
 
 __all__ = ["clip_config_from_openai_state_dict", "clip_from_openai_state_dict", "load_clip", "resolve_clip_path",
@@ -576,7 +577,7 @@ def _find_state_dict(obj: object, file: Path) -> dict:
             continue
         sd = {k[len(prefix):]: v for k, v in cand.items()
               if isinstance(k, str) and k.startswith(prefix) and isinstance(v, torch.Tensor)}
-        if any(k.startswith(("dist_net.", "ladder_net.")) for k in sd):
+        if any(k.startswith((BRANCH_PREFIX, LEGACY_BRANCH_PREFIX)) for k in sd):
             raise ValueError(f"{file}: a DiST video checkpoint (CLIP plus dist_net.*): load it with "
                              "dist_video.load_official_checkpoint")
         return sd
