@@ -1,7 +1,7 @@
-"""The DiST branch, training form: temporal stem, one :class:`DiSTLayer` per selected CLIP
-block, adaptive pooling.
+"""The DiST branch: temporal stem, one :class:`DiSTLayer` per selected CLIP block, adaptive
+pooling; each part's training form and, beside it, its inference form.
 
-Notation (see ``reference/DiST.md``): B clips of T dense frames; the frozen CLIP sees
+Notation (see ``docs/method.md``): B clips of T dense frames; the frozen CLIP sees
 T' = T / alpha sparse frames, each as N + 1 tokens (N = g*g patches + a class token) of width
 D. C_t is the temporal width, C_i the integration width, E the CLIP embedding width.
 
@@ -11,9 +11,14 @@ Inside the integration branch tokens are kept batch-first per frame, ``B*T' x (N
 Parameter names follow the authors' release inside each part (``linear_fuse``, ``cls_token``,
 ``ffn``, ``temporal_ffn``, ``adapooling_nets`` ...); their per-layer lists (``temporal_nets``,
 ``input_linears``, ``integration2temporal_nets``, ``temporal2integration_nets``,
-``integration_nets``) are the parts of ``layers.<i>`` here: :func:`branch_keys_from_authors`
-and :func:`branch_keys_to_authors` map one onto the other. The inference form of this module
-is :class:`dist_video.fused.FusedDiSTBranch`.
+``integration_nets``) are the parts of ``layers.<i>`` here: :mod:`dist_video.authors_keys`
+maps one onto the other.
+
+Each part's inference form sits beside it: ``part.fuse(dtype, ...)`` returns a module of
+buffers that computes the same function in ``eval()`` mode, its folds done once (see
+:mod:`dist_video.folding`). The fused layers hand each other scaled temporal features and
+carried biases: :class:`FusedSeam` is that contract. :mod:`dist_video.reference` is the plain
+paper form the tests compare both against.
 """
 
 from __future__ import annotations
@@ -53,23 +58,33 @@ __all__ = [
 
 @dataclass
 class DiSTConfig:
-    """Sizes of the DiST branch.
-
-    ``selected_layers`` lists the CLIP blocks the branch reads (``None`` = all of them; it is
-    resolved against the CLIP model when the branch is built). The temporal stem's spatial
-    patch is always CLIP's patch size, so it is not a field.
+    """Sizes of the DiST branch (symbols as in ``docs/method.md``; the defaults are the
+    published K400 ViT-B/16 8+16f setting). The temporal stem's spatial patch is always CLIP's
+    patch size P, so it is not a field.
     """
 
+    #: T, the dense frames per clip that the temporal branch sees (published: 16, 32 or 64).
     num_frames: int = 16
+    #: alpha, the sparse-sampling factor: CLIP sees every alpha-th frame, T' = T / alpha (published: 2).
     alpha: int = 2
+    #: C_t, the temporal branch's channels (published: 96).
     temporal_dim: int = 96
+    #: C_i, the integration branch's width; attention heads are C_i / 64 (published: 384).
     integration_dim: int = 384
+    #: k_s, the temporal stem's kernel in time (odd; published: 5).
     stem_kernel: int = 5
+    #: k, the kernel in time of the temporal blocks and of the integration blocks' TFFN (odd; published: 3).
     temporal_kernel: int = 3
+    #: r_t, a temporal block's hidden channels over C_t (published: 1).
     temporal_mlp_ratio: float = 1.0
+    #: r_i, an integration block's FFN hidden width over C_i (published: 1).
     integration_mlp_ratio: float = 1.0
+    #: r_it, an integration block's TFFN hidden width over C_i (published: 0.25).
     integration_temporal_mlp_ratio: float = 0.25
+    #: K, the adaptive-pooling layers (published: 4 for Kinetics-400, 2 for Something-Something v2).
     pooling_layers: int = 4
+    #: The CLIP blocks the branch reads, one DiST layer each, strictly increasing; ``None`` = all
+    #: of them, resolved against the CLIP model when the branch is built (published: all).
     selected_layers: list[int] | None = None
 
     def __post_init__(self):
@@ -561,7 +576,7 @@ class FusedSeam:
 
 
 class DiSTLayer(nn.Module):
-    """One selected CLIP layer of DiST (``reference/DiST.md``, step 3):
+    """One selected CLIP layer of DiST (``docs/method.md``, step 3):
 
     1. temporal block: ``x_t = TemporalBlock(x_t)``;
     2. input map: ``m = Linear(D -> C_i)(CLIP tokens) + res``;
