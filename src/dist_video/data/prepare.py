@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 import av
 from av.video.frame import PictureType
 
-from .datasets import VIDEO_EXTENSIONS, Annotations, VideoRecord, load_annotations
+from .annotations import VIDEO_EXTENSIONS, Annotations, VideoRecord, load_annotations
 from .decoding import VideoDecodeError, decoded_frames, probe, video_stream
 
 __all__ = ["PrepareJob", "PrepareResult", "PrepareReport", "output_size", "prepare_video", "plan_prepare",
@@ -229,7 +229,7 @@ def plan_prepare(source: str | os.PathLike, destination: str | os.PathLike, *, f
                  split: str = "train", fold: int = 1) -> tuple[list[PrepareJob], Annotations | None]:
     """The jobs of a dataset: ``source`` is a folder (every video under it; outputs keep their
     relative paths) or an annotation file of ``fmt`` (see
-    :func:`~dist_video.data.datasets.load_annotations`; outputs keep their paths relative to
+    :func:`~dist_video.data.annotations.load_annotations`; outputs keep their paths relative to
     ``root``, or their file names when outside it). Outputs end in ``.mp4``. Returns (jobs,
     the annotations, or None for a folder). Two sources that would share an output name are
     an error naming both."""
