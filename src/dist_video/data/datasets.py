@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,8 +21,9 @@ from torch.utils.data import Dataset
 from .annotations import (VIDEO_EXTENSIONS, AnnotationError, Annotations, MissingVideosError, VideoRecord,
                           camel_case_words, load_annotations, parse_csv, parse_folder, parse_hmdb51,
                           parse_kinetics, parse_ssv2, parse_ucf101, read_class_list, readable_class_name)
-from .decoding import VideoDecodeError, probe, read_frame_list, read_frames
+from .decoding import DEFAULT_LIMITS, DecodeLimits, VideoDecodeError, probe, read_frame_list, read_frames, scaled_size
 from .sampling import IntervalSampler, SegmentSampler
+from .transforms import TestTransform
 
 __all__ = [
     "VideoClipDataset", "write_bad_videos", "average_views", "load_test_clips",
@@ -81,7 +83,7 @@ class VideoClipDataset(Dataset):
                  class_names: Sequence[str] | None = None, seed: int = 0, on_error: str = "error",
                  bad_files_dir: str | os.PathLike | None = None, backend: str | None = None,
                  decode_threads: int | None = None, max_replacements: int = 20, clips_per_video: int = 1,
-                 clip_frames: str = "independent"):
+                 clip_frames: str = "independent", limits: DecodeLimits | None = DEFAULT_LIMITS):
         if on_error not in ("error", "skip"):
             raise ValueError(f"on_error must be 'error' or 'skip', got {on_error!r}")
         if not records:
@@ -106,6 +108,7 @@ class VideoClipDataset(Dataset):
         self.on_error = on_error
         self.backend = backend
         self.decode_threads = decode_threads
+        self.limits = limits
         self.max_replacements = int(max_replacements)
         if bad_files_dir is None:  # created on the first bad file; shared with worker processes
             bad_files_dir = os.path.join(tempfile.gettempdir(), f"dist-video-bad-files-{os.getpid()}-{id(self):x}")
@@ -133,6 +136,14 @@ class VideoClipDataset(Dataset):
     def labels(self) -> list[int]:
         return [r.label for r in self.records]
 
+    @property
+    def decode_short_side(self) -> int | None:
+        """Testing with a :class:`TestTransform`: frames are decoded with their short side at
+        most the transform's (see :func:`~dist_video.data.decoding.read_frames`); else None."""
+        if not self.training and isinstance(self.transform, TestTransform):
+            return self.transform.short_side
+        return None
+
     def set_epoch(self, epoch: int) -> None:
         """Make the random clips a function of (seed, epoch, index)."""
         self.epoch = int(epoch)
@@ -148,19 +159,22 @@ class VideoClipDataset(Dataset):
         need, infos = 0, []
         for i, rec in enumerate(self.records):
             try:
-                info = probe(rec.path)
+                info = probe(rec.path, limits=self.limits)
             except VideoDecodeError:
                 if self.on_error == "error":
                     raise
                 self._known_bad.add(i)
                 continue
             infos.append((i, info.num_frames))
-            need += info.num_frames * info.width * info.height * 3
+            width, height = scaled_size(info.width, info.height, self.decode_short_side)
+            need += info.num_frames * width * height * 3
         available = _available_memory()
         if available is not None and need > max_fraction * available:
             raise MemoryError(f"data.preload: the {len(self.records)} videos need {need / 2**30:.2f} GiB decoded, "
                               f"more than {max_fraction:.0%} of the {available / 2**30:.2f} GiB of memory "
                               f"available; set data.preload=false")
+        # the memory check above stands for the per-read byte limit
+        whole_videos = replace(self.limits, max_decoded_bytes=None) if self.limits is not None else None
         items = infos
         if progress:
             from tqdm import tqdm
@@ -168,7 +182,8 @@ class VideoClipDataset(Dataset):
         kept = 0
         for i, n in items:
             try:
-                frames = read_frames(self.records[i].path, range(n), self.backend, threads=self.decode_threads)
+                frames = read_frames(self.records[i].path, range(n), self.backend, threads=self.decode_threads,
+                                     max_short_side=self.decode_short_side, limits=whole_videos)
             except VideoDecodeError:
                 if self.on_error == "error":
                     raise
@@ -184,11 +199,14 @@ class VideoClipDataset(Dataset):
         frames = self._frames.get(record_index)
         if frames is not None:
             return [frames[min(int(j), len(frames) - 1)] for j in indices]
-        return read_frame_list(self.records[record_index].path, indices, self.backend, threads=self.decode_threads)
+        return read_frame_list(self.records[record_index].path, indices, self.backend, threads=self.decode_threads,
+                               max_short_side=self.decode_short_side, limits=self.limits)
 
     def _num_frames(self, record_index: int) -> int:
         preloaded = self._frames.get(record_index)
-        return len(preloaded) if preloaded is not None else probe(self.records[record_index].path).num_frames
+        if preloaded is not None:
+            return len(preloaded)
+        return probe(self.records[record_index].path, limits=self.limits).num_frames
 
     def load(self, record_index: int, view: int, crop: int, generator: torch.Generator
              ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
@@ -347,17 +365,22 @@ def average_views(scores: torch.Tensor, indices: torch.Tensor | Sequence[int]
 
 
 def load_test_clips(path: str | os.PathLike, *, sampler: SegmentSampler | IntervalSampler | Callable,
-                    transform: Callable, num_views: int, num_crops: int = 1,
-                    backend: str | None = None) -> torch.Tensor:
+                    transform: Callable, num_views: int, num_crops: int = 1, backend: str | None = None,
+                    limits: DecodeLimits | None = DEFAULT_LIMITS) -> torch.Tensor:
     """All test clips of one video file: (num_views * num_crops) x 3 x T x S x S, views
-    major, crops minor; the frames of every view are decoded in one pass."""
-    n = probe(path).num_frames
+    major, crops minor; the frames of every view are decoded in one pass, each distinct frame
+    once. With a :class:`TestTransform` the frames are decoded with their short side at most
+    the transform's (see :func:`~dist_video.data.decoding.read_frames`: within a few levels of
+    255 of resizing the full-size frames). ``limits``: see
+    :class:`~dist_video.data.decoding.DecodeLimits` (None: none), checked before decoding."""
+    n = probe(path, limits=limits).num_frames
     views = [sampler(n, view=v, num_views=num_views) for v in range(num_views)]
     flat = [i for v in views for i in v]
-    frames = read_frames(path, flat, backend)
-    t = len(views[0])
+    short_side = transform.short_side if isinstance(transform, TestTransform) else None
+    frames = read_frame_list(path, flat, backend, max_short_side=short_side, limits=limits)
     clips = []
-    for v in range(num_views):
+    for view in _split(frames, views):
+        view = view if short_side is not None else torch.stack(view)  # a TestTransform takes frames as they are
         for c in range(num_crops):
-            clips.append(transform(frames[v * t:(v + 1) * t], crop=c)[0])
+            clips.append(transform(view, crop=c)[0])
     return torch.stack(clips)
