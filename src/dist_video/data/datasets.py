@@ -370,8 +370,9 @@ def load_test_clips(path: str | os.PathLike, *, sampler: SegmentSampler | Interv
     """All test clips of one video file: (num_views * num_crops) x 3 x T x S x S, views
     major, crops minor; the frames of every view are decoded in one pass, each distinct frame
     once. With a :class:`TestTransform` the frames are decoded with their short side at most
-    the transform's (see :func:`~dist_video.data.decoding.read_frames`: within a few levels of
-    255 of resizing the full-size frames). ``limits``: see
+    the transform's (see :func:`~dist_video.data.decoding.read_frames`): the clips differ from
+    resizing full-size frames by under 4 levels of 255 on average, even on content that aliases
+    (tests/test_decode_limits.py). ``limits``: see
     :class:`~dist_video.data.decoding.DecodeLimits` (None: none), checked before decoding."""
     n = probe(path, limits=limits).num_frames
     views = [sampler(n, view=v, num_views=num_views) for v in range(num_views)]

@@ -135,16 +135,16 @@ class DecodeLimits:
     def check_frame(self, path: str, width: int, height: int) -> None:
         """Raise when a ``width`` x ``height`` frame is over ``max_frame_pixels``."""
         if self.max_frame_pixels is not None and width * height > self.max_frame_pixels:
-            raise VideoDecodeError(path, f"frames of {width}x{height} ({width * height / 1e6:.1f} megapixels) are "
-                                         f"over the decoding limit of {self.max_frame_pixels / 1e6:.1f} megapixels "
+            raise VideoDecodeError(path, f"frames of {width}x{height} ({width * height / 1e6:.3g} megapixels) are "
+                                         f"over the decoding limit of {self.max_frame_pixels / 1e6:.3g} megapixels "
                                          f"(max_frame_pixels={self.max_frame_pixels})")
 
     def check_bytes(self, path: str, frames: int, width: int, height: int) -> None:
         """Raise when ``frames`` RGB frames of ``width`` x ``height`` are over ``max_decoded_bytes``."""
         need = frames * width * height * 3
         if self.max_decoded_bytes is not None and need > self.max_decoded_bytes:
-            raise VideoDecodeError(path, f"{frames} frames of {width}x{height} need {need / 2**20:.0f} MiB decoded, "
-                                         f"over the decoding limit of {self.max_decoded_bytes / 2**20:.0f} MiB "
+            raise VideoDecodeError(path, f"{frames} frames of {width}x{height} need {need / 2**20:.3g} MiB decoded, "
+                                         f"over the decoding limit of {self.max_decoded_bytes / 2**20:.3g} MiB "
                                          f"(max_decoded_bytes={self.max_decoded_bytes})")
 
 
@@ -277,9 +277,13 @@ def _check_file(path: str) -> None:
         raise VideoDecodeError(path, "permission denied")
 
 
-def open_video(path: str):
+def open_video(path: str, max_pixels: int | None = None):
+    """``path`` opened for reading. ``max_pixels``: FFmpeg's own frame-area limit, which also
+    stops the decoding FFmpeg does while opening (to learn the stream's parameters) from
+    allocating a frame larger than that."""
+    options = {"max_pixels": str(max_pixels)} if max_pixels else {}
     try:
-        return av.open(path, mode="r", metadata_errors="ignore")
+        return av.open(path, mode="r", metadata_errors="ignore", options=options)
     except av.FFmpegError as e:
         raise VideoDecodeError(path, f"cannot open as a video: {ffmpeg_message(e)}") from None
     except (OSError, ValueError, UnicodeDecodeError) as e:
@@ -398,7 +402,7 @@ def _check_header(path: str, stream, limits: DecodeLimits | None) -> None:
 
 
 def _build_index(path: str, limits: DecodeLimits | None) -> FrameIndex:
-    with open_video(path) as container:
+    with open_video(path, limits.max_frame_pixels if limits is not None else None) as container:
         stream = video_stream(container, path)
         _check_header(path, stream, limits)
         family = _family(container)
@@ -444,7 +448,7 @@ def _build_index(path: str, limits: DecodeLimits | None) -> FrameIndex:
 def index_by_decoding(path: str, limits: DecodeLimits | None = None) -> FrameIndex:
     """Count frames by decoding all of them (no RGB conversion); every frame's area is checked
     against ``limits`` as it comes out of the decoder."""
-    with open_video(path) as container:
+    with open_video(path, limits.max_frame_pixels if limits is not None else None) as container:
         stream = video_stream(container, path)
         _check_header(path, stream, limits)
         configure_threads(stream, decoder_threads(None, stream.codec_context.width * stream.codec_context.height))
