@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 import av
 from av.video.frame import PictureType
 
-from .datasets import VIDEO_EXTENSIONS, Annotations, VideoRecord, load_annotations
+from .annotations import VIDEO_EXTENSIONS, Annotations, VideoRecord, load_annotations
 from .decoding import VideoDecodeError, decoded_frames, probe, video_stream
 
 __all__ = ["PrepareJob", "PrepareResult", "PrepareReport", "output_size", "prepare_video", "plan_prepare",
@@ -158,33 +158,14 @@ def prepare_video(source: str | os.PathLike, output: str | os.PathLike, *, short
                              bytes_after=output.stat().st_size, frames=0)
     tmp = output.parent / f".{output.name}.{TEMP_MARK}{os.getpid()}.mp4"
     try:
-        info = probe(source)
+        # No frame-size limit: frames are shrunk one at a time from the decoded YUV, never made
+        # into full-size RGB, so a large source costs one decoded frame (shrinking them is the point).
+        info = probe(source, limits=None)
         output.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(output)
-        width, height = output_size(info.width, info.height, short_side)
-        written = 0
-        with av.open(source, metadata_errors="ignore") as src, av.open(str(tmp), "w", format="mp4") as dst:
-            stream = video_stream(src, source)
-            stream.codec_context.thread_count = threads
-            stream.codec_context.thread_type = "AUTO" if threads != 1 else "SLICE"
-            rate = _frame_rate(stream, info.fps)
-            out = dst.add_stream("libx264", rate=rate)
-            out.width, out.height, out.pix_fmt = width, height, "yuv420p"
-            out.codec_context.gop_size = gop
-            out.codec_context.thread_count = threads
-            options = {"crf": str(crf), "preset": preset,
-                       "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
-            out.options = {**options, "tune": tune} if tune else options
-            time_base = 1 / rate
-            for frame in decoded_frames(src, stream):
-                small = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
-                small.pts, small.time_base = written, time_base
-                small.pict_type = PictureType.NONE  # the source's keyframes must not force ours
-                for packet in out.encode(small):
-                    dst.mux(packet)
-                written += 1
-            for packet in out.encode():
-                dst.mux(packet)
+        options = {"crf": str(crf), "preset": preset, "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
+        written = _encode(source, tmp, info, output_size(info.width, info.height, short_side), gop,
+                          {**options, "tune": tune} if tune else options, threads)
         if written == 0:
             raise VideoDecodeError(source, "no decodable video frames")
         if written != info.num_frames:  # decoding from the start is the definition of the frames
@@ -205,6 +186,34 @@ def prepare_video(source: str | os.PathLike, output: str | os.PathLike, *, short
                              bytes_before=size_in, seconds=time.perf_counter() - t0)
     return PrepareResult(source, str(output), "done", frames=written, bytes_before=size_in,
                          bytes_after=output.stat().st_size, seconds=time.perf_counter() - t0)
+
+
+def _encode(source: str, tmp: Path, info, size: tuple[int, int], gop: int, options: dict, threads: int) -> int:
+    """Decode ``source`` from the start and encode every frame, resized to ``size``, as H.264
+    into ``tmp`` at the source's average rate; returns the frames written."""
+    width, height = size
+    written = 0
+    with av.open(source, metadata_errors="ignore") as src, av.open(str(tmp), "w", format="mp4") as dst:
+        stream = video_stream(src, source)
+        stream.codec_context.thread_count = threads
+        stream.codec_context.thread_type = "AUTO" if threads != 1 else "SLICE"
+        rate = _frame_rate(stream, info.fps)
+        out = dst.add_stream("libx264", rate=rate)
+        out.width, out.height, out.pix_fmt = width, height, "yuv420p"
+        out.codec_context.gop_size = gop
+        out.codec_context.thread_count = threads
+        out.options = options
+        time_base = 1 / rate
+        for frame in decoded_frames(src, stream):
+            small = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
+            small.pts, small.time_base = written, time_base
+            small.pict_type = PictureType.NONE  # the source's keyframes must not force ours
+            for packet in out.encode(small):
+                dst.mux(packet)
+            written += 1
+        for packet in out.encode():
+            dst.mux(packet)
+    return written
 
 
 def _count_frames(path: Path) -> int:
@@ -229,7 +238,7 @@ def plan_prepare(source: str | os.PathLike, destination: str | os.PathLike, *, f
                  split: str = "train", fold: int = 1) -> tuple[list[PrepareJob], Annotations | None]:
     """The jobs of a dataset: ``source`` is a folder (every video under it; outputs keep their
     relative paths) or an annotation file of ``fmt`` (see
-    :func:`~dist_video.data.datasets.load_annotations`; outputs keep their paths relative to
+    :func:`~dist_video.data.annotations.load_annotations`; outputs keep their paths relative to
     ``root``, or their file names when outside it). Outputs end in ``.mp4``. Returns (jobs,
     the annotations, or None for a folder). Two sources that would share an output name are
     an error naming both."""
