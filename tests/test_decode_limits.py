@@ -180,3 +180,14 @@ def test_test_clips_decoded_at_the_test_scale_match_full_size_decoding(tmp_path,
     levels = ((got - expected) * std * 255).abs()  # in levels of 255
     assert levels.mean() < 4.0, levels.mean()  # levels of 255, on content that aliases (a sawtooth of 14 px)
     assert torch.quantile(levels.flatten()[::7], 0.99) < 40
+
+
+def test_test_clips_of_frames_up_to_twice_the_test_scale_are_decoded_as_they_are(tmp_path):
+    """The evaluation protocol is untouched for ordinary copies: a 240-px video tested at 160
+    (short side <= 2x the test scale) gives exactly the clips of full-size decoding."""
+    path = write_coded_video(tmp_path / "v.mp4", 16, width=320, height=240)
+    transform = TestTransform(crop_size=160, short_side=160, num_crops=1)
+    sampler = SegmentSampler(4)
+    got = load_test_clips(path, sampler=sampler, transform=transform, num_views=1)
+    expected = transform(read_frames(path, sampler(16, view=0, num_views=1)), crop=0)[0]
+    assert torch.equal(got[0], expected)

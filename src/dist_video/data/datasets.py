@@ -139,9 +139,9 @@ class VideoClipDataset(Dataset):
     @property
     def decode_short_side(self) -> int | None:
         """Testing with a :class:`TestTransform`: frames are decoded with their short side at
-        most the transform's (see :func:`~dist_video.data.decoding.read_frames`); else None."""
+        most :func:`decoding_short_side` of the transform's; else None."""
         if not self.training and isinstance(self.transform, TestTransform):
-            return self.transform.short_side
+            return decoding_short_side(self.transform.short_side)
         return None
 
     def set_epoch(self, epoch: int) -> None:
@@ -364,20 +364,27 @@ def average_views(scores: torch.Tensor, indices: torch.Tensor | Sequence[int]
     return videos, sums / counts[:, None]
 
 
+def decoding_short_side(test_short_side: int) -> int:
+    """The short side frames are decoded at, at most, for a test transform that resizes to
+    ``test_short_side``: twice that. Frames up to it (the benchmarks' copies, 256-340 px for a
+    224 test scale) are decoded as they are, so the evaluation protocol is untouched; larger
+    frames are shrunk by the decoder first, so a full-size RGB frame of a 4K video is never made."""
+    return 2 * test_short_side
+
+
 def load_test_clips(path: str | os.PathLike, *, sampler: SegmentSampler | IntervalSampler | Callable,
                     transform: Callable, num_views: int, num_crops: int = 1, backend: str | None = None,
                     limits: DecodeLimits | None = DEFAULT_LIMITS) -> torch.Tensor:
     """All test clips of one video file: (num_views * num_crops) x 3 x T x S x S, views
     major, crops minor; the frames of every view are decoded in one pass, each distinct frame
-    once. With a :class:`TestTransform` the frames are decoded with their short side at most
-    the transform's (see :func:`~dist_video.data.decoding.read_frames`): the clips differ from
-    resizing full-size frames by under 4 levels of 255 on average, even on content that aliases
-    (tests/test_decode_limits.py). ``limits``: see
+    once. With a :class:`TestTransform`, frames larger than :func:`decoding_short_side` allows are
+    shrunk while decoding (see :func:`~dist_video.data.decoding.read_frames`), then resized by the
+    transform as usual. ``limits``: see
     :class:`~dist_video.data.decoding.DecodeLimits` (None: none), checked before decoding."""
     n = probe(path, limits=limits).num_frames
     views = [sampler(n, view=v, num_views=num_views) for v in range(num_views)]
     flat = [i for v in views for i in v]
-    short_side = transform.short_side if isinstance(transform, TestTransform) else None
+    short_side = decoding_short_side(transform.short_side) if isinstance(transform, TestTransform) else None
     frames = read_frame_list(path, flat, backend, max_short_side=short_side, limits=limits)
     clips = []
     for view in _split(frames, views):
