@@ -5,7 +5,6 @@ subset of classes), through to a tiny pre-train -> fine-tune run."""
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 
