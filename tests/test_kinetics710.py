@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from dist_video.data.datasets import parse_kinetics
-from dist_video.data.kinetics710 import build_kinetics710, label_map, read_release_annotations
+from dist_video.data.kinetics710 import build_kinetics710, format_report, label_map, read_release_annotations
 from dist_video.label_maps import (KINETICS_RENAMES, builtin_class_names, class_index_map, class_key, init_from,
-                                   kinetics710_name, restrict_classes)
+                                   kinetics710_name, knows_classes, restrict_classes)
 
 K710 = builtin_class_names("kinetics710")
 
@@ -98,6 +98,11 @@ def test_report_counts_are_exact(releases, tmp_path):
     assert sum(report["class_counts"]["train"].values()) == 7
     assert report["class_counts"]["train"]["inflating balloons"] == 1
     assert report["class_counts"]["val"]["archery"] == 1 and len(report["class_counts"]["val"]) == 710
+    assert format_report(report).splitlines() == [
+        "710 classes, 20 rows read from 8 files (clips matched by youtube_id)",
+        "train: 7 clips written (12 rows, 1 duplicates, 2 in a validation/test split, 1 unknown labels, "
+        "1 missing videos)",
+        "val: 4 clips written (5 rows, 1 duplicates, 0 unknown labels, 0 missing videos)"]
 
 
 def test_train_and_val_csvs_read_back_with_k710_labels_and_no_validation_clip(releases, tmp_path):
@@ -208,6 +213,7 @@ K400_SOME = ["drinking", "abseiling", "balloon blowing", "throwing ball", "appla
 @pytest.mark.parametrize("head", ["linear", "text"])
 def test_restricted_logits_are_the_columns_of_those_classes(tiny_clip, head):
     model = tiny_model(tiny_clip, K710_SOME, head=head)
+    assert knows_classes(model, K400_SOME) and not knows_classes(model, K400_SOME + ["yoga"])
     video = torch.randn(2, 3, 4, 64, 64)
     with torch.no_grad():
         full = model(video)

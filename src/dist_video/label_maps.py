@@ -25,7 +25,8 @@ import torch
 from .classifier import VideoClassifier, model_class, read_model_config, read_safetensors
 
 __all__ = ["BUILTIN_CLASS_LISTS", "KINETICS_RENAMES", "class_key", "builtin_class_names", "kinetics710_name",
-           "class_index_map", "restrict_classes", "carry_head_rows", "init_from", "read_source_weights"]
+           "class_index_map", "knows_classes", "restrict_classes", "carry_head_rows", "init_from",
+           "read_source_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,13 @@ def class_index_map(source_names: Sequence[str], target_names: Sequence[str]) ->
     for i, name in enumerate(source_names):
         index.setdefault(class_key(kinetics710_name(name)), i)
     return [index.get(class_key(kinetics710_name(name))) for name in target_names]
+
+
+def knows_classes(model: VideoClassifier, class_names: Sequence[str]) -> bool:
+    """Whether every one of ``class_names`` is a class of ``model``'s head (through the rename
+    table), so that :func:`restrict_classes` applies: e.g. a Kinetics-710 model and the
+    Kinetics-400 names."""
+    return bool(model.class_names) and None not in class_index_map(model.class_names, class_names)
 
 
 def _head_rows(model: VideoClassifier) -> dict[str, torch.Tensor]:

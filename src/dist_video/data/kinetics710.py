@@ -43,7 +43,8 @@ from typing import Sequence
 from ..label_maps import KINETICS_RENAMES, builtin_class_names, class_key, kinetics710_name
 from .datasets import VIDEO_EXTENSIONS
 
-__all__ = ["RELEASES", "KineticsClip", "read_release_annotations", "build_kinetics710", "label_map", "LABEL_MAP_FORMAT"]
+__all__ = ["RELEASES", "KineticsClip", "read_release_annotations", "build_kinetics710", "label_map", "format_report",
+           "LABEL_MAP_FORMAT"]
 
 logger = logging.getLogger(__name__)
 
@@ -346,3 +347,15 @@ def _write_outputs(out: Path, names: Sequence[str], index: dict[str, int], repor
     _write_if_changed(out / "missing.csv", _missing_text(missing))
     _write_if_changed(out / "label_map.json", json.dumps(label_map(names), indent=1) + "\n")
     _write_if_changed(out / "report.json", json.dumps(report, indent=1) + "\n")
+
+
+def format_report(report: dict) -> str:
+    """The build's summary for the command line, one line per split."""
+    lines = [f"{report['classes']} classes, {report['rows_read']} rows read from {len(report['files'])} files "
+             f"(clips matched by {report['match_by']})"]
+    for split in ("train", "val"):
+        c = report[split]
+        removed = f", {c['in_validation_or_test_removed']} in a validation/test split" if split == "train" else ""
+        lines.append(f"{split}: {c['written']} clips written ({c['rows']} rows, {c['duplicates_removed']} duplicates"
+                     f"{removed}, {c['unknown_label']} unknown labels, {c['missing_video']} missing videos)")
+    return "\n".join(lines)
