@@ -435,6 +435,9 @@ def _check_model_config(meta: dict, path: Path) -> None:
     for f in dataclasses.fields(CLIPConfig):
         if f.name in meta.get("clip", {}) and _type_error(meta["clip"][f.name], f.type):
             raise ValueError(f"{path}: 'clip.{f.name}' must be a {f.type}, not {meta['clip'][f.name]!r:.40}")
+    for key, value in (meta.get("config") or {}).items():  # no method has a field holding a number as text
+        if isinstance(value, str) and _is_number(value):
+            raise ValueError(f"{path}: 'config.{key}' must be a number, not the string {value!r:.40}")
     if meta.get("head") not in (None, "text", "linear"):
         raise ValueError(f"{path}: 'head' must be \"text\", \"linear\" or null")
     names = meta.get("class_names")
@@ -451,6 +454,14 @@ def _check_model_config(meta: dict, path: Path) -> None:
         raise ValueError(f"{path}: 'clip_weights.path' must be a string")
     if "files" in meta and not (meta["files"] is None or isinstance(meta["files"], dict)):
         raise ValueError(f"{path}: 'files' must be an object")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_same_types(saved: dict, rebuilt: dict, path: Path) -> None:
