@@ -277,11 +277,11 @@ def torch_load(path: str | os.PathLike, *, trust: bool = False, mmap: bool = Fal
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower() and "weights_only" not in str(e):
-            raise ValueError(f"{path}: cannot unpickle it (truncated or damaged?)") from None
+            raise ValueError(f"{path}: damaged or not a PyTorch checkpoint (cannot unpickle it)") from None
         needs = _needed_global(e)
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        cause = type(e).__name__ if isinstance(e, pickle.UnpicklingError) else str(e).splitlines()[0][:200]
-        raise ValueError(f"{path}: cannot read it with torch.load (truncated or damaged?): {cause}") from None
+        cause = (str(e).strip().splitlines() or ["?"])[0][:200]
+        raise ValueError(f"{path}: damaged or not a PyTorch checkpoint ({type(e).__name__}: {cause})") from None
     if not trust:
         raise _refusal(path, needs)
     warnings.warn(f"{path}: loaded with weights_only=False ({needs}) because it is trusted "
@@ -410,5 +410,5 @@ def check_file_record(folder: str | os.PathLike, records: object, name: str, man
         raise FileNotFoundError(f"{path}: missing (the model folder is incomplete)")
     if os.stat(check_regular_file(path, "weights file")).st_size != record.get("bytes") \
             or file_sha256(path) != record["sha256"]:
-        raise ValueError(f"{path}: its contents do not match the SHA-256 recorded in {where}: the file was "
-                         "changed or damaged after the model was saved; refusing to load it")
+        raise ValueError(f"{path}: damaged or not a safetensors file: its contents do not match the SHA-256 "
+                         f"recorded in {where} (changed or damaged after the model was saved); refusing to load it")
