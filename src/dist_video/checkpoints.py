@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from typing import Mapping
 
 import torch
@@ -19,32 +18,18 @@ from .classifier import load_strict_state_dict
 from .clip_loaders import clip_from_openai_state_dict, load_clip
 from .dist import DiSTConfig
 from .model import DiSTVideoModel
+from .storage import torch_load
 
 __all__ = ["load_official_checkpoint", "read_official_state_dict", "official_to_branch_state_dict",
            "branch_to_official_state_dict", "infer_dist_config"]
 
 
-def _torch_load(path: str | os.PathLike) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as safe_error:  # pickles with config objects etc. in them
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as error:  # damaged, truncated, or not a checkpoint at all
-            cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise ValueError(f"{path}: damaged or not a PyTorch checkpoint ({type(error).__name__}: {cause})"
-                             ) from None
-        warnings.warn(f"{path}: loaded with weights_only=False ({safe_error.__class__.__name__}); "
-                      "only do this with files you trust", stacklevel=3)
-        return obj
-
-
-def read_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_official_state_dict(path: str | os.PathLike, *, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors with the ``module.`` and ``backbone.base_encoder.`` prefixes
-    removed and ``ladder_net`` names mapped to ``dist_net`` names."""
-    obj = _torch_load(path)
+    removed and ``ladder_net`` names mapped to ``dist_net`` names. Read with
+    ``weights_only=True`` (the authors' files hold only tensors, dicts, numbers and strings); a
+    file that needs more is refused unless ``trust_checkpoint`` (see :func:`dist_video.storage.torch_load`)."""
+    obj = torch_load(path, trust=trust_checkpoint)
     state_key = next((k for k in STATE_KEYS if isinstance(obj, Mapping) and k in obj), None)
     if state_key is not None:
         obj = obj[state_key]
@@ -105,13 +90,14 @@ def infer_dist_config(branch_sd: Mapping[str, torch.Tensor], **overrides) -> DiS
 
 def load_official_checkpoint(path: str | os.PathLike, clip: CLIP | str | os.PathLike | None = None,
                              *, clip_dtype: str | torch.dtype | None = "auto", act: str = "quick_gelu",
-                             **overrides) -> DiSTVideoModel:
+                             trust_checkpoint: bool = False, **overrides) -> DiSTVideoModel:
     """A :class:`DiSTVideoModel` from one of the authors' ``.pyth`` checkpoints.
 
     ``clip``: a CLIP model or a path for :func:`dist_video.load_clip`; by default the CLIP
     weights stored in the checkpoint. ``overrides``: DiSTConfig fields the tensors do not
-    determine (``selected_layers``, default all CLIP blocks)."""
-    state = read_official_state_dict(path)
+    determine (``selected_layers``, default all CLIP blocks). ``trust_checkpoint``: load files
+    that need more than tensors (this one and ``clip``), for files you made or trust."""
+    state = read_official_state_dict(path, trust_checkpoint=trust_checkpoint)
     branch_sd = official_to_branch_state_dict(state)
     if clip is None:
         clip_sd = {k: v for k, v in state.items() if not k.startswith(BRANCH_PREFIX)}
@@ -119,7 +105,7 @@ def load_official_checkpoint(path: str | os.PathLike, clip: CLIP | str | os.Path
             raise ValueError(f"{path}: the checkpoint holds no CLIP weights; pass clip=<CLIP file>")
         clip = clip_from_openai_state_dict(clip_sd, act=act, source=str(path))
     elif not isinstance(clip, CLIP):
-        clip = load_clip(clip)
+        clip = load_clip(clip, trust_checkpoint=trust_checkpoint)
     num_branch_layers = _indices(branch_sd, "layers")
     try:
         config = infer_dist_config(branch_sd, **overrides)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..storage import write_text_atomic
 from .annotations import (VIDEO_EXTENSIONS, AnnotationError, Annotations, MissingVideosError, VideoRecord,
                           camel_case_words, load_annotations, parse_csv, parse_folder, parse_hmdb51,
                           parse_kinetics, parse_ssv2, parse_ucf101, read_class_list, readable_class_name)
@@ -347,9 +348,7 @@ def write_bad_videos(dataset: VideoClipDataset, out_dir: str | os.PathLike, epoc
     lines = [f"# {len(found)} unreadable videos were skipped{when} "
              f"({sum(c for _, c in found.values())} items replaced); path, times skipped, cause"]
     lines += [f"{path}\t{count}\t{cause}" for path, (cause, count) in sorted(found.items())]
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, "\n".join(lines) + "\n")
     return out
 
 

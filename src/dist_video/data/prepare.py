@@ -39,6 +39,7 @@ from typing import Callable, Sequence
 import av
 from av.video.frame import PictureType
 
+from ..storage import atomic_write, replace_file, write_text_atomic
 from .annotations import VIDEO_EXTENSIONS, Annotations, VideoRecord, load_annotations
 from .decoding import VideoDecodeError, decoded_frames, probe, video_stream
 
@@ -174,7 +175,7 @@ def prepare_video(source: str | os.PathLike, output: str | os.PathLike, *, short
         got = _count_frames(tmp)
         if got != written:
             raise VideoDecodeError(source, f"the re-encoded file holds {got} frames instead of {written}")
-        os.replace(tmp, output)
+        replace_file(tmp, output)
     except VideoDecodeError as e:
         _unlink(tmp)
         return PrepareResult(source, str(output), "failed", cause=e.cause, bytes_before=size_in,
@@ -326,12 +327,10 @@ def write_annotations(jobs: Sequence[PrepareJob], results: Sequence[PrepareResul
     ok = {r.output for r in results if r.status in ("done", "skipped")}
     rows = [(os.path.relpath(j.output, dst), j.label) for j in jobs if j.output in ok]
     out = dst / f"{name}.csv"
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(out, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["path", "label"])
         w.writerows(rows)
-    os.replace(tmp, out)
     classes = dst / "classes.txt"
     classes.write_text("".join(n + "\n" for n in ann.class_names), encoding="utf-8")
     return [out, classes]
@@ -340,8 +339,6 @@ def write_annotations(jobs: Sequence[PrepareJob], results: Sequence[PrepareResul
 def write_report(report: PrepareReport, destination: str | os.PathLike) -> Path:
     """``DST/prepare_report.json``."""
     out = Path(destination) / REPORT_NAME
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(asdict(report), indent=2) + "\n")
     return out
 
