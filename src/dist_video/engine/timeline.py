@@ -41,8 +41,8 @@ from ..data.sampling import build_sampler
 from .data import test_transform
 from .inference import class_names_of, model_device
 
-__all__ = ["Timeline", "Cancelled", "MAX_WINDOWS", "window_bounds", "window_frames", "window_outputs", "video_timeline", "write_timeline_csv",
-           "plot_timeline", "annotate_video"]
+__all__ = ["Timeline", "Cancelled", "MAX_WINDOWS", "window_bounds", "window_frames", "window_outputs", "video_timeline",
+           "write_timeline_csv", "plot_timeline", "annotate_video"]
 
 
 #: The most windows one timeline may have (``max_windows``): a 3-hour video at one window per second.
