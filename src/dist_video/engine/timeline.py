@@ -99,9 +99,14 @@ def window_bounds(duration: float, window: float, stride: float | None = None, *
         raise ValueError(f"the video's duration is not a finite number of seconds: {duration}")
     # K from the module docstring, less the windows that would start at or after the end; the
     # float estimate first, so that a tiny stride is refused before a huge count is made
-    estimate = max(1.0, min((duration - window) / stride + 1, duration / stride))
-    count = max(1, min(math.ceil((duration - window) / stride - 1e-9) + 1, math.ceil(duration / stride - 1e-9))
-                ) if estimate <= max_windows + 1 else math.inf
+    covering, starting = (duration - window) / stride, duration / stride  # either may be infinite
+    estimate = max(1.0, min(covering + 1, starting))
+    count = math.inf
+    if covering <= 0:  # a video shorter than one window
+        count = 1
+    elif estimate <= max_windows + 1:
+        count = max(1, min(math.ceil(covering - 1e-9) + 1 if math.isfinite(covering) else math.inf,
+                           math.ceil(starting - 1e-9) if math.isfinite(starting) else math.inf))
     if count > max_windows:
         raise ValueError(f"window={window:g} s and stride={stride:g} s give about {estimate:.4g} windows over "
                          f"this {duration:.3f} s video, more than the limit of {max_windows} windows: "
