@@ -103,14 +103,19 @@ class RequestRunner:
         done: Future = Future()
 
         def work() -> None:
+            result, error = None, None
             try:
-                done.set_result(run_request(self.model, self.served, self.settings, path, name, options, cancel))
+                result = run_request(self.model, self.served, self.settings, path, name, options, cancel)
             except BaseException as e:  # noqa: BLE001 - handed to the waiting request
-                done.set_exception(e)
-            finally:
+                error = e
+            finally:  # all cleaned up before the request is answered
                 remove(path)
                 self.workers.discard(threading.current_thread())
                 self.loop.call_soon_threadsafe(self.slots.release)
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)
 
         thread = threading.Thread(target=work, name="dist-video-request", daemon=True)
         self.workers.add(thread)
