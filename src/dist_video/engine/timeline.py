@@ -125,16 +125,22 @@ def window_frames(bounds: Sequence[tuple[float, float]], fps: float, num_frames:
     return out
 
 
+def _frame_slots(plan: list[list[int]]) -> dict[int, list[tuple[int, int]]]:
+    """Frame index -> the ``(window, slot)`` places it fills in the windows' clips."""
+    wanted: dict[int, list[tuple[int, int]]] = {}
+    for k, frames in enumerate(plan):
+        for slot, i in enumerate(frames):
+            wanted.setdefault(i, []).append((k, slot))
+    return wanted
+
+
 def _stream_clips(path: str, plan: list[list[int]], transform, out: queue.Queue, stop: threading.Event,
                   cancel: threading.Event) -> None:
     """Decode ``path`` once, from the start; put ``(k, uint8 clip 3 x T x S x S)`` on ``out`` as soon
     as window k's frames are all decoded, then ``None``; a failure is put as the exception.
     ``stop`` (the consumer has gone) ends it silently, ``cancel`` with :class:`Cancelled`."""
     try:
-        wanted: dict[int, list[tuple[int, int]]] = {}
-        for k, frames in enumerate(plan):
-            for slot, i in enumerate(frames):
-                wanted.setdefault(i, []).append((k, slot))
+        wanted = _frame_slots(plan)
         last_needed = max(wanted)
         # Windows in the order their last frame is decoded; each waits for its last frame.
         finish = sorted(range(len(plan)), key=lambda k: (max(plan[k]), k))
