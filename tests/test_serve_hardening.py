@@ -166,7 +166,7 @@ def test_hostile_parameters_and_bombs_get_400_before_any_decoding(model_folder, 
             after = server.rss_bytes()
         assert watchdog.peak <= 1.10 * before and after <= 1.10 * before, (before, watchdog.peak, after)
         assert post(server, videos[1]).status_code == 200  # still serving
-    print(f"\nhostile parameters: {len(hostile) + 1} bad requests, {len(hostile) + 3} in all; RSS before "
+    print(f"\nhostile parameters: {len(hostile) + 1} bad requests, {len(hostile) + 4} in all; RSS before "
           f"{before / 2**20:.0f} MiB, peak {watchdog.peak / 2**20:.0f} MiB, after {after / 2**20:.0f} MiB")
 
 
