@@ -55,7 +55,8 @@ from .inference import class_names_of, model_device
 from .shared_frames import SharedFrames, shared_frames
 
 __all__ = ["Timeline", "Cancelled", "MAX_WINDOWS", "window_bounds", "window_frames", "grid_step", "grid_frames",
-           "window_outputs", "video_timeline", "write_timeline_csv", "plot_timeline", "annotate_video"]
+           "window_outputs", "video_timeline", "write_timeline_csv", "plot_timeline", "annotate_video", "label_font",
+           "draw_label"]
 
 
 #: The most windows one timeline may have (``max_windows``): a 3-hour video at one window per second.
@@ -411,20 +412,30 @@ def plot_timeline(timeline: Timeline, path: str | os.PathLike, classes: int = 5)
     return Path(path)
 
 
-def _font(size: int):
+def label_font(height: int):
+    """The font labels are drawn in on frames ``height`` pixels high."""
     from PIL import ImageFont  # Pillow comes with matplotlib
+    size = max(12, height // 18)
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: the fixed bitmap font
         return ImageFont.load_default()
 
 
+def draw_label(image, text: str, font) -> None:
+    """Draw ``text`` (white on a black box) at the top left of a PIL ``image``, in place."""
+    from PIL import ImageDraw  # Pillow comes with matplotlib
+
+    draw = ImageDraw.Draw(image)
+    box = draw.textbbox((8, 6), text, font=font)
+    draw.rectangle((box[0] - 4, box[1] - 3, box[2] + 4, box[3] + 3), fill=(0, 0, 0))
+    draw.text((8, 6), text, fill=(255, 255, 255), font=font)
+
+
 def annotate_video(timeline: Timeline, out: str | os.PathLike, *, crf: int = 23) -> Path:
     """Re-encode the timeline's video (H.264, MP4) with the current top label and its
     probability drawn on every frame: the source's frames, frame count and frame rate (an odd
     width or height loses its last pixel row/column, which H.264's 4:2:0 needs)."""
-    from PIL import ImageDraw  # Pillow comes with matplotlib
-
     src = timeline.video
     rate = Fraction(timeline.fps).limit_denominator(1001)
     out = Path(out)
@@ -433,7 +444,7 @@ def annotate_video(timeline: Timeline, out: str | os.PathLike, *, crf: int = 23)
         stream.thread_type = "AUTO"
         rate = stream.average_rate or rate
         width, height = stream.codec_context.width // 2 * 2, stream.codec_context.height // 2 * 2
-        font = _font(max(12, height // 18))
+        font = label_font(height)
         with av.open(str(out), mode="w") as target:
             ost = target.add_stream("libx264", rate=rate)
             ost.width, ost.height, ost.pix_fmt = width, height, "yuv420p"
@@ -443,11 +454,7 @@ def annotate_video(timeline: Timeline, out: str | os.PathLike, *, crf: int = 23)
                 for frame in container.decode(stream):
                     image = frame.to_image().crop((0, 0, width, height))
                     name, p = timeline.label_at(index / timeline.fps)
-                    draw = ImageDraw.Draw(image)
-                    text = f"{name}  {100 * p:.0f}%"
-                    box = draw.textbbox((8, 6), text, font=font)
-                    draw.rectangle((box[0] - 4, box[1] - 3, box[2] + 4, box[3] + 3), fill=(0, 0, 0))
-                    draw.text((8, 6), text, fill=(255, 255, 255), font=font)
+                    draw_label(image, f"{name}  {100 * p:.0f}%", font)
                     new = av.VideoFrame.from_ndarray(np.asarray(image), format="rgb24")
                     new.pts = index
                     new.time_base = 1 / Fraction(rate)
