@@ -162,10 +162,52 @@ def test_each_process_gets_its_own_gpu(gpus):
     assert distributed.resolve_device("cpu", 3, 4) == torch.device("cpu")
 
 
-def test_one_visible_gpu_per_process_is_cuda_0(gpus):
+def test_one_visible_gpu_per_process_is_cuda_0(gpus, monkeypatch):
     gpus(1)  # SLURM --gpus-per-task=1: CUDA_VISIBLE_DEVICES holds this task's GPU only
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     assert distributed.resolve_device("auto", 3, 4) == torch.device("cuda:0")
     assert distributed.resolve_device("cuda", 3, 4) == torch.device("cuda:0")
+
+
+@pytest.mark.parametrize("visible_devices", [None, "", "0,1"])
+def test_several_processes_on_one_unnamed_gpu_are_refused_before_nccl(gpus, monkeypatch, visible_devices):
+    """``torchrun --nproc_per_node=2`` on a one-GPU machine: both processes would take cuda:0 and
+    NCCL would fail obscurely; the clear message comes first. (``0,1`` with one GPU counted:
+    a listed GPU that does not exist.)"""
+    gpus(1)
+    if visible_devices is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible_devices)
+    for name in ("auto", "cuda"):
+        with pytest.raises(RuntimeError, match="all 2 processes of this machine on its one visible GPU"):
+            distributed.resolve_device(name, 1, 2)
+    assert distributed.resolve_device("cuda", 0, 1) == torch.device("cuda:0")  # one process: its GPU
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    joined = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: joined.append(k))
+    with pytest.raises(RuntimeError, match="one visible GPU"):
+        distributed.setup_distributed("auto")
+    assert joined == []  # refused before joining the process group
+
+
+def test_nccl_is_bound_to_the_process_s_gpu_when_it_starts(gpus, monkeypatch):
+    set_devices = gpus(2)
+    for var, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(var, value)
+    joined = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **k: joined.append(k))
+    env = distributed.setup_distributed("cuda")
+    assert env.device == torch.device("cuda:1") and set_devices == [torch.device("cuda:1")]
+    assert joined == [{"backend": "nccl", "rank": 1, "world_size": 2, "device_id": torch.device("cuda:1")}]
+    joined.clear()
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    assert distributed.setup_distributed("cpu").device == torch.device("cpu")
+    assert joined == [{"backend": "gloo", "rank": 1, "world_size": 2}]  # Gloo: no device to bind
 
 
 def test_a_single_process_makes_its_gpu_the_current_one(gpus, monkeypatch):
