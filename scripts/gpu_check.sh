@@ -282,9 +282,13 @@ try:
 
     import dist_video
     from dist_video.classifier import resolve_clip_dtype
-    from dist_video.engine.train import resolve_precision
 except ImportError as e:
     raise SystemExit(f"reason: dist_video does not import from src/: {e}")
+try:
+    from dist_video.engine.train import resolve_precision
+except ImportError as e:  # the training engine decodes videos: PyAV
+    print(f"the precision 'auto' picks for training is not shown: {e}")
+    resolve_precision = None
 
 device = os.environ["device"]
 av = None
@@ -306,9 +310,10 @@ if torch.cuda.is_available():
         pass
 dev = torch.device("cuda:0" if device == "cuda" else "cpu")
 names = {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-info["precision_auto"] = {"branch_autocast": names[resolve_precision("auto", dev)],
-                          "grad_scaler": resolve_precision("auto", dev) == torch.float16,
-                          "frozen_clip": names[resolve_clip_dtype("auto", dev)]}
+if resolve_precision is not None:
+    info["precision_auto"] = {"branch_autocast": names[resolve_precision("auto", dev)],
+                              "grad_scaler": resolve_precision("auto", dev) == torch.float16,
+                              "frozen_clip": names[resolve_clip_dtype("auto", dev)]}
 with open(os.path.join(os.environ["out"], "environment.json"), "w") as f:
     json.dump(info, f, indent=2)
 print(json.dumps(info, indent=2))
@@ -322,17 +327,23 @@ export gpu_count
 
 # ---------------------------------------------------------------------------- tests
 run_tests() {
-    local args=(-q -p no:cacheprovider)
+    local args=(-q -p no:cacheprovider --junitxml="$out/tests.xml") files=tests rc
+    local env=(DIST_VIDEO_TEST_DEVICE="$device")
     if [ "$tests_mode" = device ]; then
         # the files with tests taking the `device` fixture, and the GPU-readiness tests
-        local files
-        files=$(grep -lE 'def test_[a-z0-9_]*\([^)]*\bdevice\b' tests/test_*.py | sort -u)
-        files=$(printf '%s\n' tests/test_gpu_readiness.py $files | sort -u)
-        PYTHONPATH="$ROOT/scripts:$PYTHONPATH" DIST_VIDEO_TEST_DEVICE="$device" "$PY" -m pytest "${args[@]}" \
-            -p device_tests --junitxml="$out/tests.xml" $files
-    else
-        DIST_VIDEO_TEST_DEVICE="$device" "$PY" -m pytest "${args[@]}" --junitxml="$out/tests.xml" tests
+        files=$(printf '%s\n' tests/test_gpu_readiness.py \
+            $(grep -lE 'def test_[a-z0-9_]*\([^)]*\bdevice\b' tests/test_*.py) | sort -u)
+        args+=(-p device_tests)
+        env+=(PYTHONPATH="$ROOT/scripts:$PYTHONPATH")
     fi
+    env "${env[@]}" "$PY" -m pytest "${args[@]}" $files 2>&1 | tee "$out/logs/pytest.txt"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -ne 0 ]; then
+        echo "reason: pytest: $(grep -E '^[0-9]+ (failed|passed|error)|^=+ .*(failed|error)' "$out/logs/pytest.txt" \
+            | tail -n 1 | tr -d '='| sed 's/^ *//;s/ *$//'); $(grep -c '^FAILED\|^ERROR' "$out/logs/pytest.txt") failing:" \
+            "$(grep '^FAILED\|^ERROR' "$out/logs/pytest.txt" | head -n 3 | cut -d' ' -f2 | tr '\n' ' ')"
+    fi
+    return "$rc"
 }
 export -f run_tests
 if [ "$tests_mode" = none ]; then

@@ -76,13 +76,15 @@ gpus = ", ".join(f"{g['name']} (compute {g['capability']}, {g['memory_gib']} GiB
 lines = ["# dist-video GPU check", "",
          f"Device: **{summary['device']}**; GPUs: {gpus or 'none'}; {env.get('cores', '?')} CPU cores.  ",
          f"PyTorch {env.get('torch', '?')} (CUDA {env.get('cuda') or 'none'}, cuDNN {env.get('cudnn', 'none')}), "
-         f"dist-video {env.get('dist_video', '?')}, PyAV {env.get('av', '?')}, Python {env.get('python', '?')}"
+         f"dist-video {env.get('dist_video', '?')}, PyAV {env.get('av') or 'missing'}, Python {env.get('python', '?')}"
          + (f", driver {env['driver']}" if env.get("driver") else "") + ".  "]
 if env.get("precision_auto"):
     p = env["precision_auto"]
     lines.append(f"Precision `auto` here: branch autocast {p['branch_autocast']}"
                  f"{' with a GradScaler' if p['grad_scaler'] else ''}, frozen CLIP {p['frozen_clip']}.")
-result = "FAILED: " + ", ".join(s["step"] for s in failed) if failed else "all steps passed"
+skipped = [s["step"] for s in steps if s["status"] == "skipped"]
+result = ("FAILED: " + ", ".join(s["step"] for s in failed) if failed
+          else "no step failed" + (f" ({len(skipped)} skipped: see why below)" if skipped else ""))
 if stopped:
     result = f"STOPPED: {stopped}"
 lines += ["", f"Result: **{result}** "
