@@ -566,3 +566,94 @@ def test_machine_describes_the_benchmark_s_device(gpus, monkeypatch):
     assert info["gpu_memory_gib"] == 16.0
     cpu = common.machine(torch.device("cpu"))
     assert cpu["device"] == "cpu" and "gpu" not in cpu  # a CPU benchmark on a GPU machine
+
+
+# ----------------------------------------------------------------------------- 13. the check on an offline node
+
+ROOT = Path(__file__).resolve().parent.parent
+GPU_CHECK = ROOT / "scripts" / "gpu_check.sh"
+
+
+def _offline(command: list[str]) -> tuple[list[str], str | None]:
+    """``command`` in a network namespace without network (``unshare -rn``, loopback up for
+    Gloo), or as it is with the reason when this machine does not permit that."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") and shutil.which("ip"):
+        probe = subprocess.run(["unshare", "-rn", "ip", "link", "set", "lo", "up"], capture_output=True, text=True)
+        if probe.returncode == 0:
+            return ["unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command], None
+        return command, f"unshare -rn is not permitted here: {probe.stderr.strip()}"
+    return command, "unshare or ip is not installed"
+
+
+def _check(args: list[str], out: Path, python: str = sys.executable, timeout: int = 600):
+    import subprocess
+    import warnings
+
+    command, why_online = _offline([str(GPU_CHECK), "--python", python, "--out", str(out), *args])
+    if why_online:
+        warnings.warn(f"gpu_check ran with the network: {why_online}")
+    env = {**os.environ, "PIP_NO_INDEX": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else None
+    return proc, summary
+
+
+def test_the_check_stops_at_preflight_when_pytorch_sees_no_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this PyTorch sees a GPU")
+    proc, summary = _check(["--device", "cuda"], tmp_path / "out", timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert [s["step"] for s in summary["steps"]] == ["preflight"]  # nothing after a failed set-up
+    assert summary["steps"][0]["status"] == "failed"
+    assert "sees no CUDA device" in summary["stopped"] and "sees no CUDA device" in summary["steps"][0]["reason"]
+    assert "STOPPED" in (tmp_path / "out" / "summary.md").read_text()
+    assert "skipped (no GPU)" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_check_runs_offline_with_a_preinstalled_python(tmp_path):
+    """The issue's user: no network, pip's index off, a Python with PyTorch; the package from src/."""
+    out = tmp_path / "out"
+    proc, summary = _check(["--device", "cpu", "--tests", "none", "--skip", "benchmark-inference,benchmark-loader"],
+                           out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = {s["step"]: s for s in summary["steps"]}
+    for name in ("preflight", "environment", "cli-train"):
+        assert steps[name]["status"] == "passed", steps[name]
+    for s in summary["steps"]:
+        assert s["status"] == "passed" or (s["status"] == "skipped" and s["reason"]), s
+    assert steps["tests"]["reason"] == "--tests none"
+    assert steps["benchmark-loader"]["reason"] == "--skip benchmark-loader"
+    assert "2+ CUDA GPUs" in steps["nccl"]["reason"]
+    assert summary["preflight"]["cuda_available"] is False and summary["environment"]["device"] == "cpu"
+    assert (out / "cli-train" / "eval" / "metrics.json").is_file()  # the CLI's own evaluation ran
+    assert "| cli-train | passed |" in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_steps_that_need_a_missing_package_say_which(tmp_path):
+    import subprocess
+
+    python = subprocess.run([sys.executable, str(ROOT / "scripts" / "python_without.py"), str(tmp_path / "venv"),
+                             "av", "ftfy", "wcwidth"], capture_output=True, text=True, check=True).stdout.strip()
+    proc, summary = _check(["--device", "cpu", "--skip", "benchmark-inference"], tmp_path / "out", python=python,
+                           timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert summary["preflight"]["missing"] == {"decoding (PyAV)": ["av"], "tokenizer": ["ftfy"]}
+    steps = {s["step"]: s for s in summary["steps"]}
+    assert steps["environment"]["status"] == "passed"
+    for name in ("tests", "cli-train", "benchmark-loader"):
+        assert steps[name]["status"] == "skipped" and steps[name]["reason"].startswith("needs av "), steps[name]
+
+
+def test_the_check_rejects_bad_arguments(tmp_path):
+    import subprocess
+
+    for args in (["--tests", "some"], ["--python", str(tmp_path / "nope")], ["--wheelhouse", str(tmp_path / "nope")],
+                 ["--step-timeout", "1m"]):
+        proc = subprocess.run([str(GPU_CHECK), "--out", str(tmp_path / "out"), *args], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.startswith("gpu_check: "), (args, proc.stderr)
