@@ -316,9 +316,12 @@ class _Run:
     def train_epochs(self) -> str:
         """Train until the last epoch (``finished``), ``max_steps`` or a stop signal (``interrupted``)."""
         cfg, env, pos = self.cfg, self.env, self.pos
+        forward = self.model
+        if self.optimizer is not None and cfg.train.compile:  # the same module and parameters, compiled
+            forward = torch.compile(self.model)
         if env.distributed and self.optimizer is not None:
-            self.ddp_model = DistributedDataParallel(
-                self.model, device_ids=[env.device] if env.device.type == "cuda" else None)
+            forward = DistributedDataParallel(forward, device_ids=[env.device] if env.device.type == "cuda" else None)
+        self.ddp_model = forward
         status = "finished"
         bar = None
         with _StopFlag() as stop:
