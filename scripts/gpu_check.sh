@@ -243,8 +243,8 @@ install_wheelhouse() {
     for pair in $DISTRIBUTIONS; do
         module="${pair%%:*}"; dist="${pair#*:}"
         [ -n "$(missing "$module")" ] || continue
-        # a wheel or source archive of it in the wheelhouse (pip's names: - and _ alike, any case)
-        if ls "$wheelhouse" | tr 'A-Z-' 'a-z_' | grep -q "^$(echo "$dist" | tr 'A-Z-' 'a-z_')-"; then
+        # a wheel or source archive of it in the wheelhouse (file names: lower case, _ for -)
+        if ls "$wheelhouse" | tr 'A-Z' 'a-z' | grep -q "^$(echo "$dist" | tr 'A-Z-' 'a-z_')-"; then
             wanted+=("$dist")
         else
             echo "not in the wheelhouse: $dist (module $module)"
