@@ -657,3 +657,23 @@ def test_the_check_rejects_bad_arguments(tmp_path):
         proc = subprocess.run([str(GPU_CHECK), "--out", str(tmp_path / "out"), *args], capture_output=True,
                               text=True, timeout=60)
         assert proc.returncode == 2 and proc.stderr.startswith("gpu_check: "), (args, proc.stderr)
+
+
+def test_benchmarks_use_the_gpu_settings_the_cli_uses(gpus, monkeypatch):
+    """``use_fast_gpu_kernels``: what ``cli._prepare_device`` sets on a GPU (cuDNN autotuner, TF32),
+    called by the inference and training-cost benchmarks; nothing on a CPU."""
+    for flag in ("benchmark", "allow_tf32"):
+        monkeypatch.setattr(torch.backends.cudnn, flag, False)
+    matmul_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        distributed.use_fast_gpu_kernels("cpu")
+        assert not torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "highest"
+        gpus(1)
+        distributed.use_fast_gpu_kernels(torch.device("cuda:0"))
+        assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(matmul_precision)
+    for name in ("inference.py", "train_cost.py"):
+        assert "use_fast_gpu_kernels(device)" in (BENCHMARKS / name).read_text()

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistEnv", "setup_distributed", "cleanup_distributed", "all_gather_objects", "barrier",
-           "resolve_device", "broadcast_object", "local_world_size"]
+           "resolve_device", "broadcast_object", "local_world_size", "use_fast_gpu_kernels"]
 
 
 @dataclass
@@ -81,6 +81,18 @@ def resolve_device(name: str, local_rank: int = 0, local_world: int = 1) -> torc
     if device.index >= visible:
         raise RuntimeError(f"device {name!r} requested but only {visible} GPU(s) are visible")
     return device
+
+
+def use_fast_gpu_kernels(device: torch.device | str) -> None:
+    """On a GPU, what training and inference runs use (the CLI and the benchmarks alike): cuDNN's
+    autotuner picks the fastest convolution algorithms for the run's fixed shapes, and float32
+    matrix products and convolutions use TF32 tensor cores (the frozen CLIP and autocast regions
+    compute in bf16/fp16 anyway). Process-wide PyTorch settings; nothing on a CPU."""
+    if torch.device(device).type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
 
 
 def setup_distributed(device_name: str = "auto") -> DistEnv:
