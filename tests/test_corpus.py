@@ -61,7 +61,7 @@ def ray_cluster():
 def _copies(videos: list[str], folder: Path, n: int) -> list[str]:
     """``n`` distinct files (copies of ``videos`` in turn), for jobs long enough to interrupt."""
     folder.mkdir(parents=True, exist_ok=True)
-    return [shutil.copy(videos[i % len(videos)], folder / f"c{i:02d}.mp4") for i in range(n)]
+    return [str(shutil.copy(videos[i % len(videos)], folder / f"c{i:02d}.mp4")) for i in range(n)]
 
 
 def _raw_ids(out: Path) -> list[str]:
@@ -117,7 +117,8 @@ def test_embeddings_equal_the_single_process_embed_and_search_reads_them(corpus,
     assert sorted(got) == sorted(videos) and table.column("error").null_count == 5
     for path, row in zip(videos, want.embeddings):
         np.testing.assert_allclose(got[path], row.numpy(), rtol=0, atol=1e-5)
-    assert str(table.schema.field("embedding").type) == "fixed_size_list<item: float>[64]"
+    kind = table.schema.field("embedding").type
+    assert (kind.list_size, str(kind.value_type)) == (64, "float")
     assert is_corpus_folder(out) and not is_corpus_folder(tmp_path)
     index = read_corpus_embeddings(out)
     query = want.embeddings[3]
@@ -168,7 +169,8 @@ def test_webdataset_shard_and_list_inputs(corpus, ray_cluster, tmp_path):
     rows = {r["id"]: r for r in table.to_pylist()}
     assert sorted(rows) == sorted(["key0", "key2", "key9", videos[1], videos[3]])
     assert rows["key9"]["error"] and rows["key9"]["path"].endswith("shard-000.tar#key9.mp4")
-    assert str(table.schema.field("embedding").type) == "fixed_size_list<item: halffloat>[64]"
+    kind = table.schema.field("embedding").type
+    assert (kind.list_size, str(kind.value_type)) == (64, "halffloat")
     net, preprocess = load_for_inference(str(model), device="cpu", require_head=False)
     want = embed_files(net, [videos[0], videos[2], videos[1]], preprocess).embeddings
     for key, row in zip(["key0", "key2", videos[1]], want):

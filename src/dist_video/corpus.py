@@ -340,12 +340,16 @@ def _actor_resources(ray, actors: int | None) -> dict:
     return {"compute": ray.data.ActorPoolStrategy(size=actors or 1), "num_cpus": 1}
 
 
+def _decode_task_options() -> dict:
+    return {"max_retries": DECODE_RETRIES}
+
+
 def _pipeline(ray, rows: list[dict], spec: ModelSpec, preprocess: dict, num_frames: int, opts: _Options):
     """The Ray Data dataset of output rows for ``rows`` (not yet executed)."""
     blocks = max(1, math.ceil(len(rows) / max(1, opts.rows_per_task)))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     decoded = ds.map(decode_row, fn_kwargs={"preprocess": preprocess, "num_frames": num_frames,
-                                            "views": opts.views}, num_cpus=1, max_retries=DECODE_RETRIES)
+                                            "views": opts.views}, num_cpus=1, ray_remote_args_fn=_decode_task_options)
     return decoded.map_batches(CorpusModel, batch_size=opts.batch_size, batch_format="pyarrow",
                                fn_constructor_kwargs={"spec": spec, "task": opts.task, "views": opts.views,
                                                       "topk": opts.topk, "normalize": opts.normalize,
