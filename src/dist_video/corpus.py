@@ -52,9 +52,10 @@ RAY_EXTRA_MESSAGE = ("--ray needs Ray Data and pyarrow: install the extra with "
 SHARD_GLOB = "part-*.parquet"
 LIST_SUFFIXES = (".txt", ".lst", ".csv", ".parquet")
 TASKS = ("embed", "predict")
-#: Retries of a decode task whose worker died (a crash inside a decoder); a file that merely fails
-#: to decode is an error row, not a retry. Also keeps Ray Data from fusing decoding into the actors.
-DECODE_RETRIES = 3
+#: Memory Ray reserves for one decode task (a file's sampled frames at their decoded size, its
+#: clips, the decoder). Declaring it also keeps Ray Data from fusing the decode tasks into CPU
+#: actors, so decoding runs beside the model, not before it in the same process.
+DECODE_TASK_MEMORY = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -75,13 +76,23 @@ class ModelSpec:
 @dataclass
 class CorpusSummary:
     """What a run did: ``videos`` rows written now (``errors`` of them failed) in ``seconds``;
-    ``skipped``: inputs already in the folder; ``total``: rows in the folder afterwards."""
+    ``skipped``: inputs already in the folder; ``total``: rows in the folder afterwards;
+    ``first_shard``: seconds until the first shard was written (actor start, model load, the
+    first batches), ``first_rows`` its rows."""
 
     videos: int
     errors: int
     skipped: int
     total: int
     seconds: float
+    first_shard: float = 0.0
+    first_rows: int = 0
+
+    @property
+    def steady_videos_per_second(self) -> float:
+        """videos/s after the first shard: the rate a long job runs at."""
+        span = self.seconds - self.first_shard
+        return (self.videos - self.first_rows) / span if span > 0 and self.videos > self.first_rows else 0.0
 
     @property
     def videos_per_second(self) -> float:
@@ -340,16 +351,12 @@ def _actor_resources(ray, actors: int | None) -> dict:
     return {"compute": ray.data.ActorPoolStrategy(size=actors or 1), "num_cpus": 1}
 
 
-def _decode_task_options() -> dict:
-    return {"max_retries": DECODE_RETRIES}
-
-
 def _pipeline(ray, rows: list[dict], spec: ModelSpec, preprocess: dict, num_frames: int, opts: _Options):
     """The Ray Data dataset of output rows for ``rows`` (not yet executed)."""
     blocks = max(1, math.ceil(len(rows) / max(1, opts.rows_per_task)))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     decoded = ds.map(decode_row, fn_kwargs={"preprocess": preprocess, "num_frames": num_frames,
-                                            "views": opts.views}, num_cpus=1, ray_remote_args_fn=_decode_task_options)
+                                            "views": opts.views}, num_cpus=1, memory=DECODE_TASK_MEMORY)
     return decoded.map_batches(CorpusModel, batch_size=opts.batch_size, batch_format="pyarrow",
                                fn_constructor_kwargs={"spec": spec, "task": opts.task, "views": opts.views,
                                                       "topk": opts.topk, "normalize": opts.normalize,
@@ -357,20 +364,23 @@ def _pipeline(ray, rows: list[dict], spec: ModelSpec, preprocess: dict, num_fram
                                **_actor_resources(ray, opts.actors))
 
 
-def _write_shards(results, out: Path, shard_rows: int) -> tuple[int, int]:
+def _write_shards(results, out: Path, shard_rows: int, t0: float) -> tuple[int, int, float, int]:
     """Stream the output rows into Parquet shards of ``shard_rows`` rows, each written
-    atomically; (rows written, error rows)."""
+    atomically; (rows written, error rows, seconds from ``t0`` to the first shard, its rows)."""
     import pyarrow.parquet as pq
 
     run = uuid.uuid4().hex[:12]
-    videos = errors = 0
+    videos = errors = first_rows = 0
+    first = 0.0
     for k, table in enumerate(results.iter_batches(batch_size=shard_rows, batch_format="pyarrow")):
         with atomic_path(out / f"part-{run}-{k:06d}.parquet") as tmp:
             pq.write_table(table, tmp)
+        if k == 0:
+            first, first_rows = time.perf_counter() - t0, table.num_rows
         videos += table.num_rows
         errors += table.num_rows - table.column("error").null_count
         logger.info("wrote %d rows (%d so far)", table.num_rows, videos)
-    return videos, errors
+    return videos, errors, first, first_rows
 
 
 def _software_versions() -> dict:
@@ -443,16 +453,17 @@ def run_corpus(model: str | ModelSpec, inputs: Sequence[str | os.PathLike], out:
     t0 = time.perf_counter()
     try:
         ray.data.DataContext.get_current().enable_progress_bars = progress
-        videos = errors = 0
+        written = (0, 0, 0.0, 0)
         if todo:
-            videos, errors = _write_shards(_pipeline(ray, todo, spec, preprocess, num_frames, opts), out,
-                                           shard_rows)
+            written = _write_shards(_pipeline(ray, todo, spec, preprocess, num_frames, opts), out, shard_rows, t0)
     finally:
         if started:
             ray.shutdown()
     seconds = time.perf_counter() - t0
     manifest = _write_manifest(out, spec, preprocess, opts, len(rows))
-    summary = CorpusSummary(videos, errors, len(rows) - len(todo), manifest["counts"]["rows"], seconds)
+    videos, errors, first_shard, first_rows = written
+    summary = CorpusSummary(videos, errors, len(rows) - len(todo), manifest["counts"]["rows"], seconds,
+                            first_shard, first_rows)
     logger.info("%s", summary.line())
     return summary
 
