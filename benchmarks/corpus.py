@@ -1,6 +1,6 @@
 """Corpus jobs on Ray against the single-process ``embed``: videos/s on the same files.
 
-    python benchmarks/corpus.py [--videos 24] [--width 256] [--layers 6] [--image 112] [--out DIR]
+    python benchmarks/corpus.py [--videos 48] [--width 256] [--layers 6] [--image 112] [--out DIR]
 
 Measures, on Kinetics-like videos (10 s, 340x256, 30 fps, H.264; cached like ``loader.py``'s)
 and a DiST model with a random small CLIP saved as a model folder:
@@ -10,10 +10,13 @@ and a DiST model with a random small CLIP saved as a model folder:
 - ``ray-1`` / ``ray-2``: :func:`dist_video.corpus.run_corpus` with 1 and 2 CPU actors (one
   torch thread each) on a local Ray started once beforehand with ``actors + 1`` logical CPUs (the
   extra one runs the decode tasks); actor start and model load included, ``ray.init`` not;
+
+each at two job sizes (a quarter of ``--videos``, and all of them): the marginal time per video
+(the difference over the difference in videos) leaves the fixed costs out;
 - the decode rate (uint8 test clips per video, one core) and the model rate (videos/s of the
   model alone on decoded clips, one thread): the two halves of the pipeline, for sizing.
 
-Writes ``corpus.json`` and prints a Markdown table.
+Writes ``corpus.json`` (``corpus-one-core.json`` with ``--one-core``) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -52,14 +55,13 @@ def make_model(folder: Path, width: int, layers: int, image: int, frames: int) -
     return folder
 
 
-def single_process(model: Path, files: list[str], first: int) -> tuple[float, float]:
-    """(seconds, model load included; videos/s after the first ``first`` files)."""
+def single_process(model: Path, files: list[str]) -> float:
+    """Seconds of ``embed_files`` on ``files`` in this process, model load included."""
     t0 = time.perf_counter()
     net, preprocess = load_for_inference(str(model), device="cpu", clip_dtype="fp32", require_head=False)
-    done: list[float] = []
-    result = embed_files(net, files, preprocess, progress=lambda path: done.append(time.perf_counter()))
+    result = embed_files(net, files, preprocess)
     assert result.embeddings.shape[0] == len(files) and not result.errors
-    return time.perf_counter() - t0, (len(files) - first) / (done[-1] - done[first - 1])
+    return time.perf_counter() - t0
 
 
 def halves(model: Path, files: list[str]) -> dict:
@@ -77,64 +79,72 @@ def halves(model: Path, files: list[str]) -> dict:
             "clips_per_video": int(clips[0].shape[0])}
 
 
-def on_ray(model: Path, files: list[str], actors: int, out: Path, first: int) -> tuple[float, float]:
-    """(seconds of the job, videos/s after its first shard of ``first`` rows)."""
+def on_ray(model: Path, files: list[str], actors: int, out: Path) -> float:
+    """Seconds of a corpus job on ``files`` (Ray already started), actor start and model load included."""
+    t0 = time.perf_counter()
+    summary = run_corpus(str(model), files, out, actors=actors, batch_size=4, shard_rows=64, progress=False)
+    assert summary.videos == len(files) and summary.errors == 0, summary.line()
+    return time.perf_counter() - t0
+
+
+def measure(model: Path, files: list[str], sizes: tuple[int, int], work: Path) -> dict:
+    """Seconds of each run at both job sizes: {run: [seconds at sizes[0], seconds at sizes[1]]}."""
     import ray
 
-    ray.init(num_cpus=actors + 1, _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="WARNING")
-    try:
-        t0 = time.perf_counter()
-        summary = run_corpus(str(model), files, out, actors=actors, batch_size=first, shard_rows=first,
-                             progress=False)
-        seconds = time.perf_counter() - t0
-    finally:
-        ray.shutdown()
-    assert summary.videos == len(files) and summary.errors == 0, summary.line()
-    return seconds, summary.steady_videos_per_second
+    runs = {"single": [single_process(model, files[:n]) for n in sizes]}
+    for actors in (1, 2):
+        ray.init(num_cpus=actors + 1, _node_ip_address="127.0.0.1", include_dashboard=False,
+                 logging_level="WARNING")
+        try:
+            runs[f"ray-{actors}"] = [on_ray(model, files[:n], actors, work / f"out-{actors}-{n}") for n in sizes]
+        finally:
+            ray.shutdown()
+    return runs
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--videos", type=int, default=24)
-    p.add_argument("--first", type=int, default=4, help="rows of the first shard (and the model batch), "
-                   "left out of the steady rate")
+    p.add_argument("--videos", type=int, default=48)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--image", type=int, default=112)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "dist-video-bench-videos"))
+    p.add_argument("--one-core", action="store_true", help="pin this process and everything it starts (Ray "
+                   "included) to one core: Ray's cost against the single process on equal hardware")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
+    if args.one_core:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     os.environ["OMP_NUM_THREADS"] = "1"  # Ray's workers inherit it: one torch thread per actor
     torch.set_num_threads(1)
+    sizes = (args.videos // 4, args.videos)
     files = [str(f) for f in kinetics_like_videos(Path(args.cache), args.videos, None)]
     work = Path(tempfile.mkdtemp(prefix="corpus-bench-"))
     try:
         model = make_model(work / "model", args.width, args.layers, args.image, args.frames)
-        runs = {"single": single_process(model, files, args.first)}
-        for actors in (1, 2):
-            runs[f"ray-{actors}"] = on_ray(model, files, actors, work / f"out-{actors}", args.first)
-        parts = halves(model, files)
+        runs = measure(model, files, sizes, work)
+        parts = halves(model, files[:8])
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    seconds = {k: v[0] for k, v in runs.items()}
-    rates = {k: len(files) / v for k, v in seconds.items()}
-    steady = {k: v[1] for k, v in runs.items()}
-    result = {"videos": len(files), "model": vars(args), "seconds": seconds, "videos_per_s": rates,
-              "steady_videos_per_s": steady, **parts,
-              "ray_1_overhead_end_to_end": rates["single"] / rates["ray-1"] - 1,
-              "ray_1_overhead_steady": steady["single"] / steady["ray-1"] - 1,
-              "scaling_1_to_2_end_to_end": rates["ray-2"] / rates["ray-1"],
-              "scaling_1_to_2_steady": steady["ray-2"] / steady["ray-1"],
-              "cpus": os.cpu_count(), "torch": torch.__version__}
+    # The marginal time per video: the fixed costs (Ray's workers and actors starting, the model
+    # loading) cancel between the two job sizes.
+    marginal = {k: (t[1] - t[0]) / (sizes[1] - sizes[0]) for k, t in runs.items()}
+    rates = {k: args.videos / t[1] for k, t in runs.items()}
+    result = {"sizes": sizes, "model": vars(args), "seconds": runs, "videos_per_s": rates,
+              "marginal_videos_per_s": {k: 1 / v for k, v in marginal.items()}, **parts,
+              "ray_1_marginal_overhead": marginal["ray-1"] / marginal["single"] - 1,
+              "scaling_1_to_2_marginal": marginal["ray-1"] / marginal["ray-2"],
+              "affinity": sorted(os.sched_getaffinity(0)), "torch": torch.__version__}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "corpus.json").write_text(json.dumps(result, indent=2) + "\n")
-    print("| run | seconds | videos/s end to end | videos/s after the first shard |\n|---|---|---|---|")
-    for k in seconds:
-        print(f"| {k} | {seconds[k]:.1f} | {rates[k]:.2f} | {steady[k]:.2f} |")
-    print(f"Ray at 1 actor vs single, time per video: {100 * result['ray_1_overhead_end_to_end']:+.1f}% end to "
-          f"end, {100 * result['ray_1_overhead_steady']:+.1f}% steady; 1 -> 2 actors: "
-          f"{result['scaling_1_to_2_end_to_end']:.2f}x / {result['scaling_1_to_2_steady']:.2f}x; "
+    name = "corpus-one-core.json" if args.one_core else "corpus.json"
+    (Path(args.out) / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"| run | seconds at {sizes[0]} / {sizes[1]} videos | videos/s end to end at {sizes[1]} "
+          "| marginal videos/s |\n|---|---|---|---|")
+    for k, t in runs.items():
+        print(f"| {k} | {t[0]:.1f} / {t[1]:.1f} | {rates[k]:.2f} | {1 / marginal[k]:.2f} |")
+    print(f"Ray at 1 actor vs single, marginal time per video: {100 * result['ray_1_marginal_overhead']:+.1f}%; "
+          f"1 -> 2 actors: {result['scaling_1_to_2_marginal']:.2f}x; "
           f"decode {parts['decode_s_per_video']:.3f} s/video, model "
           f"{parts['model_s_per_video']:.3f} s/video ({parts['clips_per_video']} clips)")
     return 0

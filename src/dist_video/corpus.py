@@ -52,10 +52,10 @@ RAY_EXTRA_MESSAGE = ("--ray needs Ray Data and pyarrow: install the extra with "
 SHARD_GLOB = "part-*.parquet"
 LIST_SUFFIXES = (".txt", ".lst", ".csv", ".parquet")
 TASKS = ("embed", "predict")
-#: Memory Ray reserves for one decode task (a file's sampled frames at their decoded size, its
-#: clips, the decoder). Declaring it also keeps Ray Data from fusing the decode tasks into CPU
-#: actors, so decoding runs beside the model, not before it in the same process.
-DECODE_TASK_MEMORY = 256 * 2**20
+#: Memory Ray reserves for one decode task's worker (Python and torch take about half of it; the
+#: rest holds the decoder, a file's sampled frames and its clips). Declaring it also keeps Ray Data
+#: from fusing the decode tasks into CPU actors, so decoding runs beside the model, not before it.
+DECODE_TASK_MEMORY = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -76,23 +76,13 @@ class ModelSpec:
 @dataclass
 class CorpusSummary:
     """What a run did: ``videos`` rows written now (``errors`` of them failed) in ``seconds``;
-    ``skipped``: inputs already in the folder; ``total``: rows in the folder afterwards;
-    ``first_shard``: seconds until the first shard was written (actor start, model load, the
-    first batches), ``first_rows`` its rows."""
+    ``skipped``: inputs already in the folder; ``total``: rows in the folder afterwards."""
 
     videos: int
     errors: int
     skipped: int
     total: int
     seconds: float
-    first_shard: float = 0.0
-    first_rows: int = 0
-
-    @property
-    def steady_videos_per_second(self) -> float:
-        """videos/s after the first shard: the rate a long job runs at."""
-        span = self.seconds - self.first_shard
-        return (self.videos - self.first_rows) / span if span > 0 and self.videos > self.first_rows else 0.0
 
     @property
     def videos_per_second(self) -> float:
@@ -364,23 +354,20 @@ def _pipeline(ray, rows: list[dict], spec: ModelSpec, preprocess: dict, num_fram
                                **_actor_resources(ray, opts.actors))
 
 
-def _write_shards(results, out: Path, shard_rows: int, t0: float) -> tuple[int, int, float, int]:
+def _write_shards(results, out: Path, shard_rows: int) -> tuple[int, int]:
     """Stream the output rows into Parquet shards of ``shard_rows`` rows, each written
-    atomically; (rows written, error rows, seconds from ``t0`` to the first shard, its rows)."""
+    atomically; (rows written, error rows)."""
     import pyarrow.parquet as pq
 
     run = uuid.uuid4().hex[:12]
-    videos = errors = first_rows = 0
-    first = 0.0
+    videos = errors = 0
     for k, table in enumerate(results.iter_batches(batch_size=shard_rows, batch_format="pyarrow")):
         with atomic_path(out / f"part-{run}-{k:06d}.parquet") as tmp:
             pq.write_table(table, tmp)
-        if k == 0:
-            first, first_rows = time.perf_counter() - t0, table.num_rows
         videos += table.num_rows
         errors += table.num_rows - table.column("error").null_count
         logger.info("wrote %d rows (%d so far)", table.num_rows, videos)
-    return videos, errors, first, first_rows
+    return videos, errors
 
 
 def _software_versions() -> dict:
@@ -453,17 +440,16 @@ def run_corpus(model: str | ModelSpec, inputs: Sequence[str | os.PathLike], out:
     t0 = time.perf_counter()
     try:
         ray.data.DataContext.get_current().enable_progress_bars = progress
-        written = (0, 0, 0.0, 0)
+        videos = errors = 0
         if todo:
-            written = _write_shards(_pipeline(ray, todo, spec, preprocess, num_frames, opts), out, shard_rows, t0)
+            videos, errors = _write_shards(_pipeline(ray, todo, spec, preprocess, num_frames, opts), out,
+                                           shard_rows)
     finally:
         if started:
             ray.shutdown()
     seconds = time.perf_counter() - t0
     manifest = _write_manifest(out, spec, preprocess, opts, len(rows))
-    videos, errors, first_shard, first_rows = written
-    summary = CorpusSummary(videos, errors, len(rows) - len(todo), manifest["counts"]["rows"], seconds,
-                            first_shard, first_rows)
+    summary = CorpusSummary(videos, errors, len(rows) - len(todo), manifest["counts"]["rows"], seconds)
     logger.info("%s", summary.line())
     return summary
 
