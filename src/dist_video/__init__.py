@@ -11,6 +11,7 @@ from .baselines import AdapterClassifier, BaselineConfig, FrozenMeanClassifier, 
 from .checkpoints import load_official_checkpoint
 from .clip_loaders import load_clip
 from .tokenizer import tokenize
+from .loading import LoadedModel, load_model
 
 
 def fuse(model: VideoClassifier, dtype=None, **kwargs):
@@ -21,6 +22,6 @@ def fuse(model: VideoClassifier, dtype=None, **kwargs):
 
 __all__ = ["CLIP", "CLIPConfig", "DiSTConfig", "PRESETS", "DiSTVideoModel", "load_official_checkpoint",
            "__version__"]
-__all__ += ["load_clip", "tokenize", "fuse"]
+__all__ += ["load_clip", "tokenize", "fuse", "load_model", "LoadedModel"]
 __all__ += ["VideoClassifier", "model_class", "BaselineConfig", "FrozenMeanClassifier", "FullFinetuneClassifier",
             "AdapterClassifier"]

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from .data import clips_on_device
 from .distributed import DistEnv, all_gather_objects
+from .inference import check_finite
 from .metrics import classification_metrics, plot_confusion_matrix, write_predictions_csv
 
 __all__ = ["ShardSampler", "predict_dataset", "evaluate", "fuse_for_inference"]
@@ -38,7 +39,10 @@ class ShardSampler(Sampler[int]):
 
 def fuse_for_inference(model, amp_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The model's inference form (``model.fuse``) in the run's precision: the autocast dtype of
-    training (bf16/fp16), else the frozen CLIP's dtype."""
+    training (bf16/fp16), else the frozen CLIP's dtype. A model without ``fuse`` is an inference
+    form already (e.g. an exported folder's onnxruntime runner) and is used as it is."""
+    if not hasattr(model, "fuse"):
+        return model
     return model.fuse(amp_dtype if amp_dtype is not None else model.clip_dtype)
 
 
@@ -71,7 +75,7 @@ def predict_dataset(model, dataset, env: DistEnv, *, batch_size: int, workers: i
         iterator = tqdm(loader, desc="evaluate", unit="batch", dynamic_ncols=True, leave=False)
     for batch in iterator:
         video = clips_on_device(batch, dataset.transform, env.device)
-        probs = fused(video).float().softmax(dim=1).cpu()
+        probs = check_finite(fused(video).float().softmax(dim=1).cpu(), "class probabilities")
         for p, idx, y in zip(probs, batch["index"].tolist(), batch["label"].tolist()):
             sums[idx] = sums[idx] + p if idx in sums else p.clone()
             counts[idx] = counts.get(idx, 0) + 1
