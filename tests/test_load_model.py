@@ -235,3 +235,32 @@ def test_cli_nan_weights_give_one_line_naming_the_model_and_valid_json(tmp_path,
     assert embed.returncode == 1 and [ln for ln in embed.stderr.splitlines() if ln.strip()] == [
         f"dist-video embed: error: {folder}: the model's embeddings are not finite (NaN or infinity): its weights "
         "are damaged or overflow in this precision"]
+
+
+def test_window_and_stride_out_of_bounds_are_usage_errors_on_one_line(capsys):
+    from dist_video import cli
+
+    for flags in (["--window", "nan"], ["--window", "inf"], ["--window", "-1"], ["--window", "1", "--stride", "0"],
+                  ["--window", "1", "--stride", "inf"]):
+        assert cli.main(["predict", "m", "v.mp4", *flags]) == 2, flags
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and err[0].startswith("dist-video predict: error: --") and "finite positive" in err[0]
+    assert cli.main(["embed", "m", "v.mp4", "--out", "o", "--window", "nan"]) == 2
+
+
+def test_a_window_bound_error_from_the_timeline_is_that_files_one_line_error(tmp_path, tiny_clip, video,
+                                                                             monkeypatch, capsys):
+    from dist_video import cli
+    from dist_video.engine import timeline
+
+    def refuse(duration, window, stride=None, **kwargs):
+        raise ValueError(f"window={window:g} s gives more than the limit of 3 windows")
+
+    monkeypatch.setattr(timeline, "window_bounds", refuse)
+    folder = small_clip_folder(tmp_path / "m", tiny_clip)
+    assert cli.main(["predict", str(folder), str(video), "--window", "0.01", "--device", "cpu", "--json"]) == 1
+    out = capsys.readouterr()
+    assert json.loads(out.out) == [{"video": str(video), "error": "window=0.01 s gives more than the limit of 3 "
+                                                                  "windows"}]
+    assert [ln for ln in out.err.splitlines() if ln.strip()] == [
+        f"dist-video predict: error: {video}: window=0.01 s gives more than the limit of 3 windows"]

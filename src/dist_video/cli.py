@@ -72,7 +72,8 @@ def _model_source_arguments(p: argparse.ArgumentParser, *, classes: bool = False
     else:
         g.add_argument("--vocab", help=argparse.SUPPRESS)
     if frames:
-        g.add_argument("--frames", type=int, default=8, help="frames per clip for plain CLIP weights (default 8)")
+        g.add_argument("--frames", type=_positive_int, default=8, help="frames per clip for plain CLIP weights "
+                       "(default 8)")
 
 
 def _device_arguments(p: argparse.ArgumentParser) -> None:
@@ -230,8 +231,9 @@ def cmd_evaluate(args) -> int:
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("videos", nargs="+", help="video files")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--views", type=int, default=None, help="temporal views to average (default: the model's)")
+    p.add_argument("--topk", type=_positive_int, default=5)
+    p.add_argument("--views", type=_positive_int, default=None, help="temporal views to average (default: the "
+                   "model's)")
     p.add_argument("--json", action="store_true", help="print JSON")
     _model_source_arguments(p, classes=True, labels="names", frames=True)
     _window_arguments(p, "long videos: classify windows of this many seconds (a timeline)")
@@ -239,7 +241,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeline", metavar="FILE.png", help="with --window: plot the top classes over time")
     p.add_argument("--annotate", metavar="OUT.mp4", help="with --window: the video re-encoded (H.264) with the "
                    "current top label drawn on every frame")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default 8)")
     _device_arguments(p)
 
 
@@ -272,8 +274,25 @@ def _print_result(r: dict) -> None:
         print(f"  {rank}. {item['class']:<40s} {100 * item['probability']:6.2f}%")
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _check_window_arguments(args) -> None:
-    """Usage errors of the long-video options (exit status 2, before any work)."""
+    """Usage errors of the long-video options (exit status 2, before any work). The number of
+    windows a video gets is bounded where it is known, per video
+    (:func:`dist_video.engine.timeline.window_bounds`: a one-line error for that file)."""
+    for flag in ("window", "stride"):
+        value = getattr(args, flag, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{flag} must be a finite positive number of seconds, got {value}")
     if args.window is None:
         for flag in ("stride", "csv", "timeline", "annotate"):
             if getattr(args, flag, None) is not None:
@@ -313,7 +332,8 @@ def _embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (a re-run embeds only the files "
                    "not in it yet)")
     p.add_argument("--normalize", action="store_true", help="unit-length embeddings")
-    p.add_argument("--views", type=int, default=None, help="temporal views to average (default: the model's)")
+    p.add_argument("--views", type=_positive_int, default=None, help="temporal views to average (default: the "
+                   "model's)")
     _window_arguments(p, "one embedding per window of this many seconds")
     _model_source_arguments(p, prompt=False, vocab=False, frames=True)
     _device_arguments(p)
@@ -339,7 +359,7 @@ def _search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", metavar="DIR", help="a folder written by `dist-video embed`")
     p.add_argument("query", help="a text, e.g. 'a person juggling'")
     p.add_argument("--model", required=True, help="the model that embedded the videos (it needs a text tower)")
-    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--topk", type=_positive_int, default=10)
     _model_source_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
