@@ -28,9 +28,10 @@ import torch
 
 from .classifier import VideoClassifier, read_model_config, resolve_clip_dtype
 from .engine.distributed import resolve_device
-from .engine.inference import check_finite
-from .engine.predict import DEFAULT_PREPROCESS, labels_refusal, predict_files, read_class_names, text_query, use_labels
 from .onnx_runner import OnnxVideoClassifier, is_exported_folder
+
+# The prediction functions (engine.predict, engine.timeline, engine.embed) are imported where
+# they are used, so that ``import dist_video`` does not load the video decoders.
 
 __all__ = ["LoadedModel", "load_model", "convert_official", "native_preprocess", "EXPORTED_LABELS_REFUSAL"]
 
@@ -43,6 +44,8 @@ EXPORTED_LABELS_REFUSAL = ("an exported model has a fixed class list; labels nee
 def native_preprocess(image_size: int, num_frames: int) -> dict:
     """The paper's test protocol (:data:`~dist_video.engine.predict.DEFAULT_PREPROCESS`) at a CLIP's
     native input size: short side resized to ``image_size``, centre crop ``image_size``."""
+    from .engine.predict import DEFAULT_PREPROCESS
+
     return {**DEFAULT_PREPROCESS, "crop_size": int(image_size), "test_scale": int(image_size),
             "num_frames": int(num_frames)}
 
@@ -113,6 +116,8 @@ class LoadedModel:
 
     def labels_refusal(self, option: str = "--labels") -> str | None:
         """Why this model cannot score label names it was not trained on (None: it can)."""
+        from .engine.predict import labels_refusal
+
         if self.network is None:
             return EXPORTED_LABELS_REFUSAL
         return labels_refusal(self.network, option=option)
@@ -130,11 +135,11 @@ class LoadedModel:
     def use_labels(self, labels: str | Sequence[str], prompt: str | Sequence[str] | None = None) -> LoadedModel:
         """Classify into ``labels`` by their text embeddings (see
         :func:`dist_video.engine.predict.use_labels`); ``prompt``: None for CLIP's Kinetics ensemble."""
-        if self.network is None:
-            raise ValueError(f"{self.source}: {EXPORTED_LABELS_REFUSAL}")
-        refusal = labels_refusal(self.network)
+        from .engine.predict import use_labels
+
+        refusal = self.labels_refusal()
         if refusal is not None:
-            raise ValueError(refusal)
+            raise ValueError(f"{self.source}: {refusal}" if self.network is None else refusal)
         use_labels(self.network, labels, prompt=prompt, tokenizer=self.tokenizer)
         self._inference = None
         return self
@@ -142,6 +147,8 @@ class LoadedModel:
     def use_classes(self, classes: str, prompt: str = "") -> LoadedModel:
         """A class-text head for the class names of ``classes`` (a file or a built-in list),
         each embedded as ``prompt + name``."""
+        from .engine.predict import read_class_names
+
         with torch.no_grad():
             self.network.set_class_names(read_class_names(classes), self.tokenizer, prompt=prompt)
         self._inference = None
@@ -170,12 +177,15 @@ class LoadedModel:
 
     def predict(self, videos: Sequence[str | os.PathLike], *, topk: int = 5, views: int | None = None) -> list[dict]:
         """Top classes of each file (:func:`~dist_video.engine.predict.predict_files`)."""
+        from .engine.predict import predict_files
+
         return predict_files(self.inference(), [os.fspath(v) for v in videos], self.preprocess, topk=topk,
                              views=views)
 
     def timeline(self, path: str | os.PathLike, *, window: float, stride: float | None = None,
                  batch_size: int = 8):
         """The :class:`~dist_video.engine.timeline.Timeline` of a long video's windows."""
+        from .engine.inference import check_finite
         from .engine.timeline import video_timeline
 
         timeline = video_timeline(self.inference(), path, self.preprocess, window=window, stride=stride,
@@ -194,6 +204,8 @@ class LoadedModel:
 
     def text_embedding(self, text: str, prompt: str | None = None) -> torch.Tensor:
         """E: the text tower's L2-normalised embedding of ``text`` (for search)."""
+        from .engine.predict import text_query
+
         if self.network is None:
             raise ValueError(f"{self.source}: an exported model has no text tower; search needs a model folder, "
                              "an authors' .pyth or CLIP weights")
