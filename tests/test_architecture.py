@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dist_video"
-MODEL_MODULES = ["clip", "dist", "model", "baselines", "classifier", "fused"]
+MODEL_MODULES = ["clip", "dist", "model", "baselines", "classifier", "fused", "folding", "reference"]
 
 
 def module_name(path: Path) -> str:

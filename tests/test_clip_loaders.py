@@ -21,6 +21,7 @@ import dist_video
 from dist_video import tokenizer as tk
 from dist_video.clip import CLIP, CLIPConfig
 from dist_video.clip_loaders import load_clip
+from dist_video.storage import UntrustedCheckpointError
 
 ASSETS = Path(__file__).parent / "assets"
 FORMATS = ASSETS / "clip_formats"
@@ -182,11 +183,13 @@ def test_openai_state_dict_variants(tmp_path):
             assert max_err(clip.encode_image(images), want) < tol, name
 
 
-def test_python_objects_in_checkpoint_load_with_a_warning(tmp_path):
+def test_python_objects_in_checkpoint_are_refused_unless_trusted(tmp_path):
     sd = torch.load(TINY / "clip_openai_state_dict.pt", weights_only=True)
     torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.1)}, tmp_path / "train.pt")
+    with pytest.raises(UntrustedCheckpointError, match=r"train.pt: .*argparse.Namespace.*--trust-checkpoint"):
+        load_clip(tmp_path / "train.pt")
     with pytest.warns(UserWarning, match="train.pt: loaded with weights_only=False"):
-        clip = load_clip(tmp_path / "train.pt")
+        clip = load_clip(tmp_path / "train.pt", trust_checkpoint=True)
     assert clip.config.vision_width == 128
 
 

@@ -13,7 +13,7 @@ import torch
 from data_helpers import (coded_frame, decode_all, frame_code, truncate, write_audio_only,
                           write_coded_video)
 from dist_video.data import VideoDecodeError, VideoInfo, available_backends, probe, read_frames
-from dist_video.data import decoding
+from dist_video.data import decoding, frame_index
 
 # name -> (number of frames, writer keyword arguments)
 KINDS = {
@@ -142,13 +142,13 @@ def test_truncated_matroska_gives_the_decodable_frames(videos):
 
 def test_index_promising_too_many_frames_is_corrected(videos):
     path, n = videos["h264_bframes_long_gop.mp4"]
-    index = decoding._get_index(str(path))
-    lying = decoding._FrameIndex(
+    index = frame_index.get_index(str(path))
+    lying = frame_index.FrameIndex(
         info=VideoInfo(**{**index.info.__dict__, "num_frames": n + 10}),
-        pts=decoding._PtsTable([index.pts.pts_of(i) for i in range(n)] +
-                               [index.pts.pts_of(n - 1) + k * 512 for k in range(1, 11)]),
+        pts=frame_index.PtsTable([index.pts.pts_of(i) for i in range(n)] +
+                                 [index.pts.pts_of(n - 1) + k * 512 for k in range(1, 11)]),
         keyframes=index.keyframes, seekable=index.seekable)
-    decoding._cache_put(decoding._cache_key(str(path)), lying)
+    frame_index.cache_put(frame_index.cache_key(str(path)), lying)
     with pytest.warns(RuntimeWarning, match="recounted by decoding"):
         frames = read_frames(path, [n + 4, 2])
     assert [frame_code(f) for f in frames.numpy()] == [n - 1, 2]
@@ -158,8 +158,8 @@ def test_index_promising_too_many_frames_is_corrected(videos):
 def test_probe_cache_follows_file_changes(tmp_path):
     path = write_coded_video(tmp_path / "a.mp4", 10)
     assert probe(path).num_frames == 10
-    key = decoding._cache_key(str(path))
-    assert decoding._cache_get(key) is not None
+    key = frame_index.cache_key(str(path))
+    assert frame_index.cache_get(key) is not None
     write_coded_video(tmp_path / "b.mp4", 14)
     os.replace(tmp_path / "b.mp4", path)
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000_000))

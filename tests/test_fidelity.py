@@ -13,8 +13,7 @@ import dist_video
 from dist_video import DiSTConfig, DiSTVideoModel, load_official_checkpoint
 from dist_video.checkpoints import branch_to_official_state_dict, read_official_state_dict
 from dist_video.clip_loaders import clip_from_openai_state_dict
-
-from reference_dist import dist_forward
+from dist_video.reference import dist_forward
 
 ASSETS = Path(__file__).parent / "assets" / "official-tiny"
 

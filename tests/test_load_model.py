@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import dist_video.tokenizer as tk
 from dist_video import DiSTConfig, DiSTVideoModel, LoadedModel, load_model
@@ -40,13 +39,19 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300, env=env)
 
 
-def small_clip_folder(path: Path, tiny_clip, *, preprocess: dict | None = None) -> Path:
-    """A DiST model on a 32-px CLIP, saved from Python (no run config: no recorded protocol)."""
+def small_clip_folder(path: Path, tiny_clip, *, preprocess: dict | None = None, nan: str | None = None) -> Path:
+    """A DiST model on a 32-px CLIP, saved from Python (no run config: no recorded protocol).
+    ``nan``: the weights whose names start with it (outside the CLIP; "" for all) are NaN."""
     torch.manual_seed(5)
     model = DiSTVideoModel(tiny_clip(image=32, embed=32, width=64, layers=2),
                            DiSTConfig(num_frames=8, alpha=2, temporal_dim=8, integration_dim=64, pooling_layers=1),
                            clip_dtype=torch.float32)
     model.set_linear_head(3, ["a", "b", "c"])
+    if nan is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.startswith(nan) and not name.startswith("clip."):
+                    p.fill_(float("nan"))
     model.save_pretrained(path, metadata={"preprocess": preprocess} if preprocess else None)
     return path
 
@@ -122,20 +127,27 @@ def test_a_missing_path_is_a_file_not_found_error(tmp_path):
         load_model(tmp_path / "nothing")
 
 
-def test_trust_checkpoint_is_passed_to_the_checkpoint_readers_only_when_set(monkeypatch):
+def test_trust_checkpoint_is_passed_to_the_checkpoint_readers(monkeypatch, tmp_path):
     import dist_video.checkpoints as checkpoints
+    import dist_video.clip_loaders as clip_loaders
 
     seen = []
-    real = checkpoints.load_official_checkpoint
+    official, clip = checkpoints.load_official_checkpoint, clip_loaders.load_clip
 
-    def spy(path, clip=None, **kwargs):
-        seen.append(kwargs.pop("trust_checkpoint", None))
-        return real(path, clip, **kwargs)
+    def official_spy(path, clip=None, **kwargs):
+        seen.append(("official", kwargs["trust_checkpoint"]))
+        return official(path, clip, **kwargs)
 
-    monkeypatch.setattr(checkpoints, "load_official_checkpoint", spy)
+    def clip_spy(path, **kwargs):
+        seen.append(("clip", kwargs["trust_checkpoint"]))
+        return clip(path, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "load_official_checkpoint", official_spy)
+    monkeypatch.setattr(clip_loaders, "load_clip", clip_spy)
     load_model(OFFICIAL, device="cpu", clip_dtype="fp32")
     load_model(OFFICIAL, device="cpu", clip_dtype="fp32", trust_checkpoint=True)
-    assert seen == [None, True]
+    load_model(tiny_text_clip(tmp_path / "clip.pt"), device="cpu", trust_checkpoint=True)
+    assert seen == [("official", False), ("official", True), ("clip", True)]
 
 
 @pytest.mark.slow
@@ -198,11 +210,7 @@ def test_a_bug_inside_a_command_is_an_internal_error_on_one_line(monkeypatch, ca
 
 def nan_folder(tmp_path: Path, tiny_clip, prefix: str = "") -> Path:
     """A model folder whose weights (those named ``prefix...``; default all but the CLIP's) are NaN."""
-    folder = small_clip_folder(tmp_path / f"nan{prefix}", tiny_clip)
-    weights = load_file(str(folder / "model.safetensors"))
-    weights = {k: torch.full_like(v, float("nan")) if k.startswith(prefix) else v for k, v in weights.items()}
-    save_file(weights, str(folder / "model.safetensors"))
-    return folder
+    return small_clip_folder(tmp_path / f"nan{prefix}", tiny_clip, nan=prefix)
 
 
 def test_non_finite_outputs_are_a_model_error_not_a_file_error(tmp_path, tiny_clip, video):

@@ -99,6 +99,27 @@ def test_window_bounds_cover_the_video():
         window_bounds(8, 0)
 
 
+def test_window_bounds_refuse_what_is_not_finite_or_too_many_windows():
+    for window, stride, bound in [(float("inf"), None, "window must be a finite positive"),
+                                  (float("nan"), 1, "window must be a finite positive"),
+                                  (1, float("inf"), "stride must be a finite positive"),
+                                  (1, -1, "stride must be a finite positive"),
+                                  (1e-9, None, "more than the limit of 11000 windows"),
+                                  (1, 1e-6, "more than the limit of 11000 windows"),
+                                  (1, 5e-324, "more than the limit of 11000 windows"),
+                                  (1e-300, 1e-300, "more than the limit of 11000 windows")]:
+        with pytest.raises(ValueError, match=bound):
+            window_bounds(2.0, window, stride)
+    assert len(window_bounds(100, 1, 1, max_windows=100)) == 100
+    with pytest.raises(ValueError, match="more than the limit of 99 windows"):
+        window_bounds(100, 1, 1, max_windows=99)
+    # no window starts at or after the end of the video
+    assert window_bounds(2, 0.5, 100) == [(0, 0.5)]
+    assert window_bounds(2, 1e308, 1e-300) == [(0, 2)] and window_bounds(2, 1e308, 5e-324) == [(0, 2)]
+    assert window_bounds(2, 0.5, 1.5) == [(0, 0.5), (1.5, 2)]
+    assert all(a < 7 for a, _ in window_bounds(7, 1, 2.5))
+
+
 def test_timeline_follows_the_segments(long_video):
     info = probe(long_video)
     assert info.num_frames == 3 * SEGMENT_SECONDS * FPS

@@ -1,76 +1,42 @@
 """The authors' released checkpoints (``.pyth``): reading them and inferring their sizes.
 
-Their files hold ``{"model_state": {...}}`` with every key under ``backbone.base_encoder.``
-(sometimes behind a ``module.`` prefix from DDP): the OpenAI-layout CLIP weights plus the
-branch under ``dist_net.`` (older files: ``ladder_net.`` with other sub-names).
+Their key names (prefixes, the branch's per-layer lists, older releases' names) are in
+:mod:`dist_video.authors_keys`.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import warnings
 from typing import Mapping
 
 import torch
 
+from .authors_keys import BRANCH_PREFIX, STATE_KEYS, branch_keys_from_authors, branch_keys_to_authors, strip_prefixes
 from .clip import CLIP
 from .classifier import load_strict_state_dict
 from .clip_loaders import clip_from_openai_state_dict, load_clip
-from .dist import DiSTConfig, branch_keys_from_authors, branch_keys_to_authors
+from .dist import DiSTConfig
 from .model import DiSTVideoModel
+from .storage import torch_load
 
 __all__ = ["load_official_checkpoint", "read_official_state_dict", "official_to_branch_state_dict",
            "branch_to_official_state_dict", "infer_dist_config"]
 
-# Older releases named the branch ``ladder_net`` with these sub-names.
-_LADDER_NAMES = {
-    "input_map_feat_nets": "input_linears",
-    "s2t_fuse_nets": "integration2temporal_nets",
-    "t2s_fuse_nets": "temporal2integration_nets",
-    "spatial_nets": "integration_nets",
-    "final_temporal_nets": "adapooling_nets",
-}
 
-
-def _torch_load(path: str | os.PathLike) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as safe_error:  # pickles with config objects etc. in them
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as error:  # damaged, truncated, or not a checkpoint at all
-            cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise ValueError(f"{path}: damaged or not a PyTorch checkpoint ({type(error).__name__}: {cause})"
-                             ) from None
-        warnings.warn(f"{path}: loaded with weights_only=False ({safe_error.__class__.__name__}); "
-                      "only do this with files you trust", stacklevel=3)
-        return obj
-
-
-def read_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_official_state_dict(path: str | os.PathLike, *, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors with the ``module.`` and ``backbone.base_encoder.`` prefixes
-    removed and ``ladder_net`` names mapped to ``dist_net`` names."""
-    obj = _torch_load(path)
-    if isinstance(obj, Mapping) and "model_state" in obj:
-        obj = obj["model_state"]
-    elif isinstance(obj, Mapping) and "state_dict" in obj:
-        obj = obj["state_dict"]
+    removed and ``ladder_net`` names mapped to ``dist_net`` names. Read with
+    ``weights_only=True`` (the authors' files hold only tensors, dicts, numbers and strings); a
+    file that needs more is refused unless ``trust_checkpoint`` (see :func:`dist_video.storage.torch_load`)."""
+    obj = torch_load(path, trust=trust_checkpoint)
+    state_key = next((k for k in STATE_KEYS if isinstance(obj, Mapping) and k in obj), None)
+    if state_key is not None:
+        obj = obj[state_key]
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: expected a dict with 'model_state', got {type(obj).__name__}")
-    out = {}
-    for key, value in obj.items():
-        if not torch.is_tensor(value):
-            continue
-        key = key.removeprefix("module.").removeprefix("backbone.base_encoder.").removeprefix("module.")
-        if key.startswith("ladder_net."):
-            rest = key[len("ladder_net."):]
-            head, _, tail = rest.partition(".")
-            key = "dist_net." + _LADDER_NAMES.get(head, head) + ("." + tail if tail else "")
-        out[key] = value
-    if not any(k.startswith("dist_net.") for k in out):
+    out = {strip_prefixes(key): value for key, value in obj.items() if torch.is_tensor(value)}
+    if not any(k.startswith(BRANCH_PREFIX) for k in out):
         raise ValueError(f"{path}: no DiST branch weights (dist_net.* / ladder_net.*) found; "
                          f"is this a DiST checkpoint? First keys: {list(obj)[:5]}")
     return out
@@ -78,13 +44,13 @@ def read_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
 
 def official_to_branch_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``dist_net.*`` tensors (authors' names) -> :class:`~dist_video.dist.DiSTBranch` keys."""
-    return branch_keys_from_authors({k[len("dist_net."):]: v for k, v in state_dict.items()
-                                     if k.startswith("dist_net.")})
+    return branch_keys_from_authors({k[len(BRANCH_PREFIX):]: v for k, v in state_dict.items()
+                                     if k.startswith(BRANCH_PREFIX)})
 
 
 def branch_to_official_state_dict(branch_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of :func:`official_to_branch_state_dict`: our keys -> ``dist_net.*`` names."""
-    return {"dist_net." + k: v for k, v in branch_keys_to_authors(branch_sd).items()}
+    return {BRANCH_PREFIX + k: v for k, v in branch_keys_to_authors(branch_sd).items()}
 
 
 def _indices(branch_sd: Mapping[str, torch.Tensor], name: str) -> int:
@@ -124,21 +90,22 @@ def infer_dist_config(branch_sd: Mapping[str, torch.Tensor], **overrides) -> DiS
 
 def load_official_checkpoint(path: str | os.PathLike, clip: CLIP | str | os.PathLike | None = None,
                              *, clip_dtype: str | torch.dtype | None = "auto", act: str = "quick_gelu",
-                             **overrides) -> DiSTVideoModel:
+                             trust_checkpoint: bool = False, **overrides) -> DiSTVideoModel:
     """A :class:`DiSTVideoModel` from one of the authors' ``.pyth`` checkpoints.
 
     ``clip``: a CLIP model or a path for :func:`dist_video.load_clip`; by default the CLIP
     weights stored in the checkpoint. ``overrides``: DiSTConfig fields the tensors do not
-    determine (``selected_layers``, default all CLIP blocks)."""
-    state = read_official_state_dict(path)
+    determine (``selected_layers``, default all CLIP blocks). ``trust_checkpoint``: load files
+    that need more than tensors (this one and ``clip``), for files you made or trust."""
+    state = read_official_state_dict(path, trust_checkpoint=trust_checkpoint)
     branch_sd = official_to_branch_state_dict(state)
     if clip is None:
-        clip_sd = {k: v for k, v in state.items() if not k.startswith("dist_net.")}
+        clip_sd = {k: v for k, v in state.items() if not k.startswith(BRANCH_PREFIX)}
         if "visual.conv1.weight" not in clip_sd:
             raise ValueError(f"{path}: the checkpoint holds no CLIP weights; pass clip=<CLIP file>")
         clip = clip_from_openai_state_dict(clip_sd, act=act, source=str(path))
     elif not isinstance(clip, CLIP):
-        clip = load_clip(clip)
+        clip = load_clip(clip, trust_checkpoint=trust_checkpoint)
     num_branch_layers = _indices(branch_sd, "layers")
     try:
         config = infer_dist_config(branch_sd, **overrides)

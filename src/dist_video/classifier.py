@@ -6,14 +6,18 @@ find it by that name. ``import dist_video`` imports every method shipped with th
 
 A saved model is a folder: ``config.json`` (format :data:`FORMAT_NAME`, version
 :data:`FORMAT_VERSION`) + ``model.safetensors`` (+ ``clip.safetensors`` unless the CLIP
-weights are referenced by path). :func:`read_model_config` is the one reader of
-``config.json``.
+weights are referenced by path). ``config.json`` records the size and SHA-256 of each weight
+file (``files``), checked when the folder is loaded. The folder is written as a whole and put
+in place in one step (:func:`dist_video.storage.replace_folder`). :func:`read_model_config`
+is the one reader of ``config.json``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, ClassVar, Mapping, Sequence
 
@@ -24,6 +28,8 @@ from torch import nn
 from .clip import CLIP, CLIPConfig
 from .clip_loaders import clip_from_openai_state_dict, load_clip
 from .dist import checkpointing_mode
+from .storage import (check_file_record, check_regular_file, file_record, new_file_mode, new_folder_beside,
+                      read_safetensors, replace_folder)
 
 __all__ = ["VideoClassifier", "model_class", "resolve_clip_dtype", "bf16_supported", "load_strict_state_dict",
            "read_model_config", "read_safetensors", "new_file_mode", "FORMAT_NAME", "FORMAT_VERSION", "FORMAT_UPGRADES"]
@@ -32,6 +38,8 @@ FORMAT_NAME = "dist-video"
 #: 1: the first release. 2: the DiST branch as one ``layers.<i>`` module per selected CLIP block
 #: (the tensors are renamed on reading by :meth:`VideoClassifier.upgrade_saved_tensors`).
 FORMAT_VERSION = 2
+#: The files :meth:`VideoClassifier.save_pretrained` writes (others in the folder are kept).
+MODEL_FILES = frozenset({"config.json", "model.safetensors", "clip.safetensors"})
 
 
 def _same_config(meta: dict) -> dict:
@@ -246,14 +254,36 @@ class VideoClassifier(nn.Module):
         With ``clip_path`` (frozen-CLIP methods only) the CLIP weights are not copied: the folder
         refers to that file, which :func:`dist_video.load_clip` must read when it is loaded.
         ``metadata``: more JSON-able entries for ``config.json`` (e.g. ``preprocess``, the
-        test-time preprocessing), after the model's own."""
+        test-time preprocessing), after the model's own.
+
+        The files are written to a new folder beside ``directory`` and put in its place in one
+        step, so a process killed at any moment leaves the old model or the new one, never a
+        mix; files of an existing model folder that are not the model's own are kept."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        _check_replaceable(directory)
+        meta = self._saved_config(clip_path, metadata)
         tensors = {k: v for k, v in self.state_dict().items() if not k.startswith("clip.")}
         if self.head_type == "text":
             tensors["class_embeddings"] = self.class_embeddings
+        work = new_folder_beside(directory)
+        try:
+            if meta["clip_weights"] == "clip.safetensors":
+                save_file({k: v.detach().float().contiguous().cpu() for k, v in self.clip.state_dict().items()},
+                          str(work / "clip.safetensors"))
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(work / "model.safetensors"))
+            weights = sorted(f.name for f in work.iterdir())
+            for name in weights:  # safetensors creates files readable by their owner only
+                os.chmod(work / name, new_file_mode())
+            meta["files"] = {name: file_record(work / name) for name in weights}
+            (work / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+            replace_folder(work, directory, owned=MODEL_FILES)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return directory
+
+    def _saved_config(self, clip_path: str | os.PathLike | None, metadata: Mapping | None) -> dict:
         meta = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -264,28 +294,22 @@ class VideoClassifier(nn.Module):
             "class_names": self.class_names,
         }
         if clip_path is None or self.trains_clip:
-            clip_sd = {k: v.detach().float().contiguous().cpu() for k, v in self.clip.state_dict().items()}
-            _atomic_save_safetensors(clip_sd, directory / "clip.safetensors", save_file)
             meta["clip_weights"] = "clip.safetensors"
         else:
             meta["clip_weights"] = {"path": str(Path(clip_path).resolve())}
-        clash = sorted(set(metadata or {}) & set(meta))
+        clash = sorted(set(metadata or {}) & (set(meta) | {"files"}))
         if clash:
             raise ValueError(f"metadata may not replace the model's own config.json entries {clash}")
-        meta.update(metadata or {})
-        _atomic_save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                                 directory / "model.safetensors", save_file)
-        tmp = directory / "config.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, directory / "config.json")
-        return directory
+        return {**meta, **(metadata or {})}
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, clip: CLIP | None = None,
                         clip_dtype: str | torch.dtype | None = "auto",
-                        map_location: str | torch.device = "cpu") -> VideoClassifier:
+                        map_location: str | torch.device = "cpu", trust_checkpoint: bool = False) -> VideoClassifier:
         """Load a folder written by :meth:`save_pretrained` (any registered method). A missing,
-        damaged or mismatched file raises ``FileNotFoundError`` / ``ValueError`` naming it."""
+        damaged or mismatched file, or one whose SHA-256 is not the one recorded, raises
+        ``FileNotFoundError`` / ``ValueError`` naming it. ``trust_checkpoint``: passed to
+        :func:`dist_video.load_clip` for CLIP weights referenced by path."""
         directory = Path(directory)
         meta = read_model_config(directory)
         model_cls = model_class(meta.get("method", "dist"))
@@ -296,11 +320,14 @@ class VideoClassifier(nn.Module):
             if clip is None:
                 ref = meta["clip_weights"]
                 if isinstance(ref, str):
+                    check_file_record(directory, meta.get("files"), ref)
                     clip = clip_from_openai_state_dict(read_safetensors(directory / ref, "cpu"),
                                                        config=CLIPConfig(**meta["clip"]), source=str(directory / ref))
                 else:
-                    clip = load_clip(ref["path"], act=meta["clip"]["act"])
+                    clip = load_clip(ref["path"], act=meta["clip"]["act"], trust_checkpoint=trust_checkpoint)
             model = model_cls.from_method_config(clip.to(map_location), meta["config"], clip_dtype=clip_dtype)
+            _check_same_types(meta["config"], model.method_config(), directory / "config.json")
+            check_file_record(directory, meta.get("files"), "model.safetensors")
             tensors = model_cls.upgrade_saved_tensors(read_safetensors(directory / "model.safetensors", map_location),
                                                       meta["saved_format_version"])
             names = meta.get("class_names")
@@ -328,12 +355,15 @@ def read_model_config(directory: str | os.PathLike) -> dict:
     """The ``config.json`` of a model folder, brought up to :data:`FORMAT_VERSION` by
     :data:`FORMAT_UPGRADES` (the one place that reads the saved format)."""
     path = Path(directory) / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{directory}: no config.json (not a dist-video model folder)")
+    check_regular_file(path, "model config")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(), object_pairs_hook=_unique_keys(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not JSON: not UTF-8 text") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ValueError(f"{path}: not a dist-video model (format={found!r})")
@@ -343,6 +373,7 @@ def read_model_config(directory: str | os.PathLike) -> dict:
                          f"{FORMAT_VERSION} (written by a newer release?)")
     for upgrade in FORMAT_UPGRADES[version - 1:]:
         meta = upgrade(meta)
+    _check_model_config(meta, path)
     return {**meta, "format_version": FORMAT_VERSION, "saved_format_version": version}
 
 
@@ -360,40 +391,88 @@ def load_strict_state_dict(module: nn.Module, own: Mapping[str, torch.Tensor], s
     module.load_state_dict(state_dict, strict=False)
 
 
-def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The tensors of a ``.safetensors`` file; a missing file raises ``FileNotFoundError`` and a
-    damaged or truncated one ``ValueError``, each with a one-line message naming the file."""
-    from safetensors.torch import load_file
+def _check_replaceable(directory: Path) -> None:
+    """Saving replaces ``directory`` as a whole: only a model folder, an empty one or none."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: exists and is not a folder: save the model elsewhere")
+    if (directory / "config.json").is_file():
+        read_model_config(directory)  # an error unless it is a dist-video model folder
+    elif any(entry.name not in MODEL_FILES for entry in directory.iterdir()):
+        raise ValueError(f"{directory}: a folder that is not a dist-video model folder and not empty: save the "
+                         "model into a new or empty folder")
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (the model folder is incomplete)")
+
+def _unique_keys(path: Path):
+    def pairs_to_dict(pairs: list) -> dict:
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ValueError(f"{path}: the key {key!r} appears twice")
+            seen[key] = value
+        return seen
+    return pairs_to_dict
+
+
+_JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _type_error(value: object, annotation: str) -> bool:
+    allowed = _JSON_TYPES.get(annotation)
+    if allowed is None:
+        return False
+    return not isinstance(value, allowed) or (annotation != "bool" and isinstance(value, bool))
+
+
+def _check_model_config(meta: dict, path: Path) -> None:
+    """Types and duplicates in a ``config.json``: one message naming the file and the key."""
+    expect = {"method": (str, "a string"), "config": (dict, "an object"), "clip": (dict, "an object"),
+              "clip_weights": ((str, dict), "a file name or an object")}
+    for key, (kind, what) in expect.items():
+        if key in meta and not isinstance(meta[key], kind):
+            raise ValueError(f"{path}: {key!r} must be {what}, not {type(meta[key]).__name__}")
+    for f in dataclasses.fields(CLIPConfig):
+        if f.name in meta.get("clip", {}) and _type_error(meta["clip"][f.name], f.type):
+            raise ValueError(f"{path}: 'clip.{f.name}' must be a {f.type}, not {meta['clip'][f.name]!r:.40}")
+    for key, value in (meta.get("config") or {}).items():  # no method has a field holding a number as text
+        if isinstance(value, str) and _is_number(value):
+            raise ValueError(f"{path}: 'config.{key}' must be a number, not the string {value!r:.40}")
+    if meta.get("head") not in (None, "text", "linear"):
+        raise ValueError(f"{path}: 'head' must be \"text\", \"linear\" or null")
+    names = meta.get("class_names")
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{path}: 'class_names' must be a list of strings")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"{path}: 'class_names' holds {twice[0]!r:.60} more than once ({len(twice)} duplicated)")
+    ref = meta.get("clip_weights")
+    if isinstance(ref, str) and (Path(ref).name != ref or ref in ("", ".", "..")):
+        raise ValueError(f"{path}: 'clip_weights' must name a file inside the folder")
+    if isinstance(ref, dict) and not isinstance(ref.get("path"), str):
+        raise ValueError(f"{path}: 'clip_weights.path' must be a string")
+    if "files" in meta and not (meta["files"] is None or isinstance(meta["files"], dict)):
+        raise ValueError(f"{path}: 'files' must be an object")
+
+
+def _is_number(text: str) -> bool:
     try:
-        return load_file(path, device=str(device))
-    except Exception as e:  # safetensors raises its own SafetensorError (and OSError, ValueError)
-        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{path}: damaged or not a safetensors file ({cause})") from None
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
-def new_file_mode() -> int:
-    """The mode ``open()`` gives a new file here: 0o666 less the process's umask (read from
-    /proc where it can be, so the umask is never changed, not even for an instant)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _atomic_save_safetensors(tensors: dict, path: Path, save_file) -> None:
-    """Write through a temporary file, with the permissions of any other output (the user's
-    umask: safetensors itself creates files readable by their owner only)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp))
-    os.chmod(tmp, new_file_mode())
-    os.replace(tmp, path)
+def _check_same_types(saved: dict, rebuilt: dict, path: Path) -> None:
+    """A method config read back: each saved value of the type the model gives it (a string where
+    a number belongs is an error, not silently used)."""
+    for key, value in saved.items():
+        if key in rebuilt and rebuilt[key] is not None and value is not None:
+            want = rebuilt[key]
+            numbers, sequences = (int, float), (list, tuple)
+            same = ((isinstance(value, numbers) and isinstance(want, numbers)
+                     and isinstance(value, bool) == isinstance(want, bool))
+                    or (isinstance(value, sequences) and isinstance(want, sequences)) or type(value) is type(want))
+            if not same:
+                raise ValueError(f"{path}: 'config.{key}' must be a {type(want).__name__}, not {value!r:.40}")

@@ -461,6 +461,17 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond those (503 above)")
     p.add_argument("--max-batch", type=int, default=16, help="clips per forward pass, across requests")
     p.add_argument("--max-labels", type=int, default=1000, help="label names a request may send (text-head models)")
+    p.add_argument("--upload-timeout", type=float, default=60.0, help="seconds for a request's body to arrive (408)")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's headers to arrive")
+    p.add_argument("--max-windows", type=int, default=10_000, help="windows of a timeline request (400 above)")
+    p.add_argument("--max-frame-pixels", type=int, default=3840 * 2160,
+                   help="width x height of an upload's frames (400 above; default 4K)")
+    p.add_argument("--max-frames", type=int, default=512, help="frames decoded per request: views x frames per clip")
+    p.add_argument("--max-decoded-mb", type=float, default=1024.0,
+                   help="MiB of decoded RGB frames a request may hold at once (400 above)")
+    p.add_argument("--allowed-hosts", metavar="NAMES",
+                   help="comma-separated host names the Host/Origin headers may carry besides the bound address "
+                        "(a reverse proxy's public name; '*': any)")
     _model_source_arguments(p, classes=True, labels="names", frames=True)
     _device_arguments(p)
     p.add_argument("--quiet", action="store_true", help="only warnings and errors")
@@ -469,14 +480,18 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args) -> int:
     from .serve import ServeSettings, run_server
 
-    settings = ServeSettings(token=args.token or os.environ.get("DIST_VIDEO_TOKEN") or None,
-                             max_upload_bytes=int(args.max_upload_mb * 2 ** 20), timeout=args.timeout,
+    token = args.token if args.token is not None else (os.environ.get("DIST_VIDEO_TOKEN") or None)
+    settings = ServeSettings(token=token, max_upload_bytes=int(args.max_upload_mb * 2 ** 20), timeout=args.timeout,
                              max_concurrent=args.max_concurrent, max_queue=args.max_queue, max_batch=args.max_batch,
-                             max_labels=args.max_labels)
-    trust = {"trust_checkpoint": True} if args.trust_checkpoint else {}  # the server's loader takes it when set
+                             max_labels=args.max_labels, upload_timeout=args.upload_timeout,
+                             header_timeout=args.header_timeout, max_windows=args.max_windows,
+                             max_frame_pixels=args.max_frame_pixels, max_frames=args.max_frames,
+                             max_decoded_bytes=int(args.max_decoded_mb * 2 ** 20),
+                             allowed_hosts=tuple(h for h in (args.allowed_hosts or "").split(",") if h.strip()))
     run_server(args.model, host=args.host, port=args.port, settings=settings, clip=args.clip, classes=args.classes,
                labels=args.labels, vocab=args.vocab, prompt=args.prompt, device=args.device, clip_dtype=args.clip_dtype,
-               num_frames=args.frames, log_level="warning" if args.quiet else "info", **trust)
+               num_frames=args.frames, log_level="warning" if args.quiet else "info",
+               trust_checkpoint=args.trust_checkpoint)
     return 0
 
 

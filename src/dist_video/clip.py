@@ -21,10 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .folding import ACTIVATIONS, Buffers, accumulate, f64, fold_norm, linear, normalize, scaled
+
 __all__ = [
     "CLIPConfig",
     "CLIP",
     "VisionTransformer",
+    "FusedVisionTower",
     "Transformer",
     "ResidualAttentionBlock",
     "MultiheadAttention",
@@ -131,6 +134,41 @@ class MLP(nn.Module):
                torch.addmm(proj.bias, h, proj.weight.t(), alpha=1 / scale))
         return out.view(*lead, -1)
 
+    def fuse(self, dtype: torch.dtype, norm: nn.LayerNorm | None = None, proj_bias: bool = True) -> _FusedMLP:
+        """The inference form, with the LayerNorm ``norm`` before it (if any) folded into ``c_fc``
+        and QuickGELU's factors into both maps; ``proj_bias=False`` leaves ``c_proj``'s bias out
+        (the caller adds it with others of its own)."""
+        return _FusedMLP(self, dtype, norm, proj_bias)
+
+
+class _FusedMLP(Buffers):
+    """:meth:`MLP.fuse`: QuickGELU becomes SiLU between the scaled maps."""
+
+    def __init__(self, mlp: MLP, dtype: torch.dtype, norm: nn.LayerNorm | None, proj_bias: bool):
+        super().__init__()
+        c_fc, act, c_proj = mlp.c_fc, mlp.gelu, mlp.c_proj
+        fc_w, fc_b = fold_norm(norm, c_fc.weight, c_fc.bias) if norm is not None else (f64(c_fc.weight),
+                                                                                        f64(c_fc.bias))
+        proj_w, proj_b = f64(c_proj.weight), f64(c_proj.bias) if proj_bias else None
+        if isinstance(act, QuickGELU):
+            self.act = "silu"
+            s = QUICK_GELU_SCALE
+            fc_w, fc_b, proj_w = fc_w * s, scaled(fc_b, s), proj_w / s
+        elif isinstance(act, nn.GELU):
+            self.act = "gelu_tanh" if act.approximate == "tanh" else "gelu"
+        else:
+            raise TypeError(f"cannot fuse an MLP with activation {type(act).__name__}")
+        self.keep(dtype, fc_weight=fc_w, fc_bias=fc_b, proj_weight=proj_w, proj_bias=proj_b)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: ... x C_in (normalised without affine when a norm was folded) -> ... x C_out;
+        with ``residual`` (a fresh 2-D tensor nothing else reads, R x C_out) the result is
+        accumulated into it in place and returned as that 2-D tensor."""
+        h = ACTIVATIONS[self.act](linear(x.reshape(-1, x.shape[-1]), self.fc_weight, self.fc_bias))
+        if residual is not None:
+            return accumulate(residual, h, self.proj_weight, self.proj_bias)
+        return linear(h, self.proj_weight, self.proj_bias).view(*x.shape[:-1], -1)
+
 
 class LayerNorm(nn.LayerNorm):
     """LayerNorm that follows its input's dtype (weights cast to it). PyTorch's bf16/fp16
@@ -207,6 +245,34 @@ class ResidualAttentionBlock(nn.Module):
         heads = self.attn.attend(self.ln_1(x), is_causal=is_causal).view(-1, width)  # N*L x D
         x = add_linear(x.reshape(-1, width), heads, self.attn.out_proj)  # each residual accumulates its update
         return self.mlp(self.ln_2(x), residual=x).view(n, length, width)
+
+    def fuse(self, dtype: torch.dtype) -> _FusedResidualAttentionBlock:
+        """The inference form: both LayerNorm affines folded into the maps after them."""
+        return _FusedResidualAttentionBlock(self, dtype)
+
+
+class _FusedResidualAttentionBlock(Buffers):
+    """:meth:`ResidualAttentionBlock.fuse`: ``x + attn(n(x))``, then ``+ mlp(n(x))``, ``n`` the
+    normalisation without affine. x: N x L x D -> N x L x D."""
+
+    def __init__(self, block: ResidualAttentionBlock, dtype: torch.dtype):
+        super().__init__()
+        attn = block.attn
+        self.heads = attn.heads
+        self.eps_1, self.eps_2 = block.ln_1.eps, block.ln_2.eps
+        qkv_w, qkv_b = fold_norm(block.ln_1, attn.in_proj_weight, attn.in_proj_bias)
+        self.keep(dtype, qkv_weight=qkv_w, qkv_bias=qkv_b, out_weight=attn.out_proj.weight,
+                  out_bias=attn.out_proj.bias)
+        self.mlp = block.mlp.fuse(dtype, norm=block.ln_2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, width = x.shape
+        d = width // self.heads
+        qkv = linear(normalize(x, self.eps_1).view(-1, width), self.qkv_weight, self.qkv_bias)
+        q, k, v = qkv.view(n, length, 3, self.heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # N x H x L x d
+        heads = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1, width)  # N*L x D
+        x = linear(heads, self.out_weight, self.out_bias).add_(x.reshape(-1, width))  # a fresh tensor
+        return self.mlp(normalize(x, self.eps_2), residual=x).view(n, length, width)
 
 
 class Transformer(nn.Module):
@@ -301,6 +367,67 @@ class VisionTransformer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x, _ = self.transformer(self.embed(images))
+        return self.pool(x)
+
+    def fuse(self, dtype: torch.dtype, depth: int | None = None, pooled: bool = True) -> FusedVisionTower:
+        """The inference form of the first ``depth`` blocks (default all); ``pooled``: with
+        ``ln_post`` (its affine folded into the projection) and the projection."""
+        return FusedVisionTower(self, dtype, depth, pooled)
+
+
+class FusedVisionTower(Buffers):
+    """:meth:`VisionTransformer.fuse`. Images N x 3 x H x W (normalised) ->
+    :meth:`forward_layers` ``{i: N x (1+g*g) x D}`` / :meth:`forward` embeddings N x E."""
+
+    def __init__(self, visual: VisionTransformer, dtype: torch.dtype, depth: int | None = None,
+                 pooled: bool = True):
+        super().__init__()
+        depth = visual.num_layers if depth is None else depth
+        self.patch_size, self.grid_size = visual.patch_size, visual.grid_size
+        self.eps_pre = visual.ln_pre.eps
+        self.keep(dtype, patch_weight=visual.conv1.weight, class_embedding=visual.class_embedding,
+                  positional_embedding=visual.positional_embedding, ln_pre_weight=visual.ln_pre.weight,
+                  ln_pre_bias=visual.ln_pre.bias)
+        self.blocks = nn.ModuleList([b.fuse(dtype) for b in visual.transformer.resblocks[:depth]])
+        self.pooled = pooled
+        if pooled:  # ln_post's affine folded into the projection
+            self.eps_post = visual.ln_post.eps
+            if visual.proj is not None:
+                proj_t, shift = fold_norm(visual.ln_post, visual.proj.t(), None)
+                self.keep(dtype, post_weight=proj_t, post_bias=shift)
+            else:
+                self.keep(dtype, post_weight=torch.diag(f64(visual.ln_post.weight)), post_bias=visual.ln_post.bias)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """N x 3 x H x W -> N x (1+g*g) x D: patches, class token, positions, ``ln_pre``."""
+        dtype = self.patch_weight.dtype
+        x = F.conv2d(images.to(dtype), self.patch_weight, stride=self.patch_size)  # N x D x gh x gw
+        grid_h, grid_w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        pos = self.positional_embedding
+        if (grid_h, grid_w) != (self.grid_size, self.grid_size):
+            pos = resize_positional_embedding(pos, self.grid_size, grid_h, grid_w)
+        x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + pos
+        return F.layer_norm(x, x.shape[-1:], self.ln_pre_weight, self.ln_pre_bias, self.eps_pre)
+
+    def forward_layers(self, images: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Token sequences after the given blocks (no block after the last of them runs)."""
+        x, kept = self.embed(images), {}
+        for i, block in enumerate(self.blocks[:max(layers) + 1]):
+            x = block(x)
+            if i in layers:
+                kept[i] = x
+        return kept
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Class token of the final block's output -> embedding. N x L x D -> N x E."""
+        return linear(normalize(tokens[:, 0], self.eps_post), self.post_weight, self.post_bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """N x 3 x H x W -> N x E (not normalised)."""
+        x = self.embed(images)
+        for block in self.blocks:
+            x = block(x)
         return self.pool(x)
 
 

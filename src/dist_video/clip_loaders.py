@@ -20,7 +20,9 @@ from typing import Mapping
 
 import torch
 
+from .authors_keys import BRANCH_PREFIX, LEGACY_BRANCH_PREFIX
 from .clip import CLIP, CLIPConfig
+from .storage import check_file_record, check_regular_file, read_torchscript_tensors, torch_load
 
 __all__ = ["clip_config_from_openai_state_dict", "clip_from_openai_state_dict", "load_clip", "resolve_clip_path",
            "BUILTIN_ENCODERS"]
@@ -143,7 +145,7 @@ class _Source:
 
 
 def load_clip(path: str | os.PathLike, *, act: str | None = None,
-              vocab: str | os.PathLike | None = None) -> CLIP:
+              vocab: str | os.PathLike | None = None, trust_checkpoint: bool = False) -> CLIP:
     """Load CLIP ViT weights from any supported checkpoint into a float32 :class:`CLIP` (eval mode).
 
     ``path``: ``builtin:<name>`` for an encoder shipped with the package (:data:`BUILTIN_ENCODERS`:
@@ -166,13 +168,18 @@ def load_clip(path: str | os.PathLike, *, act: str | None = None,
     ``vocab``, else a vocabulary beside the checkpoint (or the Hugging Face folder's tokenizer
     files), else an installed ``open_clip``/``clip`` package's. Sizes come from tensor shapes
     (and ``config.json`` for Hugging Face); heads are width // 64 except where a config says.
+
+    Files are read as tensors only (``torch.load(weights_only=True)``; TorchScript archives taken
+    apart without running their code). A file that needs more (pickled Python objects) raises
+    :class:`~dist_video.storage.UntrustedCheckpointError`; ``trust_checkpoint=True`` loads it
+    anyway, for files you made or trust (``--trust-checkpoint``).
     """
     p = Path(resolve_clip_path(path)).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder (CLIP weights)")
     if act is not None:
         _check_act(act, "the act argument")
-    src = _open_source(p)
+    src = _open_source(p, trust_checkpoint)
     sd = _to_openai_layout(src)
     model = _build(sd, src, act)
     model.tokenizer = _tokenizer_for(model, p, vocab)
@@ -201,7 +208,7 @@ def _check_act(name: str, where: str) -> str:
     return name
 
 
-def _open_source(p: Path) -> _Source:
+def _open_source(p: Path, trust: bool = False) -> _Source:
     folder = p if p.is_dir() else p.parent
     own = _dist_video_folder(folder)
     if own is not None and (p.is_dir() or p.name in (own.get("clip_weights"), "config.json")):
@@ -210,24 +217,25 @@ def _open_source(p: Path) -> _Source:
         if not isinstance(ref, str):
             raise ValueError(f"{folder}: a dist-video model folder whose CLIP weights are not inside it "
                              f"(they are at {ref}); load those, or the folder with VideoClassifier.from_pretrained")
-        src = _file_source(folder / ref, None)
+        check_file_record(folder, own.get("files"), ref)
+        src = _file_source(folder / ref, None, trust)
         if isinstance(own.get("clip"), dict):
             src.config, src.act = own["clip"], own["clip"].get("act", src.act)
         return src
     hf_cfg = _hf_config(folder)
     if p.is_dir():
         if hf_cfg is not None:
-            return _hf_source(folder, hf_cfg, None)
+            return _hf_source(folder, hf_cfg, None, trust)
         oc = folder / "open_clip_config.json"
         if oc.is_file():
             for name in _OPEN_CLIP_WEIGHT_FILES:
                 if (folder / name).is_file():
-                    return _file_source(folder / name, oc)
+                    return _file_source(folder / name, oc, trust)
             raise FileNotFoundError(f"{folder}: has open_clip_config.json but no weights "
                                     f"({' or '.join(_OPEN_CLIP_WEIGHT_FILES)})")
         weights = sorted(f for f in folder.iterdir() if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES))
         if len(weights) == 1:
-            return _file_source(weights[0], None)
+            return _file_source(weights[0], None, trust)
         if not weights:
             raise FileNotFoundError(f"{folder}: no CLIP weights in this folder (no Hugging Face config.json, no "
                                     f"open_clip_config.json, no {'/'.join(_WEIGHT_SUFFIXES)} file)")
@@ -235,21 +243,23 @@ def _open_source(p: Path) -> _Source:
                          "pass the one to load")
     if hf_cfg is not None and (p.name == "config.json" or p.name in _HF_WEIGHT_FILES
                                or p.name in _HF_INDEX_FILES or _HF_SHARD.match(p.name)):
-        return _hf_source(folder, hf_cfg, None if p.name == "config.json" or _HF_SHARD.match(p.name) else p)
+        return _hf_source(folder, hf_cfg, None if p.name == "config.json" or _HF_SHARD.match(p.name) else p, trust)
     if p.name == "open_clip_config.json":
-        return _open_source(folder)
+        return _open_source(folder, trust)
     oc = folder / "open_clip_config.json"
-    return _file_source(p, oc if oc.is_file() and p.name in _OPEN_CLIP_WEIGHT_FILES else None)
+    return _file_source(p, oc if oc.is_file() and p.name in _OPEN_CLIP_WEIGHT_FILES else None, trust)
 
 
-def _read_tensors(file: Path) -> tuple[object, dict, str]:
-    """(object, safetensors metadata, kind) of one weights file, without executing code."""
+def _read_tensors(file: Path, trust: bool = False) -> tuple[object, dict, str]:
+    """(object, safetensors metadata, kind) of one weights file, without executing code (unless
+    ``trust``: see :func:`dist_video.storage.torch_load`)."""
+    check_regular_file(file, "CLIP weights file")
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
             head = f.read(16)
     except OSError as e:
-        raise ValueError(f"{file}: cannot read the file: {e}") from e
+        raise ValueError(f"{file}: cannot read the file: {e.strerror}") from None
     if size == 0:
         raise ValueError(f"{file}: the file is empty")
     if head[:4] == b"PK\x03\x04":
@@ -260,50 +270,15 @@ def _read_tensors(file: Path) -> tuple[object, dict, str]:
             raise ValueError(f"{file}: damaged or truncated zip archive (a torch.save or TorchScript file): "
                              f"{e}") from None
         if any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names):
-            return _read_torchscript(file), {}, "TorchScript archive"
-        return _torch_load(file, mmap=True), {}, "torch.save file"
+            return read_torchscript_tensors(file, trust=trust), {}, "TorchScript archive"
+        return torch_load(file, trust=trust, mmap=True), {}, "torch.save file"
     if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < size + 1:
         return (*_read_safetensors(file), "safetensors file")
     if head[:1] == b"\x80":  # a pickle: torch.save's legacy (non-zip) format
-        return _torch_load(file, mmap=False), {}, "torch.save file (legacy format)"
+        return torch_load(file, trust=trust), {}, "torch.save file (legacy format)"
     if head.lstrip()[:1] in (b"{", b"["):
         raise ValueError(f"{file}: a JSON file, not weights (pass the checkpoint file or its folder)")
-    raise ValueError(f"{file}: unknown format: not a PyTorch (torch.save or TorchScript) or safetensors file "
-                     f"(it starts with {head[:8]!r})")
-
-
-def _read_torchscript(file: Path) -> dict:
-    import warnings
-    try:
-        with warnings.catch_warnings():
-            # torch.jit is deprecated (Deprecation/FutureWarning) but still reads the archives
-            warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated")
-            module = torch.jit.load(str(file), map_location="cpu")
-    except Exception as e:  # RuntimeError and friends from the C++ reader
-        raise ValueError(f"{file}: cannot read the TorchScript archive (truncated or damaged?): {e}") from None
-    return {k: v.detach() for k, v in module.state_dict().items()}
-
-
-def _torch_load(file: Path, mmap: bool) -> object:
-    import pickle
-    import warnings
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower():
-            raise ValueError(f"{file}: cannot unpickle it (truncated or damaged?): {e}") from None
-        refusal = str(e).splitlines()[0]
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{file}: cannot read it with torch.load (truncated or damaged?): {e}") from None
-    # Python objects besides tensors (config objects, argparse namespaces...): the project's
-    # checkpoint readers allow this with a warning, as torch.load did by default before 2.6.
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"{file}: cannot be read as a PyTorch checkpoint ({e})") from None
-    warnings.warn(f"{file}: loaded with weights_only=False ({refusal}); only do this with files you trust",
-                  stacklevel=4)
-    return obj
+    raise ValueError(f"{file}: unknown format: not a PyTorch (torch.save or TorchScript) or safetensors file")
 
 
 def _read_safetensors(file: Path) -> tuple[dict, dict]:
@@ -316,8 +291,8 @@ def _read_safetensors(file: Path) -> tuple[dict, dict]:
         raise ValueError(f"{file}: cannot read the safetensors file (truncated or damaged?): {e}") from None
 
 
-def _file_source(file: Path, open_clip_config: Path | None) -> _Source:
-    obj, meta, kind = _read_tensors(file)
+def _file_source(file: Path, open_clip_config: Path | None, trust: bool = False) -> _Source:
+    obj, meta, kind = _read_tensors(file, trust)
     src = _Source(_find_state_dict(obj, file), file, kind)
     if meta:
         _apply_metadata(src, meta)
@@ -427,7 +402,7 @@ def _hf_config(folder: Path) -> dict | None:
     return cfg
 
 
-def _hf_source(folder: Path, cfg: dict, chosen: Path | None) -> _Source:
+def _hf_source(folder: Path, cfg: dict, chosen: Path | None, trust: bool = False) -> _Source:
     import json
     if chosen is not None and chosen.name in _HF_WEIGHT_FILES:
         files = [chosen]
@@ -451,7 +426,7 @@ def _hf_source(folder: Path, cfg: dict, chosen: Path | None) -> _Source:
                                     f"({' / '.join(_HF_WEIGHT_FILES + _HF_INDEX_FILES)})")
     sd: dict = {}
     for f in files:
-        obj, _, _ = _read_tensors(f)
+        obj, _, _ = _read_tensors(f, trust)
         if not isinstance(obj, Mapping):
             raise ValueError(f"{f}: holds a {type(obj).__name__}, not a state dict")
         sd.update(obj)
@@ -576,7 +551,7 @@ def _find_state_dict(obj: object, file: Path) -> dict:
             continue
         sd = {k[len(prefix):]: v for k, v in cand.items()
               if isinstance(k, str) and k.startswith(prefix) and isinstance(v, torch.Tensor)}
-        if any(k.startswith(("dist_net.", "ladder_net.")) for k in sd):
+        if any(k.startswith((BRANCH_PREFIX, LEGACY_BRANCH_PREFIX)) for k in sd):
             raise ValueError(f"{file}: a DiST video checkpoint (CLIP plus dist_net.*): load it with "
                              "dist_video.load_official_checkpoint")
         return sd

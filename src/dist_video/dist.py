@@ -1,7 +1,7 @@
-"""The DiST branch, training form: temporal stem, one :class:`DiSTLayer` per selected CLIP
-block, adaptive pooling.
+"""The DiST branch: temporal stem, one :class:`DiSTLayer` per selected CLIP block, adaptive
+pooling; each part's training form and, beside it, its inference form.
 
-Notation (see ``reference/DiST.md``): B clips of T dense frames; the frozen CLIP sees
+Notation (see ``docs/method.md``): B clips of T dense frames; the frozen CLIP sees
 T' = T / alpha sparse frames, each as N + 1 tokens (N = g*g patches + a class token) of width
 D. C_t is the temporal width, C_i the integration width, E the CLIP embedding width.
 
@@ -11,24 +11,29 @@ Inside the integration branch tokens are kept batch-first per frame, ``B*T' x (N
 Parameter names follow the authors' release inside each part (``linear_fuse``, ``cls_token``,
 ``ffn``, ``temporal_ffn``, ``adapooling_nets`` ...); their per-layer lists (``temporal_nets``,
 ``input_linears``, ``integration2temporal_nets``, ``temporal2integration_nets``,
-``integration_nets``) are the parts of ``layers.<i>`` here: :func:`branch_keys_from_authors`
-and :func:`branch_keys_to_authors` map one onto the other. The inference form of this module
-is :class:`dist_video.fused.FusedDiSTBranch`.
+``integration_nets``) are the parts of ``layers.<i>`` here: :mod:`dist_video.authors_keys`
+maps one onto the other.
+
+Each part's inference form sits beside it: ``part.fuse(dtype, ...)`` returns a module of
+buffers that computes the same function in ``eval()`` mode, its folds done once (see
+:mod:`dist_video.folding`). The fused layers hand each other scaled temporal features and
+carried biases: :class:`FusedSeam` is that contract. :mod:`dist_video.reference` is the plain
+paper form the tests compare both against.
 """
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .clip import MLP, LayerNorm, MultiheadAttention, QuickGELU, quick_gelu, quick_gelu_backward
+from .clip import MLP, QUICK_GELU_SCALE, LayerNorm, MultiheadAttention, QuickGELU, quick_gelu, quick_gelu_backward
+from .folding import Buffers, add_present, f64, fold_norm, linear, normalize, scaled
 
 __all__ = [
     "DiSTConfig",
@@ -42,32 +47,44 @@ __all__ = [
     "CrossAttention",
     "AdaptivePooling",
     "DiSTBranch",
+    "FusedDiSTBranch",
+    "FusedSeam",
+    "CARRIED_SCALE",
+    "onednn_fusion_available",
     "CHECKPOINTING_MODES",
     "checkpointing_mode",
-    "branch_keys_from_authors",
-    "branch_keys_to_authors",
 ]
 
 
 @dataclass
 class DiSTConfig:
-    """Sizes of the DiST branch.
-
-    ``selected_layers`` lists the CLIP blocks the branch reads (``None`` = all of them; it is
-    resolved against the CLIP model when the branch is built). The temporal stem's spatial
-    patch is always CLIP's patch size, so it is not a field.
+    """Sizes of the DiST branch (symbols as in ``docs/method.md``; the defaults are the
+    published K400 ViT-B/16 8+16f setting). The temporal stem's spatial patch is always CLIP's
+    patch size P, so it is not a field.
     """
 
+    #: T, the dense frames per clip that the temporal branch sees (published: 16, 32 or 64).
     num_frames: int = 16
+    #: alpha, the sparse-sampling factor: CLIP sees every alpha-th frame, T' = T / alpha (published: 2).
     alpha: int = 2
+    #: C_t, the temporal branch's channels (published: 96).
     temporal_dim: int = 96
+    #: C_i, the integration branch's width; attention heads are C_i / 64 (published: 384).
     integration_dim: int = 384
+    #: k_s, the temporal stem's kernel in time (odd; published: 5).
     stem_kernel: int = 5
+    #: k, the kernel in time of the temporal blocks and of the integration blocks' TFFN (odd; published: 3).
     temporal_kernel: int = 3
+    #: r_t, a temporal block's hidden channels over C_t (published: 1).
     temporal_mlp_ratio: float = 1.0
+    #: r_i, an integration block's FFN hidden width over C_i (published: 1).
     integration_mlp_ratio: float = 1.0
+    #: r_it, an integration block's TFFN hidden width over C_i (published: 0.25).
     integration_temporal_mlp_ratio: float = 0.25
+    #: K, the adaptive-pooling layers (published: 4 for Kinetics-400, 2 for Something-Something v2).
     pooling_layers: int = 4
+    #: The CLIP blocks the branch reads, one DiST layer each, strictly increasing; ``None`` = all
+    #: of them, resolved against the CLIP model when the branch is built (published: all).
     selected_layers: list[int] | None = None
 
     def __post_init__(self):
@@ -207,6 +224,65 @@ class TemporalBlock(nn.Module):
             x, self.ln.weight.to(dtype), self.ln.bias.to(dtype), self.ln.eps, c1.weight.to(dtype),
             c1.bias.to(dtype), c1.padding, c2.weight.to(dtype), c2.bias.to(dtype), c2.padding)
 
+    def fuse(self, dtype: torch.dtype, input_scaled: bool, onednn: bool) -> _FusedTemporalBlock:
+        """The inference form on features carried scaled (see :class:`FusedSeam`): it returns
+        ``s * block(x)`` for an input ``s * x`` (``input_scaled``) or ``x``. ``onednn``: each
+        convolution fused with its SiLU or its residual add (see :func:`onednn_fusion_available`)."""
+        return _FusedTemporalBlock(self, dtype, input_scaled, onednn)
+
+
+def onednn_fusion_available(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether oneDNN's fused convolution + pointwise calls run here (tried once on a tiny
+    input: some builds and CPUs refuse them)."""
+    if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return False
+    x = torch.zeros(1, 2, 1, 1, 1, dtype=dtype)
+    w = torch.zeros(2, 2, 1, 1, 1, dtype=dtype)
+    try:
+        torch.ops.mkldnn._convolution_pointwise(x, w, None, [0, 0, 0], [1, 1, 1], [1, 1, 1], 1, "swish", [], "")
+        torch.ops.mkldnn._convolution_pointwise.binary(x, x, w, None, [0, 0, 0], [1, 1, 1], [1, 1, 1], 1, "add",
+                                                       1.0, None, [], "")
+    except RuntimeError:
+        return False
+    return True
+
+
+class _FusedTemporalBlock(Buffers):
+    """:meth:`TemporalBlock.fuse`: LayerNorm (scale-invariant: the input's scale goes into its
+    epsilon), conv + SiLU, conv + residual add, SiLU; QuickGELU's factors in the convolutions."""
+
+    def __init__(self, block: TemporalBlock, dtype: torch.dtype, input_scaled: bool, onednn: bool):
+        super().__init__()
+        s = CARRIED_SCALE
+        c1, c2 = block.temporal_net.c_fc1, block.temporal_net.c_fc2
+        self.input_scaled, self.onednn = input_scaled, onednn
+        self.eps = block.ln.eps * (s * s if input_scaled else 1.0)  # LN(s x; s^2 eps) = LN(x; eps)
+        self.pad_1, self.pad_2 = list(c1.padding), list(c2.padding)
+        self.keep(dtype, ln_weight=block.ln.weight, ln_bias=block.ln.bias, weight_1=f64(c1.weight) * s,
+                  bias_1=scaled(c1.bias, s), weight_2=c2.weight, bias_2=scaled(c2.bias, s))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: B x C_t x T x g x g (times s if ``input_scaled``) -> s * block(x), same shape."""
+        y = F.layer_norm(x.permute(0, 2, 3, 4, 1), x.shape[1:2], self.ln_weight, self.ln_bias, self.eps)
+        y = y.permute(0, 4, 1, 2, 3)
+        # oneDNN's fused calls run eagerly on CPUs only: a trace or an export records the portable kernels
+        onednn = self.onednn and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+        if onednn:
+            h = torch.ops.mkldnn._convolution_pointwise(y, self.weight_1, self.bias_1, self.pad_1, [1, 1, 1],
+                                                        [1, 1, 1], 1, "swish", [], "")
+        else:
+            h = F.silu(F.conv3d(y, self.weight_1, self.bias_1, padding=self.pad_1), inplace=True)
+        if not self.input_scaled:
+            z = F.conv3d(h, self.weight_2, self.bias_2, padding=self.pad_2).add_(x, alpha=CARRIED_SCALE)
+        elif onednn:
+            z = torch.ops.mkldnn._convolution_pointwise.binary(h, x, self.weight_2, self.bias_2, self.pad_2,
+                                                               [1, 1, 1], [1, 1, 1], 1, "add", 1.0, None, [], "")
+        else:
+            z = F.conv3d(h, self.weight_2, self.bias_2, padding=self.pad_2).add_(x)
+        return F.silu(z, inplace=True)
+
 
 class PatchStem(nn.Conv3d):
     """The temporal stem: Conv3d(3 -> C_t, kernel (k_s, P, P), stride (1, P, P), padding
@@ -248,6 +324,37 @@ class PatchStem(nn.Conv3d):
         y = torch.stack(outs)  # B x T*N x C_t
         return y.view(b, t, g1, g2, self.out_channels).permute(0, 4, 1, 2, 3)  # B x C_t x T x g x g
 
+    def fuse(self, dtype: torch.dtype) -> _FusedStem:
+        """The inference form: one matrix product of every frame's patches with the k_s time
+        taps' weights, the taps' outputs then summed k_s frames apart."""
+        return _FusedStem(self, dtype)
+
+
+class _FusedStem(Buffers):
+    """:meth:`PatchStem.fuse`. B x 3 x T x H x W -> B x C_t x T x g x g."""
+
+    def __init__(self, stem: PatchStem, dtype: torch.dtype):
+        super().__init__()
+        k, p = stem.kernel_size[0], stem.kernel_size[1]
+        self.kernel, self.patch_size, self.dim = k, p, stem.out_channels
+        self.keep(dtype, weight=f64(stem.weight).permute(2, 0, 1, 3, 4).reshape(k * stem.out_channels, -1),
+                  bias=stem.bias)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = video.shape
+        k, p, dim = self.kernel, self.patch_size, self.dim
+        g1, g2 = h // p, w // p
+        patches = video[..., :g1 * p, :g2 * p].unflatten(4, (g2, p)).unflatten(3, (g1, p))  # B x 3 x T x g x P x g x P
+        patches = patches.permute(0, 2, 3, 5, 1, 4, 6).to(self.weight.dtype).reshape(-1, c * p * p)  # B*T*N x 3P^2
+        taps = torch.mm(patches, self.weight.t()).view(b, t, g1 * g2, k, dim)  # tap dt of every input frame
+        out = taps[:, :, :, k // 2] + self.bias
+        for dt in range(k):  # output frame f reads input frame f + dt - k//2 (zeros outside the clip)
+            shift = dt - k // 2
+            if shift != 0 and abs(shift) < t:
+                lo, hi = max(0, -shift), min(t, t - shift)
+                out[:, lo:hi] += taps[:, lo + shift:hi + shift, :, dt]
+        return out.view(b, t, g1, g2, dim).permute(0, 4, 1, 2, 3)
+
 
 class IntegrationToTemporal(nn.Module):
     """Integration tokens -> temporal features: Linear(C_i -> C_t) on the patch tokens,
@@ -267,6 +374,32 @@ class IntegrationToTemporal(nn.Module):
         # Nearest-neighbour upsampling in time by broadcasting: each of a sparse frame's alpha
         # dense frames gets the same update, without an upsampled copy.
         return (x_t.view(b, c_t, t // self.alpha, self.alpha, g1, g2) + x).reshape(b, c_t, t, g1, g2)
+
+    def fuse(self, dtype: torch.dtype, held_bias: torch.Tensor | None) -> _FusedIntegrationToTemporal:
+        """The inference form on tokens that hold ``held_bias`` (the temporal->integration bias,
+        see :class:`FusedSeam`), its output joining features carried scaled by s:
+        ``s (W (m - b_held) + b) = (s W) m + s (b - W b_held)``."""
+        return _FusedIntegrationToTemporal(self, dtype, held_bias)
+
+
+class _FusedIntegrationToTemporal(Buffers):
+    """:meth:`IntegrationToTemporal.fuse`, on all N+1 tokens (a contiguous product), the class
+    tokens dropped after. x_t: B x C_t x T x g x g (scaled), m: B*T'*(N+1) x C_i -> like x_t."""
+
+    def __init__(self, i2t: IntegrationToTemporal, dtype: torch.dtype, held_bias: torch.Tensor | None):
+        super().__init__()
+        self.alpha = i2t.alpha
+        fuse = i2t.linear_fuse
+        shift = None if held_bias is None else -(f64(fuse.weight) @ f64(held_bias))
+        self.keep(dtype, weight=f64(fuse.weight) * CARRIED_SCALE,
+                  bias=scaled(add_present(fuse.bias, shift), CARRIED_SCALE))
+
+    def forward(self, x_t: torch.Tensor, m: torch.Tensor, length: int) -> torch.Tensor:
+        b, c_t, t, g1, g2 = x_t.shape
+        a = self.alpha
+        x = linear(m, self.weight, self.bias).view(b, t // a, length, c_t)[:, :, 1:]
+        x = x.reshape(b, t // a, 1, g1, g2, c_t).permute(0, 5, 1, 2, 3, 4)  # B x C_t x T' x 1 x g x g
+        return (x_t.view(b, c_t, t // a, a, g1, g2) + x).view(b, c_t, t, g1, g2)
 
 
 class TemporalToIntegration(nn.Module):
@@ -296,6 +429,36 @@ class TemporalToIntegration(nn.Module):
         x = F.linear(pairs, weight, conv.bias)  # B x T' x N x C_i
         cls = self.cls_token[0].unsqueeze(2).to(x.dtype).expand(b, t // a, 1, -1)  # B x T' x 1 x C_i
         return m + torch.cat([cls, x], dim=2).flatten(0, 1)
+
+    def fuse(self, dtype: torch.dtype) -> _FusedTemporalToIntegration:
+        """The inference form on features carried scaled by s (the weights divide it out) and
+        tokens that already hold the convolution's bias (see :class:`FusedSeam`): the class
+        tokens swap it for theirs."""
+        return _FusedTemporalToIntegration(self, dtype)
+
+
+class _FusedTemporalToIntegration(Buffers):
+    """:meth:`TemporalToIntegration.fuse`: one product over every token, accumulated into m in
+    place, a zero row standing for each class token. m: B*T'*(N+1) x C_i, x_t: B x C_t x T x g x g."""
+
+    def __init__(self, t2i: TemporalToIntegration, dtype: torch.dtype):
+        super().__init__()
+        conv = t2i.linear_fuse
+        self.alpha = conv.kernel_size[0]
+        c_i = conv.out_channels
+        self.keep(dtype, weight=f64(conv.weight).flatten(2).transpose(1, 2).reshape(c_i, -1) / CARRIED_SCALE,
+                  class_tokens=add_present(t2i.cls_token[0, 0], None if conv.bias is None else -f64(conv.bias)))
+
+    def forward(self, m: torch.Tensor, x_t: torch.Tensor, length: int) -> torch.Tensor:
+        b, c_t, t, g1, g2 = x_t.shape
+        a = self.alpha
+        pairs = x_t.new_empty(b, t // a, length, a * c_t)
+        pairs[:, :, 0].zero_()
+        src = x_t.permute(0, 2, 3, 4, 1).reshape(b, t // a, a, g1 * g2, c_t).transpose(2, 3)
+        pairs[:, :, 1:].view(b, t // a, g1 * g2, a, c_t).copy_(src)
+        m.addmm_(pairs.view(-1, a * c_t), self.weight.t())
+        m.view(b, t // a, length, -1)[:, :, 0] += self.class_tokens
+        return m
 
 
 class IntegrationBlock(nn.Module):
@@ -338,9 +501,82 @@ class IntegrationBlock(nn.Module):
         h = self.temporal_ffn.gelu1(F.linear(shifted, conv_weight, fc2.bias))
         return F.linear(h, proj.weight.flatten(1), proj.bias).view_as(y)
 
+    def fuse(self, dtype: torch.dtype, extra_bias: torch.Tensor | None = None) -> _FusedIntegrationBlock:
+        """The inference form: ``FFN(LN(m)) + TFFN(LN'(m)) + extra_bias`` with each LayerNorm's
+        affine folded into the map after it (one normalisation when both epsilons agree) and
+        one merged output bias (``extra_bias``: the next layer's, see :class:`FusedSeam`)."""
+        return _FusedIntegrationBlock(self, dtype, extra_bias)
+
+
+class _FusedIntegrationBlock(Buffers):
+    """:meth:`IntegrationBlock.fuse`. m: B*T' x (N+1) x C_i -> B*T'*(N+1) x C_i."""
+
+    def __init__(self, block: IntegrationBlock, dtype: torch.dtype, extra_bias: torch.Tensor | None):
+        super().__init__()
+        tffn = block.temporal_ffn
+        s = QUICK_GELU_SCALE
+        self.sparse_frames = block.sparse_frames
+        self.eps, self.eps_temporal = block.ln.eps, block.ln_temporal.eps
+        self.kernel = tffn.c_fc2.kernel_size[0]
+        fc1_w, fc1_b = fold_norm(block.ln_temporal, tffn.c_fc1.weight.flatten(1), tffn.c_fc1.bias)
+        fc2 = tffn.c_fc2
+        self.keep(dtype, tffn_in_weight=fc1_w, tffn_in_bias=fc1_b,
+                  tffn_conv_weight=f64(fc2.weight).flatten(2).permute(0, 2, 1).reshape(fc2.out_channels, -1) * s,
+                  tffn_conv_bias=scaled(fc2.bias, s),
+                  tffn_out_weight=f64(tffn.c_proj.weight).flatten(1) / s,
+                  out_bias=add_present(tffn.c_proj.bias, block.ffn.c_proj.bias, extra_bias))
+        self.ffn = block.ffn.fuse(dtype, norm=block.ln, proj_bias=False)
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        bt, length, c = m.shape
+        t, k = self.sparse_frames, self.kernel
+        x = m.view(-1, c)
+        n = normalize(x, self.eps)
+        n_temporal = n if self.eps_temporal == self.eps else normalize(x, self.eps_temporal)
+        h = linear(n_temporal, self.tffn_in_weight, self.tffn_in_bias).view(bt // t, t, length, -1)
+        padded = F.pad(h, (0, 0, 0, 0, k // 2, k // 2))  # zero frames before and after: B x (T'+k-1) x (N+1) x C_h
+        shifted = torch.cat([padded[:, dt:dt + t] for dt in range(k)], dim=-1).view(bt * length, -1)
+        h = F.silu(linear(shifted, self.tffn_conv_weight, self.tffn_conv_bias), inplace=True)
+        out = linear(h, self.tffn_out_weight, self.out_bias)  # TFFN + every output bias
+        return self.ffn(n, residual=out)
+
+
+# ---------------------------------------------------------------------------- the inference form's seam
+#: s: the fused layers carry the temporal features multiplied by s (see :class:`FusedSeam`).
+CARRIED_SCALE = QUICK_GELU_SCALE
+
+
+@dataclass(frozen=True)
+class FusedSeam:
+    """The contract between consecutive fused DiST layers, written once: what a layer's
+    inference form receives from the one before it (the training form hands over plain values).
+
+    - Temporal features arrive multiplied by s = :data:`CARRIED_SCALE` (1.702) in every layer
+      but the first (which reads the stem's output): ``QuickGELU(z) = silu(s z) / s``, so a
+      fused temporal block ending in SiLU hands over ``s * x_t``. Its LayerNorm takes the scale
+      into its epsilon, the integration->temporal map multiplies its output by s and the
+      temporal->integration map divides it out.
+    - Biases: the input map's bias and the temporal->integration convolution's bias of layer
+      i+1 (:meth:`DiSTLayer.carried_bias`) ride in layer i's integration-block output bias, so
+      ``res`` arrives holding them; the first layer's input map adds them itself. The tokens
+      ``m`` thus hold the convolution's bias before it runs: the integration->temporal map
+      subtracts it and the class tokens swap it for theirs.
+
+    ``first``: this is the first layer; ``next_bias``: what this layer's integration block adds
+    for the next layer (None after the last)."""
+
+    first: bool
+    next_bias: torch.Tensor | None
+
+    @staticmethod
+    def thread(layers: Sequence[DiSTLayer]) -> list[FusedSeam]:
+        """One seam per layer, in order."""
+        carried = [layer.carried_bias() for layer in layers[1:]]
+        return [FusedSeam(i == 0, bias) for i, bias in enumerate([*carried, None])]
+
 
 class DiSTLayer(nn.Module):
-    """One selected CLIP layer of DiST (``reference/DiST.md``, step 3):
+    """One selected CLIP layer of DiST (``docs/method.md``, step 3):
 
     1. temporal block: ``x_t = TemporalBlock(x_t)``;
     2. input map: ``m = Linear(D -> C_i)(CLIP tokens) + res``;
@@ -380,6 +616,47 @@ class DiSTLayer(nn.Module):
         res = checkpoint(block, m, use_reentrant=False) if recompute_block else block(m)
         return x_t_new, m, res
 
+    def carried_bias(self) -> torch.Tensor | None:
+        """The biases this layer's inference form receives inside ``res`` (see :class:`FusedSeam`):
+        the input map's plus the temporal->integration convolution's (float64)."""
+        return add_present(self.input_linear.bias, self.temporal_to_integration.linear_fuse.bias)
+
+    def fuse(self, dtype: torch.dtype, seam: FusedSeam, onednn: bool) -> _FusedDiSTLayer:
+        """The inference form, on the terms of ``seam`` (scaled temporal features, carried biases)."""
+        return _FusedDiSTLayer(self, dtype, seam, onednn)
+
+
+class _FusedDiSTLayer(Buffers):
+    """:meth:`DiSTLayer.fuse`: the five steps of :class:`DiSTLayer` on the terms of a :class:`FusedSeam`."""
+
+    def __init__(self, layer: DiSTLayer, dtype: torch.dtype, seam: FusedSeam, onednn: bool):
+        super().__init__()
+        self.temporal_block = layer.temporal_block.fuse(dtype, input_scaled=not seam.first, onednn=onednn)
+        self.keep(dtype, input_weight=layer.input_linear.weight,
+                  input_bias=layer.carried_bias() if seam.first else None)
+        self.updates_temporal = layer.updates_temporal
+        if self.updates_temporal:
+            held = layer.temporal_to_integration.linear_fuse.bias
+            self.integration_to_temporal = layer.integration_to_temporal.fuse(dtype, held)
+        self.temporal_to_integration = layer.temporal_to_integration.fuse(dtype)
+        self.integration_block = layer.integration_block.fuse(dtype, seam.next_bias)
+
+    def forward(self, x_t: torch.Tensor, tokens: torch.Tensor, res: torch.Tensor | None, batch: int
+                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """x_t: B x C_t x T x g x g (scaled); tokens: B*T' x (N+1) x D; res: B*T'*(N+1) x C_i
+        or None -> (next x_t or None after the last layer, m, res)."""
+        x_t = self.temporal_block(x_t)
+        frames, length, width = tokens.shape
+        tokens = tokens.reshape(-1, width).to(self.input_weight.dtype)
+        if res is None:
+            m = linear(tokens, self.input_weight, self.input_bias)
+        else:
+            m = res.addmm_(tokens, self.input_weight.t())
+        x_t_next = self.integration_to_temporal(x_t, m, length) if self.updates_temporal else None
+        m = self.temporal_to_integration(m, x_t, length)
+        res = self.integration_block(m.view(frames, length, m.shape[-1]))
+        return x_t_next, m, res
+
 
 class CrossAttention(nn.Module):
     """``attn(LN(q), LN(kv), LN(kv))``: one LayerNorm shared by query, key and value.
@@ -392,6 +669,48 @@ class CrossAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         return self.attn(self.ln_1(query), kv=self.ln_1(kv))
+
+    def fuse(self, dtype: torch.dtype) -> _FusedCrossAttention:
+        """The inference form for a few queries against many tokens that arrive normalised
+        without affine, keys and values never formed: the query projection folded into the key
+        projection (``q_h . k_j = n_q^T (W_q_h^T W_k_h) n_j + const``, the constant cancels in
+        the softmax) and the value projection into the output projection (``W_o concat_h(W_v_h
+        z_h + b_v_h) + b_o = sum_h (W_o_h W_v_h) z_h + (W_o b_v + b_o)``, the attention weights
+        summing to one)."""
+        return _FusedCrossAttention(self, dtype)
+
+
+class _FusedCrossAttention(Buffers):
+    """:meth:`CrossAttention.fuse`. query: S x Lq x C, normalized: S x Lk x C -> S x Lq x C."""
+
+    def __init__(self, cross: CrossAttention, dtype: torch.dtype):
+        super().__init__()
+        attn, ln = cross.attn, cross.ln_1
+        c = attn.in_proj_weight.shape[1]
+        heads = self.heads = attn.heads
+        d = c // heads
+        self.eps = ln.eps
+        w, b = attn.in_proj_weight, attn.in_proj_bias
+        w_q, b_q = fold_norm(ln, w[:c], b[:c])
+        w_k, _ = fold_norm(ln, w[c:2 * c], None)  # q . b_k is the same for every key: it cancels
+        w_v, b_v = fold_norm(ln, w[2 * c:], b[2 * c:])
+        w_q, b_q = w_q * d ** -0.5, b_q * d ** -0.5
+        # scores of head h: (n_q W_q_h^T + b_q_h) W_k_h n_j = (n_q M_h^T + u_h) . n_j
+        wq_h, wk_h = w_q.view(heads, d, c), w_k.view(heads, d, c)
+        query_key = torch.einsum("hdi,hdj->hji", wq_h, wk_h).reshape(heads * c, c)  # H*C x C
+        query_key_bias = torch.einsum("hd,hdj->hj", b_q.view(heads, d), wk_h).reshape(heads * c)
+        # output: sum_h W_o_h (W_v_h z_h + b_v_h) + b_o, z_h the attention-weighted normalised tokens
+        w_o = f64(attn.out_proj.weight)
+        value_out = torch.einsum("ohd,hdj->ohj", w_o.view(c, heads, d), w_v.view(heads, d, c)).reshape(c, heads * c)
+        self.keep(dtype, query_key=query_key, query_key_bias=query_key_bias, value_out=value_out,
+                  out_bias=add_present(attn.out_proj.bias, w_o @ b_v))
+
+    def forward(self, query: torch.Tensor, normalized: torch.Tensor) -> torch.Tensor:
+        s, lq, c = query.shape
+        u = linear(normalize(query, self.eps).view(-1, c), self.query_key, self.query_key_bias)
+        scores = u.view(s, lq * self.heads, c) @ normalized.transpose(1, 2)  # S x Lq*H x Lk
+        z = torch.softmax(scores, dim=-1) @ normalized  # S x Lq*H x C
+        return linear(z.view(s * lq, -1), self.value_out, self.out_bias).view(s, lq, c)
 
 
 class AdaptivePooling(nn.Module):
@@ -419,6 +738,38 @@ class AdaptivePooling(nn.Module):
         frames = frames + self.positional_embedding.to(frames.dtype)
         video_query = video_query + self.temporal_transformer(video_query, frames)
         video_query = self.output_map_cls_token(self.ln_out_temp_cls_token(video_query), residual=video_query)
+        return video_query, frame_query
+
+    def fuse(self, dtype: torch.dtype) -> _FusedPooling:
+        """The inference form, on tokens normalised without affine (one normalisation shared by
+        every pooling layer, see :meth:`DiSTBranch.fuse`)."""
+        return _FusedPooling(self, dtype)
+
+
+class _FusedPooling(Buffers):
+    """:meth:`AdaptivePooling.fuse`."""
+
+    def __init__(self, pooling: AdaptivePooling, dtype: torch.dtype):
+        super().__init__()
+        self.spatial = pooling.spatial_transformer.fuse(dtype)
+        self.spatial_mlp = pooling.output_map_spatial_cls_token.fuse(dtype, norm=pooling.ln_out_spat_cls_token)
+        self.spatial_mlp_eps = pooling.ln_out_spat_cls_token.eps
+        self.temporal = pooling.temporal_transformer.fuse(dtype)
+        self.temporal_mlp = pooling.output_map_cls_token.fuse(dtype, norm=pooling.ln_out_temp_cls_token)
+        self.temporal_mlp_eps = pooling.ln_out_temp_cls_token.eps
+        self.keep(dtype, positional_embedding=pooling.positional_embedding[0])
+
+    def forward(self, normalized: torch.Tensor, video_query: torch.Tensor, frame_query: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """normalized: B*T' x (N+1) x C_i; video_query: B x 1 x C_i; frame_query: B*T' x 1 x C_i."""
+        c = frame_query.shape[-1]
+        frame_query = frame_query + self.spatial(frame_query, normalized)
+        frame_query = self.spatial_mlp(normalize(frame_query, self.spatial_mlp_eps),
+                                       residual=frame_query.view(-1, c)).view_as(frame_query)
+        frames = frame_query.view(video_query.shape[0], -1, c) + self.positional_embedding  # B x T' x C_i
+        video_query = video_query + self.temporal(video_query, normalize(frames, self.temporal.eps))
+        video_query = self.temporal_mlp(normalize(video_query, self.temporal_mlp_eps),
+                                        residual=video_query.view(-1, c)).view_as(video_query)
         return video_query, frame_query
 
 
@@ -534,33 +885,53 @@ class DiSTBranch(nn.Module):
         z = self.ln_post(video_query[:, 0] + self.proj_spatial_cls_token(cls_mean))
         return z @ self.proj
 
-
-#: The authors' per-layer lists -> the parts of ``layers.<i>``.
-_AUTHORS_LAYER_PARTS = {
-    "temporal_nets": "temporal_block",
-    "input_linears": "input_linear",
-    "integration2temporal_nets": "integration_to_temporal",
-    "temporal2integration_nets": "temporal_to_integration",
-    "integration_nets": "integration_block",
-}
-_AUTHORS_KEY = re.compile(r"(" + "|".join(_AUTHORS_LAYER_PARTS) + r")\.(\d+)\.(.*)")
-_OUR_KEY = re.compile(r"layers\.(\d+)\.(" + "|".join(_AUTHORS_LAYER_PARTS.values()) + r")\.(.*)")
+    def fuse(self, dtype: torch.dtype, onednn: bool = False) -> FusedDiSTBranch:
+        """The inference form: each part's :meth:`fuse`, the layers threaded by :class:`FusedSeam`,
+        ``ln_post``'s affine folded into the projection. ``onednn``: fused oneDNN convolutions in
+        the temporal blocks (only where :func:`onednn_fusion_available`)."""
+        return FusedDiSTBranch(self, dtype, onednn)
 
 
-def _renamed(state_dict: Mapping[str, torch.Tensor], pattern: re.Pattern, rename) -> dict[str, torch.Tensor]:
-    """``state_dict`` with every key that ``pattern`` matches replaced by ``rename(*groups)``."""
-    return {(rename(*m.groups()) if (m := pattern.fullmatch(key)) else key): value
-            for key, value in state_dict.items()}
+class FusedDiSTBranch(Buffers):
+    """:meth:`DiSTBranch.fuse`. video: B x 3 x T x H x W, clip_layers ``{layer: B*T' x (N+1) x D}``
+    -> B x E (not normalised)."""
 
+    def __init__(self, branch: DiSTBranch, dtype: torch.dtype, onednn: bool):
+        super().__init__()
+        self.num_frames, self.alpha, self.patch_size = branch.config.num_frames, branch.alpha, branch.patch_size
+        self.selected_layers = list(branch.selected_layers)
+        self.stem = branch.temporal_stem.fuse(dtype)
+        layers = list(branch.layers)
+        self.layers = nn.ModuleList([layer.fuse(dtype, seam, onednn)
+                                     for layer, seam in zip(layers, FusedSeam.thread(layers))])
+        pooling_eps = {p.spatial_transformer.ln_1.eps for p in branch.adapooling_nets}
+        if len(pooling_eps) > 1:
+            raise ValueError(f"cannot fuse pooling layers whose LayerNorm epsilons differ: {sorted(pooling_eps)}")
+        self.pooling_eps = pooling_eps.pop() if pooling_eps else 1e-5
+        self.pooling = nn.ModuleList([p.fuse(dtype) for p in branch.adapooling_nets])
+        post_w, post_b = fold_norm(branch.ln_post, branch.proj.t(), None)
+        self.eps_post = branch.ln_post.eps
+        cls_map = branch.proj_spatial_cls_token
+        self.keep(dtype, video_query=branch.aggregated_cls_token[0, 0],
+                  frame_query=branch.aggregated_spatial_cls_token[0, 0], cls_weight=cls_map.weight,
+                  cls_bias=cls_map.bias, post_weight=post_w, post_bias=post_b)
 
-def branch_keys_from_authors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A branch state dict with the authors' names (``dist_net.`` removed: ``temporal_stem``,
-    ``input_linears.<i>.*``, ...) -> :class:`DiSTBranch` keys (``layers.<i>.input_linear.*``, ...)."""
-    return _renamed(state_dict, _AUTHORS_KEY,
-                    lambda part, index, rest: f"layers.{index}.{_AUTHORS_LAYER_PARTS[part]}.{rest}")
-
-
-def branch_keys_to_authors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`branch_keys_from_authors`."""
-    theirs = {v: k for k, v in _AUTHORS_LAYER_PARTS.items()}
-    return _renamed(state_dict, _OUR_KEY, lambda index, part, rest: f"{theirs[part]}.{index}.{rest}")
+    def forward(self, video: torch.Tensor, clip_layers: dict[int, torch.Tensor]) -> torch.Tensor:
+        b, _, t, h, w = video.shape
+        if t != self.num_frames:
+            raise ValueError(f"the DiST branch was built for {self.num_frames} dense frames, got a clip of {t}")
+        x_t = self.stem(video)  # B x C_t x T x g x g
+        res: torch.Tensor | None = None
+        for layer, index in zip(self.layers, self.selected_layers):
+            x_t, m, res = layer(x_t, clip_layers[index], res, b)
+        length, c = clip_layers[self.selected_layers[0]].shape[1], m.shape[-1]
+        feat = res.add_(m).view(-1, length, c)  # B*T' x (N+1) x C_i
+        normalized = normalize(feat, self.pooling_eps)
+        video_query = self.video_query.expand(b, 1, c)
+        frame_query = self.frame_query.expand(feat.shape[0], 1, c)
+        for pooling in self.pooling:
+            video_query, frame_query = pooling(normalized, video_query, frame_query)
+        last = clip_layers[self.selected_layers[-1]]
+        cls_mean = last[:, 0].to(feat.dtype).view(b, -1, last.shape[-1]).mean(dim=1)  # B x D
+        y = linear(cls_mean, self.cls_weight, self.cls_bias).add_(video_query[:, 0])
+        return linear(normalize(y, self.eps_post), self.post_weight, self.post_bias)

@@ -15,7 +15,9 @@ package's model code:
 
 The export is verified before the files are put in place: onnxruntime's outputs on a random
 clip batch are compared with PyTorch's (the same fused module), and an export whose largest
-absolute difference exceeds the tolerance fails.
+absolute difference exceeds the tolerance fails. The folder is written whole beside ``out_dir``
+and replaces it in one step (:func:`dist_video.storage.replace_folder`): a process killed at
+any moment leaves the previous export or the new one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from .onnx_runner import EXPORT_FORMAT, open_session
+from .storage import new_folder_beside, replace_folder
 
 __all__ = ["ExportError", "ExportReport", "LogitsAndEmbeddings", "export_onnx", "export_fused_onnx",
            "preprocess_record", "EXPORT_FORMAT", "EXPORT_FORMAT_VERSION", "EXTERNAL_DATA_BYTES"]
@@ -41,6 +43,8 @@ logger = logging.getLogger(__name__)
 EXPORT_FORMAT_VERSION = 1
 #: ONNX's protobuf limit: weights at least this large are written as external data.
 EXTERNAL_DATA_BYTES = 2 * 1024 ** 3
+#: The files an export writes (others in an existing export folder are kept).
+EXPORT_FILES = frozenset({"model.onnx", "model.onnx.data", "preprocess.json", "labels.txt"})
 #: Default largest absolute difference allowed between onnxruntime and PyTorch (float32).
 DEFAULT_TOLERANCE = 1e-4
 
@@ -183,13 +187,15 @@ def export_fused_onnx(fused: nn.Module, preprocess: dict, out_dir: str | os.Path
     out = Path(out_dir)
     if (out / "config.json").exists():
         raise ExportError(f"{out}: holds a dist-video model folder; export into another folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and not (out / "preprocess.json").is_file() and any(
+            entry.name not in EXPORT_FILES for entry in out.iterdir()):
+        raise ExportError(f"{out}: a folder that is neither empty nor an export; export into a new folder")
     wrapper = LogitsAndEmbeddings(fused).eval()
     example = _random_video(fused, preprocess, verify_batch)
     with torch.no_grad():
         embedding_dim = int(wrapper(example[:1])[1].shape[1])
     external = _external_data_needed(fused)
-    work = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
+    work = new_folder_beside(out)
     try:
         written_opset = _torch_onnx_export(wrapper, example, work / "model.onnx", opset, external)
         d_logits, d_embeddings = _verify(wrapper, work / "model.onnx", _random_video(fused, preprocess,
@@ -210,12 +216,7 @@ def export_fused_onnx(fused: nn.Module, preprocess: dict, out_dir: str | os.Path
         (work / "preprocess.json").write_text(json.dumps(record, indent=2) + "\n")
         names = fused.class_names or [str(i) for i in range(fused.num_classes)]
         (work / "labels.txt").write_text("".join(f"{n}\n" for n in names))
-        out.mkdir(exist_ok=True)
-        for stale in ("model.onnx.data",):
-            if (out / stale).exists() and not (work / stale).exists():
-                (out / stale).unlink()
-        for f in sorted(work.iterdir()):
-            os.replace(f, out / f.name)
+        replace_folder(work, out, owned=EXPORT_FILES)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     logger.info("exported %s to %s (opset %d)", name, out, written_opset)

@@ -216,39 +216,28 @@ class LoadedModel:
 
 
 # ---------------------------------------------------------------------------- the loader
-def _trust(trust_checkpoint: bool) -> dict:
-    """The keyword for the checkpoint readers: passed only when set (their default refuses)."""
-    return {"trust_checkpoint": True} if trust_checkpoint else {}
+def _open_folder(path: Path, clip_dtype: torch.dtype, trust: bool) -> tuple[VideoClassifier, dict]:
+    model = VideoClassifier.from_pretrained(path, clip_dtype=clip_dtype, trust_checkpoint=trust)
+    recorded = read_model_config(path).get("preprocess", {})
+    return model, {**native_preprocess(model.clip.config.image_size, model.config.num_frames), **recorded}
 
 
-def _open_folder(path: Path, clip: str | None, clip_dtype: torch.dtype, trust: dict) -> tuple[VideoClassifier, dict]:
-    meta = read_model_config(path)
-    given = None
-    ref = meta.get("clip_weights")
-    if trust and isinstance(ref, dict) and "path" in ref:  # the folder refers to a CLIP file elsewhere
-        from .clip_loaders import load_clip
-        given = load_clip(ref["path"], act=meta.get("clip", {}).get("act"), **trust)
-    model = VideoClassifier.from_pretrained(path, clip=given, clip_dtype=clip_dtype)
-    recorded = meta.get("preprocess", {})
-    preprocess = {**native_preprocess(model.clip.config.image_size, model.config.num_frames), **recorded}
-    return model, preprocess
-
-
-def _open_official(path: Path, clip: str | None, clip_dtype: torch.dtype, trust: dict,
+def _open_official(path: Path, clip: str | None, clip_dtype: torch.dtype, trust: bool,
                    overrides: dict) -> tuple[VideoClassifier, dict]:
     from .checkpoints import load_official_checkpoint
 
-    model = load_official_checkpoint(path, clip=clip or None, clip_dtype=clip_dtype, **overrides, **trust)
+    model = load_official_checkpoint(path, clip=clip or None, clip_dtype=clip_dtype, trust_checkpoint=trust,
+                                     **overrides)
     return model, native_preprocess(model.clip.config.image_size, model.config.num_frames)
 
 
-def _open_clip(path: Path, vocab: str | None, clip_dtype: torch.dtype, trust: dict,
+def _open_clip(path: Path, vocab: str | None, clip_dtype: torch.dtype, trust: bool,
                num_frames: int) -> tuple[VideoClassifier, dict]:
     """Plain CLIP weights as the frozen frame-averaged model (every frame of the clip through CLIP)."""
     from .baselines import BaselineConfig, FrozenMeanClassifier
     from .clip_loaders import load_clip
 
-    clip = load_clip(path, vocab=vocab, **trust)
+    clip = load_clip(path, vocab=vocab, trust_checkpoint=trust)
     model = FrozenMeanClassifier(clip, BaselineConfig(num_frames=num_frames, alpha=1), clip_dtype=clip_dtype)
     return model, native_preprocess(clip.config.image_size, num_frames)
 
@@ -278,9 +267,9 @@ def load_model(path: str | os.PathLike, *, clip: str | os.PathLike | None = None
         return LoadedModel(runner, runner.preprocess, kind="exported", source=p)
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
     dtype = resolve_clip_dtype(clip_dtype, dev)  # "auto" is decided for the device the model runs on
-    trust = _trust(trust_checkpoint)
+    trust = bool(trust_checkpoint)
     if p.is_dir():
-        kind, (model, preprocess) = "folder", _open_folder(p, clip, dtype, trust)
+        kind, (model, preprocess) = "folder", _open_folder(p, dtype, trust)
     elif p.is_file() and p.suffix == ".pyth":
         layers = {"selected_layers": list(selected_layers)} if selected_layers else {}
         kind, (model, preprocess) = "official", _open_official(p, clip, dtype, trust, layers)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from .classifier import VideoClassifier
+from .authors_keys import LAYER_PARTS, branch_keys_from_authors
 from .clip import CLIP
-from .dist import DiSTBranch, DiSTConfig, branch_keys_from_authors, checkpointing_mode
+from .dist import DiSTBranch, DiSTConfig, checkpointing_mode
 from .fused import FusedDiSTModel, fuse_dist
 
 __all__ = ["DiSTVideoModel"]
@@ -60,7 +61,8 @@ class DiSTVideoModel(VideoClassifier):
         ...) and the temporal network in ``temporal_encoder.stem`` / ``temporal_encoder.blocks``."""
         if version >= 2:
             return tensors
-        legacy = {"temporal_encoder.stem.": "temporal_stem.", "temporal_encoder.blocks.": "temporal_nets."}
+        temporal_list = next(theirs for theirs, ours in LAYER_PARTS.items() if ours == "temporal_block")
+        legacy = {"temporal_encoder.stem.": "temporal_stem.", "temporal_encoder.blocks.": temporal_list + "."}
         branch, rest = {}, {}
         for key, value in tensors.items():
             if not key.startswith("branch."):

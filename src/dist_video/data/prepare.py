@@ -39,7 +39,8 @@ from typing import Callable, Sequence
 import av
 from av.video.frame import PictureType
 
-from .datasets import VIDEO_EXTENSIONS, Annotations, VideoRecord, load_annotations
+from ..storage import atomic_write, replace_file, write_text_atomic
+from .annotations import VIDEO_EXTENSIONS, Annotations, VideoRecord, load_annotations
 from .decoding import VideoDecodeError, decoded_frames, probe, video_stream
 
 __all__ = ["PrepareJob", "PrepareResult", "PrepareReport", "output_size", "prepare_video", "plan_prepare",
@@ -158,33 +159,14 @@ def prepare_video(source: str | os.PathLike, output: str | os.PathLike, *, short
                              bytes_after=output.stat().st_size, frames=0)
     tmp = output.parent / f".{output.name}.{TEMP_MARK}{os.getpid()}.mp4"
     try:
-        info = probe(source)
+        # No frame-size limit: frames are shrunk one at a time from the decoded YUV, never made
+        # into full-size RGB, so a large source costs one decoded frame (shrinking them is the point).
+        info = probe(source, limits=None)
         output.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(output)
-        width, height = output_size(info.width, info.height, short_side)
-        written = 0
-        with av.open(source, metadata_errors="ignore") as src, av.open(str(tmp), "w", format="mp4") as dst:
-            stream = video_stream(src, source)
-            stream.codec_context.thread_count = threads
-            stream.codec_context.thread_type = "AUTO" if threads != 1 else "SLICE"
-            rate = _frame_rate(stream, info.fps)
-            out = dst.add_stream("libx264", rate=rate)
-            out.width, out.height, out.pix_fmt = width, height, "yuv420p"
-            out.codec_context.gop_size = gop
-            out.codec_context.thread_count = threads
-            options = {"crf": str(crf), "preset": preset,
-                       "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
-            out.options = {**options, "tune": tune} if tune else options
-            time_base = 1 / rate
-            for frame in decoded_frames(src, stream):
-                small = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
-                small.pts, small.time_base = written, time_base
-                small.pict_type = PictureType.NONE  # the source's keyframes must not force ours
-                for packet in out.encode(small):
-                    dst.mux(packet)
-                written += 1
-            for packet in out.encode():
-                dst.mux(packet)
+        options = {"crf": str(crf), "preset": preset, "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
+        written = _encode(source, tmp, info, output_size(info.width, info.height, short_side), gop,
+                          {**options, "tune": tune} if tune else options, threads)
         if written == 0:
             raise VideoDecodeError(source, "no decodable video frames")
         if written != info.num_frames:  # decoding from the start is the definition of the frames
@@ -193,7 +175,7 @@ def prepare_video(source: str | os.PathLike, output: str | os.PathLike, *, short
         got = _count_frames(tmp)
         if got != written:
             raise VideoDecodeError(source, f"the re-encoded file holds {got} frames instead of {written}")
-        os.replace(tmp, output)
+        replace_file(tmp, output)
     except VideoDecodeError as e:
         _unlink(tmp)
         return PrepareResult(source, str(output), "failed", cause=e.cause, bytes_before=size_in,
@@ -205,6 +187,34 @@ def prepare_video(source: str | os.PathLike, output: str | os.PathLike, *, short
                              bytes_before=size_in, seconds=time.perf_counter() - t0)
     return PrepareResult(source, str(output), "done", frames=written, bytes_before=size_in,
                          bytes_after=output.stat().st_size, seconds=time.perf_counter() - t0)
+
+
+def _encode(source: str, tmp: Path, info, size: tuple[int, int], gop: int, options: dict, threads: int) -> int:
+    """Decode ``source`` from the start and encode every frame, resized to ``size``, as H.264
+    into ``tmp`` at the source's average rate; returns the frames written."""
+    width, height = size
+    written = 0
+    with av.open(source, metadata_errors="ignore") as src, av.open(str(tmp), "w", format="mp4") as dst:
+        stream = video_stream(src, source)
+        stream.codec_context.thread_count = threads
+        stream.codec_context.thread_type = "AUTO" if threads != 1 else "SLICE"
+        rate = _frame_rate(stream, info.fps)
+        out = dst.add_stream("libx264", rate=rate)
+        out.width, out.height, out.pix_fmt = width, height, "yuv420p"
+        out.codec_context.gop_size = gop
+        out.codec_context.thread_count = threads
+        out.options = options
+        time_base = 1 / rate
+        for frame in decoded_frames(src, stream):
+            small = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
+            small.pts, small.time_base = written, time_base
+            small.pict_type = PictureType.NONE  # the source's keyframes must not force ours
+            for packet in out.encode(small):
+                dst.mux(packet)
+            written += 1
+        for packet in out.encode():
+            dst.mux(packet)
+    return written
 
 
 def _count_frames(path: Path) -> int:
@@ -229,7 +239,7 @@ def plan_prepare(source: str | os.PathLike, destination: str | os.PathLike, *, f
                  split: str = "train", fold: int = 1) -> tuple[list[PrepareJob], Annotations | None]:
     """The jobs of a dataset: ``source`` is a folder (every video under it; outputs keep their
     relative paths) or an annotation file of ``fmt`` (see
-    :func:`~dist_video.data.datasets.load_annotations`; outputs keep their paths relative to
+    :func:`~dist_video.data.annotations.load_annotations`; outputs keep their paths relative to
     ``root``, or their file names when outside it). Outputs end in ``.mp4``. Returns (jobs,
     the annotations, or None for a folder). Two sources that would share an output name are
     an error naming both."""
@@ -317,12 +327,10 @@ def write_annotations(jobs: Sequence[PrepareJob], results: Sequence[PrepareResul
     ok = {r.output for r in results if r.status in ("done", "skipped")}
     rows = [(os.path.relpath(j.output, dst), j.label) for j in jobs if j.output in ok]
     out = dst / f"{name}.csv"
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(out, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["path", "label"])
         w.writerows(rows)
-    os.replace(tmp, out)
     classes = dst / "classes.txt"
     classes.write_text("".join(n + "\n" for n in ann.class_names), encoding="utf-8")
     return [out, classes]
@@ -331,9 +339,7 @@ def write_annotations(jobs: Sequence[PrepareJob], results: Sequence[PrepareResul
 def write_report(report: PrepareReport, destination: str | os.PathLike) -> Path:
     """``DST/prepare_report.json``."""
     out = Path(destination) / REPORT_NAME
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(asdict(report), indent=2) + "\n")
     return out
 
 

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import av
 
-from .datasets import Annotations, MissingVideosError, VideoRecord, load_annotations, parse_folder
+from .annotations import Annotations, MissingVideosError, VideoRecord, load_annotations, parse_folder
 from .decoding import VideoDecodeError, probe, read_frames
 
 __all__ = ["ScanResult", "scan_video", "scan_dataset", "summarize", "load_for_scan", "write_clean_annotations",

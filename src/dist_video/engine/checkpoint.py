@@ -12,6 +12,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..storage import atomic_write, torch_load
+
 __all__ = ["save_training_state", "load_training_state", "rng_state", "set_rng_state", "cuda_rng_state",
            "model_training_state", "check_output_dir", "atomic_torch_save"]
 
@@ -21,17 +23,8 @@ logger = logging.getLogger(__name__)
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
     a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def cuda_rng_state(device: torch.device) -> torch.Tensor | None:
@@ -99,11 +92,23 @@ def save_training_state(path: str | os.PathLike, *, model, optimizer, scheduler,
     atomic_torch_save(state, path)
 
 
-def load_training_state(path: str | os.PathLike) -> dict:
+_NUMPY_CORE = np._core if hasattr(np, "_core") else np.core  # renamed in NumPy 2
+#: The non-tensor types a training checkpoint holds: NumPy's generator state (an array of uint32).
+TRAINING_STATE_TYPES = (np.ndarray, np.dtype, type(np.dtype(np.uint32)), _NUMPY_CORE.multiarray._reconstruct)
+
+
+def load_training_state(path: str | os.PathLike, *, trust_checkpoint: bool = False) -> dict:
+    """A checkpoint of :func:`save_training_state`, read with ``weights_only=True`` (plus
+    :data:`TRAINING_STATE_TYPES`); anything else in it is refused unless ``trust_checkpoint``."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read the training checkpoint ({e})") from e
+        state = torch_load(path, trust=trust_checkpoint, allowed=TRAINING_STATE_TYPES)
+    except FileNotFoundError:
+        raise
+    except ValueError as e:
+        raise ValueError(f"cannot read the training checkpoint: {e}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a training checkpoint (holds a {type(state).__name__})")
+    return state
 
 
 def check_output_dir(path: str | os.PathLike, need_bytes: int = 0) -> Path:

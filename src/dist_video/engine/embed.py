@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..classifier import new_file_mode, read_safetensors
+from ..storage import atomic_path, read_safetensors
 from .data import test_clips_of_file
 from .inference import FILE_ERRORS, check_finite, error_message, model_device
 
@@ -154,12 +154,10 @@ class _Store:
         perm = sorted(range(len(self.rows)), key=lambda i: (rank.get(self.rows[i][0], len(rank)), i))
         emb, rows = emb[perm].contiguous(), [self.rows[i] for i in perm]
         self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / "embeddings.safetensors.tmp"
-        save_file({"embeddings": emb}, str(tmp), metadata={"rows": str(len(rows))})
-        os.chmod(tmp, new_file_mode())
-        _write_index(self.out / "index.csv.tmp", rows)
-        os.replace(tmp, self.out / "embeddings.safetensors")
-        os.replace(self.out / "index.csv.tmp", self.out / "index.csv")
+        with atomic_path(self.out / "embeddings.safetensors") as tmp:
+            save_file({"embeddings": emb}, str(tmp), metadata={"rows": str(len(rows))})
+        with atomic_path(self.out / "index.csv") as tmp:
+            _write_index(tmp, rows)
         shutil.rmtree(self.partial, ignore_errors=True)
         return EmbeddingIndex(emb, rows)
 

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from ..storage import write_text_atomic
 from .data import clips_on_device
 from .distributed import DistEnv, all_gather_objects
 from .metrics import classification_metrics, plot_confusion_matrix, write_predictions_csv
@@ -111,9 +112,7 @@ def evaluate(model, dataset, env: DistEnv, *, class_names: Sequence[str], batch_
         out.mkdir(parents=True, exist_ok=True)
         summary = {k: v for k, v in metrics.items() if k != "confusion_matrix"}
         summary["per_class_accuracy"] = {name: acc for name, acc in zip(class_names, metrics["per_class_accuracy"])}
-        tmp = out / "metrics.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, out / "metrics.json")
+        write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
         (out / "confusion_matrix.json").write_text(json.dumps(metrics["confusion_matrix"]) + "\n")
         paths = [video_paths[i] for i in order] if video_paths is not None else [str(i) for i in order]
         write_predictions_csv(out / "predictions.csv", paths, labels, scores, class_names)

@@ -12,6 +12,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..storage import write_text_atomic
+
 __all__ = ["classification_metrics", "MetricLog", "plot_training_curves", "plot_confusion_matrix",
            "write_predictions_csv", "topk_accuracy"]
 
@@ -67,9 +69,7 @@ class MetricLog:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
         with open(self.path, "a") as f:

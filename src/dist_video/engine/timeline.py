@@ -13,6 +13,11 @@ frame as it comes (in uint8) and hands every finished window's clip to a small q
 calling thread copies the clips into one reused batch buffer on the model's device, normalises
 it there and runs the model while the next ones are decoded. Only the clips of the windows in
 progress (about ``w / s`` of them), the queue and the one batch are held.
+
+Bounds: ``w`` and ``s`` are finite positive seconds, at most ``max_windows`` windows (default
+:data:`MAX_WINDOWS`), and no window starts at or after the end of the video. A ``cancel`` event
+stops the decoding thread at the next frame and the model loop at the next clip
+(:class:`Cancelled` is raised).
 """
 
 from __future__ import annotations
@@ -36,8 +41,16 @@ from ..data.sampling import build_sampler
 from .data import test_transform
 from .inference import class_names_of, model_device
 
-__all__ = ["Timeline", "window_bounds", "window_frames", "window_outputs", "video_timeline", "write_timeline_csv",
-           "plot_timeline", "annotate_video"]
+__all__ = ["Timeline", "Cancelled", "MAX_WINDOWS", "window_bounds", "window_frames", "window_outputs", "video_timeline",
+           "write_timeline_csv", "plot_timeline", "annotate_video"]
+
+
+#: The most windows one timeline may have (``max_windows``): a 3-hour video at one window per second.
+MAX_WINDOWS = 11_000
+
+
+class Cancelled(Exception):
+    """The work was cancelled (its ``cancel`` event was set) before it finished."""
 
 
 @dataclass
@@ -72,12 +85,32 @@ class Timeline:
         return self.class_names[int(i)], float(p)
 
 
-def window_bounds(duration: float, window: float, stride: float | None = None) -> list[tuple[float, float]]:
-    """``[(start, end), ...]`` in seconds covering ``[0, duration]`` (see the module docstring)."""
+def window_bounds(duration: float, window: float, stride: float | None = None, *,
+                  max_windows: int = MAX_WINDOWS) -> list[tuple[float, float]]:
+    """``[(start, end), ...]`` in seconds covering ``[0, duration]`` (see the module docstring).
+    Raises ``ValueError`` naming the bound for a window or stride that is not a finite positive
+    number of seconds, or that gives more than ``max_windows`` windows; windows that would
+    start at or after ``duration`` are not made."""
     stride = window if stride is None else stride
-    if not (window > 0 and stride > 0):
-        raise ValueError(f"window and stride must be positive seconds, got window={window}, stride={stride}")
-    count = max(1, math.ceil((duration - window) / stride - 1e-9) + 1)
+    for name, value in (("window", window), ("stride", stride)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite positive number of seconds, got {value}")
+    if not (math.isfinite(duration) and duration >= 0):
+        raise ValueError(f"the video's duration is not a finite number of seconds: {duration}")
+    # K from the module docstring, less the windows that would start at or after the end; the
+    # float estimate first, so that a tiny stride is refused before a huge count is made
+    covering, starting = (duration - window) / stride, duration / stride  # either may be infinite
+    estimate = max(1.0, min(covering + 1, starting))
+    count = math.inf
+    if covering <= 0:  # a video shorter than one window
+        count = 1
+    elif estimate <= max_windows + 1:
+        count = max(1, min(math.ceil(covering - 1e-9) + 1 if math.isfinite(covering) else math.inf,
+                           math.ceil(starting - 1e-9) if math.isfinite(starting) else math.inf))
+    if count > max_windows:
+        raise ValueError(f"window={window:g} s and stride={stride:g} s give about {estimate:.4g} windows over "
+                         f"this {duration:.3f} s video, more than the limit of {max_windows} windows: "
+                         "use a longer window or stride")
     return [(float(k * stride), float(min(k * stride + window, duration))) for k in range(count)]
 
 
@@ -92,14 +125,22 @@ def window_frames(bounds: Sequence[tuple[float, float]], fps: float, num_frames:
     return out
 
 
-def _stream_clips(path: str, plan: list[list[int]], transform, out: queue.Queue, stop: threading.Event) -> None:
+def _frame_slots(plan: list[list[int]]) -> dict[int, list[tuple[int, int]]]:
+    """Frame index -> the ``(window, slot)`` places it fills in the windows' clips."""
+    wanted: dict[int, list[tuple[int, int]]] = {}
+    for k, frames in enumerate(plan):
+        for slot, i in enumerate(frames):
+            wanted.setdefault(i, []).append((k, slot))
+    return wanted
+
+
+def _stream_clips(path: str, plan: list[list[int]], transform, out: queue.Queue, stop: threading.Event,
+                  cancel: threading.Event) -> None:
     """Decode ``path`` once, from the start; put ``(k, uint8 clip 3 x T x S x S)`` on ``out`` as soon
-    as window k's frames are all decoded, then ``None``; a failure is put as the exception."""
+    as window k's frames are all decoded, then ``None``; a failure is put as the exception.
+    ``stop`` (the consumer has gone) ends it silently, ``cancel`` with :class:`Cancelled`."""
     try:
-        wanted: dict[int, list[tuple[int, int]]] = {}
-        for k, frames in enumerate(plan):
-            for slot, i in enumerate(frames):
-                wanted.setdefault(i, []).append((k, slot))
+        wanted = _frame_slots(plan)
         last_needed = max(wanted)
         # Windows in the order their last frame is decoded; each waits for its last frame.
         finish = sorted(range(len(plan)), key=lambda k: (max(plan[k]), k))
@@ -126,6 +167,8 @@ def _stream_clips(path: str, plan: list[list[int]], transform, out: queue.Queue,
                 for frame in container.decode(stream):
                     if stop.is_set():
                         return
+                    if cancel.is_set():
+                        raise Cancelled(f"{path}: cancelled while decoding")
                     index += 1
                     if index in wanted:
                         x = frame_tensor(frame)
@@ -152,15 +195,19 @@ def _stream_clips(path: str, plan: list[list[int]], transform, out: queue.Queue,
         out.put(e)
 
 
-def _clips(path: str, plan: list[list[int]], transform, depth: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(window, clip)`` pairs from a decoding thread, at most ``depth`` waiting."""
+def _clips(path: str, plan: list[list[int]], transform, depth: int, cancel: threading.Event
+           ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(window, clip)`` pairs from a decoding thread, at most ``depth`` waiting; the thread has
+    ended when this generator is closed."""
     out: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
-    worker = threading.Thread(target=_stream_clips, args=(path, plan, transform, out, stop), daemon=True,
+    worker = threading.Thread(target=_stream_clips, args=(path, plan, transform, out, stop, cancel), daemon=True,
                               name="dist-video-decode")
     worker.start()
     try:
         while True:
+            if cancel.is_set():
+                raise Cancelled(f"{path}: cancelled")
             item = out.get()
             if item is None:
                 return
@@ -179,16 +226,19 @@ def _clips(path: str, plan: list[list[int]], transform, depth: int) -> Iterator[
 
 @torch.no_grad()
 def window_outputs(fn, path: str | os.PathLike, preprocess: dict, *, num_frames: int, window: float,
-                   stride: float | None = None, batch_size: int = 8, device: torch.device | str = "cpu"
+                   stride: float | None = None, batch_size: int = 8, device: torch.device | str = "cpu",
+                   max_windows: int = MAX_WINDOWS, cancel: threading.Event | None = None
                    ) -> tuple[list[tuple[float, float]], torch.Tensor, float, int]:
     """``fn`` (B x 3 x T x S x S -> B x D) of every window's clip, decoded in one streaming pass
     and run ``batch_size`` clips at a time: ``(bounds, outputs K x D (CPU), fps, frame count)``.
-    Raises :class:`VideoDecodeError` for a file that cannot be read."""
+    Raises :class:`VideoDecodeError` for a file that cannot be read, ``ValueError`` for windows
+    out of bounds (:func:`window_bounds`), :class:`Cancelled` once ``cancel`` is set."""
     path = os.fspath(path)
+    cancel = cancel or threading.Event()
     info = probe(path)
     fps = info.fps if info.fps > 0 else 25.0
     n = info.num_frames
-    bounds = window_bounds(n / fps, window, stride)
+    bounds = window_bounds(n / fps, window, stride, max_windows=max_windows)
     p = preprocess
     plan = window_frames(bounds, fps, n, build_sampler(p["sampling"], num_frames, p.get("interval", 4)))
     transform = test_transform(p["crop_size"], p["test_scale"], 1, p["mean"], p["std"])
@@ -212,7 +262,7 @@ def window_outputs(fn, path: str | os.PathLike, preprocess: dict, *, num_frames:
         outputs[[k for k, _ in batch]] = y
         batch.clear()
 
-    for item in _clips(path, plan, transform, depth=batch_size):
+    for item in _clips(path, plan, transform, depth=batch_size, cancel=cancel):
         batch.append(item)
         if len(batch) == batch_size:
             run()
@@ -222,14 +272,16 @@ def window_outputs(fn, path: str | os.PathLike, preprocess: dict, *, num_frames:
 
 
 def video_timeline(model, path: str | os.PathLike, preprocess: dict, *, window: float,
-                   stride: float | None = None, batch_size: int = 8) -> Timeline:
+                   stride: float | None = None, batch_size: int = 8, max_windows: int = MAX_WINDOWS,
+                   cancel: threading.Event | None = None) -> Timeline:
     """The timeline of one video through an inference-form model (callable on B x 3 x T x H x W
     -> B x C logits, with ``class_names``, ``num_classes``, ``config.num_frames``): window
     clips decoded in one streaming pass (see the module docstring), classified ``batch_size``
-    at a time. Raises :class:`VideoDecodeError` for a file that cannot be read."""
+    at a time. Raises as :func:`window_outputs`."""
     bounds, probs, fps, n = window_outputs(lambda x: model(x).float().softmax(dim=1), path, preprocess,
                                            num_frames=model.config.num_frames, window=window, stride=stride,
-                                           batch_size=batch_size, device=model_device(model))
+                                           batch_size=batch_size, device=model_device(model),
+                                           max_windows=max_windows, cancel=cancel)
     return Timeline(video=os.fspath(path), starts=[a for a, _ in bounds], ends=[b for _, b in bounds],
                     probabilities=probs, class_names=class_names_of(model), fps=fps, num_frames=n)
 

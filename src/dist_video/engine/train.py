@@ -169,6 +169,9 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str, progress: bool) -> Tra
     clip_dtype = _DTYPE_NAMES[resolve_clip_dtype(cfg.model.clip_dtype, env.device)]
     model = build_classifier(replace(cfg.model, clip_dtype=clip_dtype), clip)
     model = attach_head(model, cfg.model, datasets.class_names).to(env.device)
+    if cfg.model.init_from:  # e.g. Kinetics-710 -> Kinetics-400: weights, head rows by class name
+        from ..label_maps import init_from
+        model = init_from(model, cfg.model.init_from)
     run = _Run(cfg, env, model, datasets, out, progress)
     resume_path = _resume_path(resume, run.ckpt_path)
     if resume_path is not None and resume_path.is_file():
