@@ -272,3 +272,19 @@ def test_a_window_bound_error_from_the_timeline_is_that_files_one_line_error(tmp
                                                                   "windows"}]
     assert [ln for ln in out.err.splitlines() if ln.strip()] == [
         f"dist-video predict: error: {video}: window=0.01 s gives more than the limit of 3 windows"]
+
+
+def test_cli_refuses_an_untrusted_checkpoint_in_one_line_and_trust_checkpoint_loads_it(tmp_path, capsys):
+    import argparse
+
+    from dist_video import cli
+
+    official = torch.load(OFFICIAL, weights_only=True)
+    path = tmp_path / "with-config.pyth"
+    torch.save({**official, "cfg": argparse.Namespace(lr=0.1)}, path)  # needs more than tensors to unpickle
+    assert cli.main(["info", str(path)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith(f"dist-video info: error: {path}: ") and "--trust-checkpoint" in err[0]
+    with pytest.warns(UserWarning, match="weights_only=False"):
+        assert cli.main(["info", str(path), "--trust-checkpoint", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "dist"
