@@ -176,11 +176,17 @@ class LoadedModel:
         return self.inference().encode_video(video)
 
     def predict(self, videos: Sequence[str | os.PathLike], *, topk: int = 5, views: int | None = None) -> list[dict]:
-        """Top classes of each file (:func:`~dist_video.engine.predict.predict_files`)."""
+        """Top classes of each file (:func:`~dist_video.engine.predict.predict_files`: a file that
+        fails is an ``{"video", "error"}`` entry). Non-finite probabilities are the model's fault,
+        not a file's: :class:`~dist_video.engine.inference.NonFiniteOutputError`."""
+        from .engine.inference import check_finite
         from .engine.predict import predict_files
 
-        return predict_files(self.inference(), [os.fspath(v) for v in videos], self.preprocess, topk=topk,
-                             views=views)
+        results = predict_files(self.inference(), [os.fspath(v) for v in videos], self.preprocess, topk=topk,
+                                views=views)
+        check_finite(torch.tensor([t["probability"] for r in results for t in r.get("top", ())]),
+                     "class probabilities")
+        return results
 
     def timeline(self, path: str | os.PathLike, *, window: float, stride: float | None = None,
                  batch_size: int = 8):

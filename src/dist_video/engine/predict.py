@@ -17,7 +17,7 @@ import torch
 
 from ..classifier import VideoClassifier
 from ..prompts import label_embeddings, parse_labels, templates_of, text_tokenizer
-from .inference import FILE_ERRORS, check_finite, class_names_of, error_message, model_device
+from .inference import FILE_ERRORS, class_names_of, error_message, model_device
 
 __all__ = ["use_labels", "labels_refusal", "text_query", "predict_clip", "predict_file", "predict_files",
            "model_device", "read_class_names", "DEFAULT_PREPROCESS"]
@@ -140,8 +140,7 @@ def predict_file(model, path: str | os.PathLike, preprocess: dict, *, topk: int 
         raise ValueError("stride needs a window")
     names = class_names_of(model)
     clips = test_clips_of_file(path, preprocess, num_frames=model.config.num_frames, views=views)
-    probs = check_finite(model(clips.to(model_device(model))).float().softmax(dim=1).mean(dim=0),
-                         "class probabilities")
+    probs = model(clips.to(model_device(model))).float().softmax(dim=1).mean(dim=0)
     return {"video": str(path), "views": int(clips.shape[0]), "top": _top(probs, names, topk)}
 
 
