@@ -343,7 +343,6 @@ def write_report(report: PrepareReport, destination: str | os.PathLike) -> Path:
     return out
 
 
-
 def prepare_with_report(jobs: Sequence[PrepareJob], ann: Annotations | None, source: str | os.PathLike,
                         destination: str | os.PathLike, *, short_side: int = 320, gop: int = 16, workers: int = 1,
                         crf: int = 23, preset: str = "veryfast", tune: str | None = "fastdecode",
