@@ -169,6 +169,22 @@ def test_an_exported_folder_loads_behind_the_same_interface(tmp_path, tiny_clip,
     with pytest.raises(ValueError, match="fixed class list"):
         load_model(tmp_path / "onnx", labels="x, y")
     assert exported.labels_refusal() is not None
+    # evaluate goes through the same loader: the exported folder scores a dataset as the folder does
+    from dist_video.config import load_config
+    from dist_video.data.synthetic import make_synthetic
+    from dist_video.engine.run import evaluate_model
+
+    data = tmp_path / "data"
+    make_synthetic(data, num_train=1, num_val=6, seed=0, size=32, num_frames=8, digits=[0],
+                   motions=["left", "right", "approach"], workers=1)
+    cfg = load_config(None, None, [f"data.root={data}", f"data.val={data / 'val.csv'}", "data.format=csv",
+                                   f"data.classes={data / 'classes.txt'}", "data.crop_size=32", "data.test_scale=32",
+                                   "data.num_views=1", "data.workers=0", "model.dist.num_frames=8",
+                                   "train.device=cpu", "model.clip_dtype=fp32", f"output_dir={tmp_path / 'run'}"])
+    scores = [evaluate_model(str(m), cfg, progress=False, output=str(tmp_path / f"eval-{m.name}"))
+              for m in (folder, tmp_path / "onnx")]
+    assert scores[0]["num_videos"] == scores[1]["num_videos"] == 6
+    assert scores[0]["top1"] == scores[1]["top1"] and scores[0]["top5"] == scores[1]["top5"]
 
 
 # ----------------------------------------------------------------------------- the command line
