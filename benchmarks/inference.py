@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_method, machine, sync  # noqa: E402
 
 from dist_video.dist import PRESETS  # noqa: E402
+from dist_video.engine.distributed import use_fast_gpu_kernels  # noqa: E402
 from dist_video.profiling import attention_macs, cost_per_view, count_parameters, inference_cost_per_view  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -144,6 +145,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     device = torch.device(args.device)
+    use_fast_gpu_kernels(device)  # cuDNN autotuner and TF32 on a GPU, as `dist-video` runs
     result = {"machine": machine(device), "repeats": args.repeats,
               "throughput": throughput(args.batches, args.repeats, device),
               "presets": [] if args.no_costs else preset_costs(device, args.skip_large)}

@@ -41,6 +41,7 @@ from common import bf16_matmul_rate, build_method, machine, median_time  # noqa:
 
 from dist_video.engine.optim import adamw  # noqa: E402
 from dist_video.engine.train import resolve_precision  # noqa: E402
+from dist_video.engine.distributed import use_fast_gpu_kernels  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: dist-sel / dist-ckpt: DiST with model.activation_checkpointing = selective / full
@@ -58,6 +59,7 @@ def worker(method: str, batch: int, steps: int, arch: str, res: int, device_name
            tensor_memory: bool = True) -> dict:
     """One (method, batch) measurement, in this process."""
     device = torch.device(device_name)
+    use_fast_gpu_kernels(device)  # cuDNN autotuner and TF32 on a GPU, as `dist-video train` runs
     torch.set_grad_enabled(True)
     model = build_method("dist" if method in CHECKPOINTING else method, arch, num_frames=16, alpha=2, device=device)
     if method in CHECKPOINTING:  # activations recomputed in backward

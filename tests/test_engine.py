@@ -222,7 +222,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
 @pytest.mark.slow
 def test_two_process_gloo_training_and_evaluation(data, tmp_path):
     # the same global batch (2 processes x 2 clips x accumulation 2 = 4 x 2 on one process)
-    common = ("train.precision=fp32", "model.clip_dtype=fp32", "augment.mixup_alpha=0.0",
+    common = ("train.device=cpu", "train.precision=fp32", "model.clip_dtype=fp32", "augment.mixup_alpha=0.0",
               "augment.cutmix_alpha=0.0", "train.max_steps=3")
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

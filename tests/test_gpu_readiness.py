@@ -162,10 +162,52 @@ def test_each_process_gets_its_own_gpu(gpus):
     assert distributed.resolve_device("cpu", 3, 4) == torch.device("cpu")
 
 
-def test_one_visible_gpu_per_process_is_cuda_0(gpus):
+def test_one_visible_gpu_per_process_is_cuda_0(gpus, monkeypatch):
     gpus(1)  # SLURM --gpus-per-task=1: CUDA_VISIBLE_DEVICES holds this task's GPU only
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     assert distributed.resolve_device("auto", 3, 4) == torch.device("cuda:0")
     assert distributed.resolve_device("cuda", 3, 4) == torch.device("cuda:0")
+
+
+@pytest.mark.parametrize("visible_devices", [None, "", "0,1"])
+def test_several_processes_on_one_unnamed_gpu_are_refused_before_nccl(gpus, monkeypatch, visible_devices):
+    """``torchrun --nproc_per_node=2`` on a one-GPU machine: both processes would take cuda:0 and
+    NCCL would fail obscurely; the clear message comes first. (``0,1`` with one GPU counted:
+    a listed GPU that does not exist.)"""
+    gpus(1)
+    if visible_devices is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible_devices)
+    for name in ("auto", "cuda"):
+        with pytest.raises(RuntimeError, match="all 2 processes of this machine on its one visible GPU"):
+            distributed.resolve_device(name, 1, 2)
+    assert distributed.resolve_device("cuda", 0, 1) == torch.device("cuda:0")  # one process: its GPU
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    joined = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: joined.append(k))
+    with pytest.raises(RuntimeError, match="one visible GPU"):
+        distributed.setup_distributed("auto")
+    assert joined == []  # refused before joining the process group
+
+
+def test_nccl_is_bound_to_the_process_s_gpu_when_it_starts(gpus, monkeypatch):
+    set_devices = gpus(2)
+    for var, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(var, value)
+    joined = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **k: joined.append(k))
+    env = distributed.setup_distributed("cuda")
+    assert env.device == torch.device("cuda:1") and set_devices == [torch.device("cuda:1")]
+    assert joined == [{"backend": "nccl", "rank": 1, "world_size": 2, "device_id": torch.device("cuda:1")}]
+    joined.clear()
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    assert distributed.setup_distributed("cpu").device == torch.device("cpu")
+    assert joined == [{"backend": "gloo", "rank": 1, "world_size": 2}]  # Gloo: no device to bind
 
 
 def test_a_single_process_makes_its_gpu_the_current_one(gpus, monkeypatch):
@@ -524,3 +566,114 @@ def test_machine_describes_the_benchmark_s_device(gpus, monkeypatch):
     assert info["gpu_memory_gib"] == 16.0
     cpu = common.machine(torch.device("cpu"))
     assert cpu["device"] == "cpu" and "gpu" not in cpu  # a CPU benchmark on a GPU machine
+
+
+# ----------------------------------------------------------------------------- 13. the check on an offline node
+
+ROOT = Path(__file__).resolve().parent.parent
+GPU_CHECK = ROOT / "scripts" / "gpu_check.sh"
+
+
+def _offline(command: list[str]) -> tuple[list[str], str | None]:
+    """``command`` in a network namespace without network (``unshare -rn``, loopback up for
+    Gloo), or as it is with the reason when this machine does not permit that."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") and shutil.which("ip"):
+        probe = subprocess.run(["unshare", "-rn", "ip", "link", "set", "lo", "up"], capture_output=True, text=True)
+        if probe.returncode == 0:
+            return ["unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command], None
+        return command, f"unshare -rn is not permitted here: {probe.stderr.strip()}"
+    return command, "unshare or ip is not installed"
+
+
+def _check(args: list[str], out: Path, python: str = sys.executable, timeout: int = 600):
+    import subprocess
+    import warnings
+
+    command, why_online = _offline([str(GPU_CHECK), "--python", python, "--out", str(out), *args])
+    if why_online:
+        warnings.warn(f"gpu_check ran with the network: {why_online}")
+    env = {**os.environ, "PIP_NO_INDEX": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else None
+    return proc, summary
+
+
+def test_the_check_stops_at_preflight_when_pytorch_sees_no_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this PyTorch sees a GPU")
+    proc, summary = _check(["--device", "cuda"], tmp_path / "out", timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert [s["step"] for s in summary["steps"]] == ["preflight"]  # nothing after a failed set-up
+    assert summary["steps"][0]["status"] == "failed"
+    assert "sees no CUDA device" in summary["stopped"] and "sees no CUDA device" in summary["steps"][0]["reason"]
+    assert "STOPPED" in (tmp_path / "out" / "summary.md").read_text()
+    assert "skipped (no GPU)" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_check_runs_offline_with_a_preinstalled_python(tmp_path):
+    """The issue's user: no network, pip's index off, a Python with PyTorch; the package from src/."""
+    out = tmp_path / "out"
+    proc, summary = _check(["--device", "cpu", "--tests", "none", "--skip", "benchmark-inference,benchmark-loader"],
+                           out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = {s["step"]: s for s in summary["steps"]}
+    for name in ("preflight", "environment", "cli-train"):
+        assert steps[name]["status"] == "passed", steps[name]
+    for s in summary["steps"]:
+        assert s["status"] == "passed" or (s["status"] == "skipped" and s["reason"]), s
+    assert steps["tests"]["reason"] == "--tests none"
+    assert steps["benchmark-loader"]["reason"] == "--skip benchmark-loader"
+    assert "2+ CUDA GPUs" in steps["nccl"]["reason"]
+    assert summary["preflight"]["cuda_available"] is False and summary["environment"]["device"] == "cpu"
+    assert (out / "cli-train" / "eval" / "metrics.json").is_file()  # the CLI's own evaluation ran
+    assert "| cli-train | passed |" in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_steps_that_need_a_missing_package_say_which(tmp_path):
+    import subprocess
+
+    python = subprocess.run([sys.executable, str(ROOT / "scripts" / "python_without.py"), str(tmp_path / "venv"),
+                             "av", "ftfy", "wcwidth"], capture_output=True, text=True, check=True).stdout.strip()
+    proc, summary = _check(["--device", "cpu", "--skip", "benchmark-inference"], tmp_path / "out", python=python,
+                           timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert summary["preflight"]["missing"] == {"decoding (PyAV)": ["av"], "tokenizer": ["ftfy"]}
+    steps = {s["step"]: s for s in summary["steps"]}
+    assert steps["environment"]["status"] == "passed"
+    for name in ("tests", "cli-train", "benchmark-loader"):
+        assert steps[name]["status"] == "skipped" and steps[name]["reason"].startswith("needs av "), steps[name]
+
+
+def test_the_check_rejects_bad_arguments(tmp_path):
+    import subprocess
+
+    for args in (["--tests", "some"], ["--python", str(tmp_path / "nope")], ["--wheelhouse", str(tmp_path / "nope")],
+                 ["--step-timeout", "1m"]):
+        proc = subprocess.run([str(GPU_CHECK), "--out", str(tmp_path / "out"), *args], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.startswith("gpu_check: "), (args, proc.stderr)
+
+
+def test_benchmarks_use_the_gpu_settings_the_cli_uses(gpus, monkeypatch):
+    """``use_fast_gpu_kernels``: what ``cli._prepare_device`` sets on a GPU (cuDNN autotuner, TF32),
+    called by the inference and training-cost benchmarks; nothing on a CPU."""
+    for flag in ("benchmark", "allow_tf32"):
+        monkeypatch.setattr(torch.backends.cudnn, flag, False)
+    matmul_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        distributed.use_fast_gpu_kernels("cpu")
+        assert not torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "highest"
+        gpus(1)
+        distributed.use_fast_gpu_kernels(torch.device("cuda:0"))
+        assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(matmul_precision)
+    for name in ("inference.py", "train_cost.py"):
+        assert "use_fast_gpu_kernels(device)" in (BENCHMARKS / name).read_text()

@@ -12,16 +12,24 @@ from .checkpoints import load_official_checkpoint
 from .clip_loaders import load_clip
 from .tokenizer import tokenize
 from .loading import LoadedModel, load_model
+from .live import watch
 
 
-def fuse(model: VideoClassifier, dtype=None, **kwargs):
+def fuse(model: VideoClassifier, dtype=None, *, compile: bool = False, **kwargs):
     """The inference form of ``model`` (``model.fuse(dtype, ...)``): a new inference-only
     module computing what ``model.eval()`` computes under ``torch.no_grad()``, with every fold
-    made once (see :mod:`dist_video.fused`)."""
-    return model.fuse(dtype, **kwargs)
+    made once (see :mod:`dist_video.fused`). ``compile``: wrapped in ``torch.compile`` (the
+    first call per input shape compiles)."""
+    fused = model.fuse(dtype, **kwargs)
+    if compile:
+        import torch
+
+        return torch.compile(fused)
+    return fused
 
 __all__ = ["CLIP", "CLIPConfig", "DiSTConfig", "PRESETS", "DiSTVideoModel", "load_official_checkpoint",
            "__version__"]
 __all__ += ["load_clip", "tokenize", "fuse", "load_model", "LoadedModel"]
+__all__ += ["watch"]
 __all__ += ["VideoClassifier", "model_class", "BaselineConfig", "FrozenMeanClassifier", "FullFinetuneClassifier",
             "AdapterClassifier"]

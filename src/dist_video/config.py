@@ -160,6 +160,9 @@ class TrainConfig:
     log_every: int = 10  # steps between metric lines in metrics.jsonl
     nonfinite_loss: str = "stop"  # stop | skip
     max_steps: int = 0  # stop after this many optimizer updates (0: no limit); for smoke tests
+    # torch.compile the training forward (same parameters and checkpoints; the first steps pay the
+    # compilation). Off by default until a GPU measurement says it pays off.
+    compile: bool = False
 
 
 @dataclass

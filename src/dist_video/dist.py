@@ -304,24 +304,22 @@ class PatchStem(nn.Conv3d):
         g1, g2 = h // p, w // p
         dtype = (torch.get_autocast_dtype(video.device.type) if torch.is_autocast_enabled(video.device.type)
                  else self.weight.dtype)
-        # B x (T + k - 1) x N x 3P^2, zero frames before and after: one strided copy (with the
-        # cast) from the video into the padded buffer.
-        patches = video.new_empty(b, t + k - 1, g1 * g2, c * p * p, dtype=dtype)
-        patches[:, :k // 2].zero_()
-        patches[:, k // 2 + t:].zero_()
+        # (T + k - 1) x B x N x 3P^2, time-major with zero frames before and after: one strided
+        # copy (with the cast) from the video into the padded buffer.
+        patches = video.new_empty(t + k - 1, b, g1 * g2, c * p * p, dtype=dtype)
+        patches[:k // 2].zero_()
+        patches[k // 2 + t:].zero_()
         src = video[..., :g1 * p, :g2 * p].unflatten(4, (g2, p)).unflatten(3, (g1, p))  # B x 3 x T x g x P x g x P
-        patches[:, k // 2:k // 2 + t].view(b, t, g1, g2, c, p, p).copy_(src.permute(0, 2, 3, 5, 1, 4, 6))
+        patches[k // 2:k // 2 + t].view(t, b, g1, g2, c, p, p).copy_(src.permute(2, 0, 3, 5, 1, 4, 6))
         weight = self.weight.to(dtype).permute(2, 0, 1, 3, 4).reshape(k, self.out_channels, c * p * p)
         bias = None if self.bias is None else self.bias.to(dtype)
-        rows = t * g1 * g2
-        outs = []
+        rows = t * b * g1 * g2
         with torch.autocast(video.device.type, enabled=False):
-            for clip in patches:  # per clip, each time shift is a contiguous T*N x 3P^2 view: no copies
-                y = F.linear(clip[0:t].view(rows, -1), weight[0], bias)
-                for dt in range(1, k):
-                    y = torch.addmm(y, clip[dt:dt + t].view(rows, -1), weight[dt].t())
-                outs.append(y)
-        y = torch.stack(outs)  # B x T*N x C_t
+            # time tap dt of every clip at once: a contiguous T*B*N x 3P^2 view, one matrix product
+            y = F.linear(patches[0:t].view(rows, -1), weight[0], bias)
+            for dt in range(1, k):
+                y = torch.addmm(y, patches[dt:dt + t].view(rows, -1), weight[dt].t())
+        y = y.view(t, b, g1 * g2, self.out_channels).transpose(0, 1).contiguous()  # B x T x N x C_t
         return y.view(b, t, g1, g2, self.out_channels).permute(0, 4, 1, 2, 3)  # B x C_t x T x g x g
 
     def fuse(self, dtype: torch.dtype) -> _FusedStem:

@@ -14,6 +14,8 @@ an epoch visits every video once.
 Loader workers ship uint8 clips and each clip's colour map (the transforms' ``geometry`` step), a
 quarter of the bytes of float32 clips in shared and pinned memory; :func:`clips_on_device` moves
 a batch to the device and makes the float clips there (colour jitter, grayscale, normalisation).
+One :class:`TrainLoader` serves every epoch of a run, so its workers (and their open decoders,
+imports, thread pools) start once, not once per epoch.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch.utils.data import DataLoader, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ..config import Config
 from ..data.datasets import (VideoClipDataset, load_annotations, load_test_clips, read_class_list,
@@ -35,7 +37,7 @@ from ..data.sampling import build_sampler
 from ..data.transforms import TestTransform, TrainTransform, flip_label_map
 from .distributed import DistEnv, local_world_size
 
-__all__ = ["Datasets", "build_datasets", "train_loader", "ResumableBatchSampler", "write_bad_files",
+__all__ = ["Datasets", "build_datasets", "train_loader", "TrainLoader", "ResumableBatchSampler", "write_bad_files",
            "test_clips_of_file", "test_transform", "train_transform", "videos_per_batch", "train_batches_per_epoch",
            "collate_clips", "clips_on_device"]
 
@@ -208,18 +210,67 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+class _EpochItems(Dataset):
+    """``dataset`` indexed by ``(epoch, index)``: the epoch travels with each index, so loader
+    workers that outlive an epoch draw the clips of the epoch asked for (their copy of the
+    dataset never sees the main process's :meth:`~VideoClipDataset.set_epoch`)."""
+
+    def __init__(self, dataset: VideoClipDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        if self.dataset.epoch != epoch:
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+class _EpochBatches(Sampler[list[tuple[int, int]]]):
+    """``sampler``'s batches with its current epoch attached to each index."""
+
+    def __init__(self, sampler: ResumableBatchSampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        for batch in self.sampler:
+            yield [(epoch, i) for i in batch]
+
+
+class TrainLoader:
+    """This process's training batches, epoch after epoch, from one DataLoader whose workers
+    live for the whole run (``persistent_workers`` when ``data.workers > 0``). Each batch holds
+    ``train.batch_size`` clips (``batch_size / clips_per_video`` videos)."""
+
+    def __init__(self, dataset: VideoClipDataset, cfg: Config, env: DistEnv):
+        self.dataset = dataset
+        self.sampler = ResumableBatchSampler(len(dataset), videos_per_batch(cfg), seed=cfg.train.seed, epoch=0,
+                                             rank=env.rank, world_size=env.world_size)
+        workers = cfg.data.workers
+        collate = collate_clips if dataset.clips_per_video > 1 else None
+        self.loader = DataLoader(_EpochItems(dataset), batch_sampler=_EpochBatches(self.sampler), num_workers=workers,
+                                 collate_fn=collate, pin_memory=env.device.type == "cuda",
+                                 worker_init_fn=_worker_init if workers else None, persistent_workers=workers > 0,
+                                 prefetch_factor=2 if workers else None)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> DataLoader:
+        """The loader of ``epoch`` from global batch ``start_batch`` (iterate it once)."""
+        self.dataset.set_epoch(epoch)
+        self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
+        return self.loader
+
+
 def train_loader(dataset: VideoClipDataset, cfg: Config, env: DistEnv, *, epoch: int,
                  start_batch: int = 0) -> DataLoader:
-    """The training DataLoader of ``epoch`` for this process, from batch ``start_batch``; each
-    batch holds ``train.batch_size`` clips (``batch_size / clips_per_video`` videos)."""
-    dataset.set_epoch(epoch)
-    sampler = ResumableBatchSampler(len(dataset), videos_per_batch(cfg), seed=cfg.train.seed, epoch=epoch,
-                                    rank=env.rank, world_size=env.world_size, start_batch=start_batch)
-    workers = cfg.data.workers
-    collate = collate_clips if dataset.clips_per_video > 1 else None
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
-                      pin_memory=env.device.type == "cuda", worker_init_fn=_worker_init if workers else None,
-                      persistent_workers=False, prefetch_factor=2 if workers else None)
+    """The training DataLoader of ``epoch`` for this process, from batch ``start_batch`` (one
+    epoch; a run keeps one :class:`TrainLoader` for all its epochs)."""
+    return TrainLoader(dataset, cfg, env).epoch(epoch, start_batch)
 
 
 def write_bad_files(dataset: VideoClipDataset, out_dir: str | os.PathLike, epoch: int | None = None) -> Path | None:

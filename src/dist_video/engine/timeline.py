@@ -3,16 +3,28 @@
 A video of N frames at ``fps`` lasts ``D = N / fps`` seconds. With a window of ``w`` seconds
 and a stride of ``s``, window k covers ``[k s, min(k s + w, D)]`` for ``k = 0 .. K - 1``,
 ``K = max(1, ceil((D - w) / s) + 1)``: the windows cover the whole video, and a video shorter
-than one window is one window. Each window is one clip: the model's T frames sampled inside
-the window's frames ``[round(k s fps), round(end fps))`` by the model's test sampler (one
-central view, the centre crop).
+than one window is one window. Each window is one clip of the model's T dense frames (one
+central view, the centre crop), taken in one of two ways:
+
+- **on the grid** (:func:`grid_frames`), when the model's CLIP work is per frame (a fused DiST
+  model, or a fused frame-averaging model without adapters; see
+  :mod:`dist_video.engine.shared_frames`): the grid step is ``g = max(1, floor(w fps / T))``
+  frames (the model's interval, if its test sampler takes frames an interval apart and that is
+  smaller), and the sparse frames (every alpha-th) fall on multiples of ``alpha g``. Window k's
+  frames are ``first + j g`` (``j = 0 .. T - 1``), ``first`` the multiple of ``alpha g`` nearest
+  to where a clip of that span would start centred in the window. So every window's sparse
+  frames are points of one grid anchored to the video's first frame, overlapping windows share
+  them, and each goes through CLIP once, kept only while a window still needs it;
+- **by the model's test sampler** over the window's frames ``[round(k s fps), round(end fps))``
+  (:func:`window_frames`), for any other model (e.g. an ONNX runner), run window by window.
 
 Memory is bounded by the window, not by the video: one thread decodes the file from start to
 end once (frames nobody asked for are never converted to RGB), crops and resizes each requested
 frame as it comes (in uint8) and hands every finished window's clip to a small queue; the
 calling thread copies the clips into one reused batch buffer on the model's device, normalises
 it there and runs the model while the next ones are decoded. Only the clips of the windows in
-progress (about ``w / s`` of them), the queue and the one batch are held.
+progress (about ``w / s`` of them, their frames shared), the queue, the one batch and the CLIP
+outputs of the sparse frames of the windows not yet run are held.
 
 Bounds: ``w`` and ``s`` are finite positive seconds, at most ``max_windows`` windows (default
 :data:`MAX_WINDOWS`), and no window starts at or after the end of the video. A ``cancel`` event
@@ -40,9 +52,11 @@ from ..data.decoding import VideoDecodeError, probe, video_stream
 from ..data.sampling import build_sampler
 from .data import test_transform
 from .inference import class_names_of, model_device
+from .shared_frames import SharedFrames, shared_frames
 
-__all__ = ["Timeline", "Cancelled", "MAX_WINDOWS", "window_bounds", "window_frames", "window_outputs", "video_timeline",
-           "write_timeline_csv", "plot_timeline", "annotate_video"]
+__all__ = ["Timeline", "Cancelled", "MAX_WINDOWS", "window_bounds", "window_frames", "grid_step", "grid_frames",
+           "window_outputs", "video_timeline", "write_timeline_csv", "plot_timeline", "annotate_video", "label_font",
+           "draw_label"]
 
 
 #: The most windows one timeline may have (``max_windows``): a 3-hour video at one window per second.
@@ -122,6 +136,29 @@ def window_frames(bounds: Sequence[tuple[float, float]], fps: float, num_frames:
         first = min(int(round(start * fps)), num_frames - 1)
         stop = min(max(int(round(end * fps)), first + 1), num_frames)
         out.append([first + i for i in sampler(stop - first, view=0, num_views=1)])
+    return out
+
+
+def grid_step(window: float, fps: float, num_frames: int, sampler=None) -> int:
+    """The grid's step in frames for windows of ``window`` seconds and clips of ``num_frames``
+    dense frames: ``max(1, floor(window fps / num_frames))``, or the interval of an interval
+    ``sampler`` (one with a ``stride``) if that is smaller."""
+    step = max(1, int(math.floor(window * fps / num_frames + 1e-9)))
+    interval = getattr(sampler, "stride", None)
+    return min(step, int(interval)) if interval else step
+
+
+def grid_frames(bounds: Sequence[tuple[float, float]], fps: float, num_frames: int, *, frames: int, alpha: int,
+                step: int) -> list[list[int]]:
+    """The ``frames`` dense frame indices of each window's clip on the grid (see the module
+    docstring): ``first + j step``, ``first`` the multiple of ``alpha step`` nearest to the
+    centred start (at least 0); frames past the end of the video are its last frame."""
+    period, span = alpha * step, (frames - 1) * step
+    out = []
+    for start, end in bounds:
+        centred = (start + end) / 2 * fps - 0.5 - span / 2  # the first frame of a centred clip
+        first = max(0, period * int(math.floor(centred / period + 0.5)))
+        out.append([min(first + j * step, num_frames - 1) for j in range(frames)])
     return out
 
 
@@ -224,13 +261,72 @@ def _clips(path: str, plan: list[list[int]], transform, depth: int, cancel: thre
         worker.join()
 
 
+class _WindowRunner:
+    """The model loop of :func:`window_outputs`: window clips in, ``batch_size`` at a time, into
+    one reused uint8 and one float buffer on ``device``; outputs K x D on the CPU. With ``shared``
+    the clips go through :meth:`SharedFrames.outputs` and each frame's CLIP outputs are dropped
+    once the last window that reads it has run."""
+
+    def __init__(self, fn, plan: list[list[int]], transform, batch_size: int, device,
+                 shared: SharedFrames | None):
+        self.fn, self.plan, self.transform, self.shared = fn, plan, transform, shared
+        self.batch_size, self.device = batch_size, device
+        self.uses: dict[int, int] = {}  # frame -> windows not yet run that read it
+        for frames in plan:
+            for i in set(frames):
+                self.uses[i] = self.uses.get(i, 0) + 1
+        self.outputs: torch.Tensor | None = None
+        self.inputs: torch.Tensor | None = None
+        self.normalized: torch.Tensor | None = None
+        self.batch: list[tuple[int, torch.Tensor]] = []
+
+    def add(self, item: tuple[int, torch.Tensor]) -> None:
+        self.batch.append(item)
+        if len(self.batch) == self.batch_size:
+            self.run()
+
+    def run(self) -> None:
+        batch = self.batch
+        if not batch:
+            return
+        if self.inputs is None:
+            self.inputs = torch.empty((self.batch_size, *batch[0][1].shape), dtype=torch.uint8, device=self.device)
+            self.normalized = torch.empty(self.inputs.shape, dtype=torch.float32, device=self.device)
+        x = self.inputs[:len(batch)]
+        for row, (_, clip) in zip(x, batch):
+            row.copy_(clip, non_blocking=True)
+        if self.shared is None:
+            y = self.fn(self.transform.normalize(x, out=self.normalized[:len(batch)])).float().cpu()
+        else:
+            y = self.shared.outputs([(self.plan[k], row) for row, (k, _) in zip(x, batch)]).float().cpu()
+            self._release([k for k, _ in batch])
+        if self.outputs is None:
+            self.outputs = torch.empty(len(self.plan), y.shape[1])
+        self.outputs[[k for k, _ in batch]] = y
+        batch.clear()
+
+    def _release(self, windows: list[int]) -> None:
+        done = []
+        for k in windows:
+            for i in set(self.plan[k]):
+                self.uses[i] -= 1
+                if self.uses[i] == 0:
+                    done.append(i)
+        self.shared.forget(done)
+
+
 @torch.no_grad()
 def window_outputs(fn, path: str | os.PathLike, preprocess: dict, *, num_frames: int, window: float,
                    stride: float | None = None, batch_size: int = 8, device: torch.device | str = "cpu",
-                   max_windows: int = MAX_WINDOWS, cancel: threading.Event | None = None
+                   max_windows: int = MAX_WINDOWS, cancel: threading.Event | None = None, model=None,
+                   then=None, share: bool = True
                    ) -> tuple[list[tuple[float, float]], torch.Tensor, float, int]:
     """``fn`` (B x 3 x T x S x S -> B x D) of every window's clip, decoded in one streaming pass
     and run ``batch_size`` clips at a time: ``(bounds, outputs K x D (CPU), fps, frame count)``.
+    ``model``: the fused model behind ``fn`` (``fn(x) == then(model.encode_video(x))``,
+    ``then`` default the identity); when its CLIP work is per frame the windows are on the grid
+    and each grid frame goes through CLIP once (see the module docstring; ``share=False``: ``fn``
+    runs per window on the same grid frames), else ``fn`` runs per window on the sampler's frames.
     Raises :class:`VideoDecodeError` for a file that cannot be read, ``ValueError`` for windows
     out of bounds (:func:`window_bounds`), :class:`Cancelled` once ``cancel`` is set."""
     path = os.fspath(path)
@@ -240,48 +336,38 @@ def window_outputs(fn, path: str | os.PathLike, preprocess: dict, *, num_frames:
     n = info.num_frames
     bounds = window_bounds(n / fps, window, stride, max_windows=max_windows)
     p = preprocess
-    plan = window_frames(bounds, fps, n, build_sampler(p["sampling"], num_frames, p.get("interval", 4)))
     transform = test_transform(p["crop_size"], p["test_scale"], 1, p["mean"], p["std"])
-    outputs: torch.Tensor | None = None
-    # One uint8 and one float batch buffer, made once and reused: a long video does not churn the heap.
-    inputs: torch.Tensor | None = None
-    normalized: torch.Tensor | None = None
-    batch: list[tuple[int, torch.Tensor]] = []
-
-    def run() -> None:
-        nonlocal outputs, inputs, normalized
-        if inputs is None:
-            inputs = torch.empty((batch_size, *batch[0][1].shape), dtype=torch.uint8, device=device)
-            normalized = torch.empty(inputs.shape, dtype=torch.float32, device=device)
-        x = inputs[:len(batch)]
-        for row, (_, clip) in zip(x, batch):
-            row.copy_(clip, non_blocking=True)
-        y = fn(transform.normalize(x, out=normalized[:len(batch)])).float().cpu()
-        if outputs is None:
-            outputs = torch.empty(len(plan), y.shape[1])
-        outputs[[k for k, _ in batch]] = y
-        batch.clear()
-
+    shared = None if model is None else shared_frames(model, lambda x: transform.normalize(x), then)
+    sampler = build_sampler(p["sampling"], num_frames, p.get("interval", 4))
+    if shared is not None:
+        plan = grid_frames(bounds, fps, n, frames=num_frames, alpha=shared.alpha,
+                           step=grid_step(window, fps, num_frames, sampler))
+    else:
+        plan = window_frames(bounds, fps, n, sampler)
+    runner = _WindowRunner(fn, plan, transform, batch_size, device, shared if share else None)
     for item in _clips(path, plan, transform, depth=batch_size, cancel=cancel):
-        batch.append(item)
-        if len(batch) == batch_size:
-            run()
-    if batch:
-        run()
-    return bounds, outputs, fps, n
+        runner.add(item)
+    runner.run()
+    return bounds, runner.outputs, fps, n
 
 
 def video_timeline(model, path: str | os.PathLike, preprocess: dict, *, window: float,
                    stride: float | None = None, batch_size: int = 8, max_windows: int = MAX_WINDOWS,
-                   cancel: threading.Event | None = None) -> Timeline:
+                   cancel: threading.Event | None = None, share: bool = True) -> Timeline:
     """The timeline of one video through an inference-form model (callable on B x 3 x T x H x W
     -> B x C logits, with ``class_names``, ``num_classes``, ``config.num_frames``): window
     clips decoded in one streaming pass (see the module docstring), classified ``batch_size``
-    at a time. Raises as :func:`window_outputs`."""
-    bounds, probs, fps, n = window_outputs(lambda x: model(x).float().softmax(dim=1), path, preprocess,
+    at a time; a fused model's CLIP work is shared between windows (``share=False``: each window
+    on its own, on the same grid frames). Raises as :func:`window_outputs`."""
+    def probabilities(logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().softmax(dim=1)
+
+    bounds, probs, fps, n = window_outputs(lambda x: probabilities(model(x)), path, preprocess,
                                            num_frames=model.config.num_frames, window=window, stride=stride,
                                            batch_size=batch_size, device=model_device(model),
-                                           max_windows=max_windows, cancel=cancel)
+                                           max_windows=max_windows, cancel=cancel,
+                                           model=model, then=lambda z: probabilities(model.classify(z)),
+                                           share=share)
     return Timeline(video=os.fspath(path), starts=[a for a, _ in bounds], ends=[b for _, b in bounds],
                     probabilities=probs, class_names=class_names_of(model), fps=fps, num_frames=n)
 
@@ -326,20 +412,30 @@ def plot_timeline(timeline: Timeline, path: str | os.PathLike, classes: int = 5)
     return Path(path)
 
 
-def _font(size: int):
+def label_font(height: int):
+    """The font labels are drawn in on frames ``height`` pixels high."""
     from PIL import ImageFont  # Pillow comes with matplotlib
+    size = max(12, height // 18)
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: the fixed bitmap font
         return ImageFont.load_default()
 
 
+def draw_label(image, text: str, font) -> None:
+    """Draw ``text`` (white on a black box) at the top left of a PIL ``image``, in place."""
+    from PIL import ImageDraw  # Pillow comes with matplotlib
+
+    draw = ImageDraw.Draw(image)
+    box = draw.textbbox((8, 6), text, font=font)
+    draw.rectangle((box[0] - 4, box[1] - 3, box[2] + 4, box[3] + 3), fill=(0, 0, 0))
+    draw.text((8, 6), text, fill=(255, 255, 255), font=font)
+
+
 def annotate_video(timeline: Timeline, out: str | os.PathLike, *, crf: int = 23) -> Path:
     """Re-encode the timeline's video (H.264, MP4) with the current top label and its
     probability drawn on every frame: the source's frames, frame count and frame rate (an odd
     width or height loses its last pixel row/column, which H.264's 4:2:0 needs)."""
-    from PIL import ImageDraw  # Pillow comes with matplotlib
-
     src = timeline.video
     rate = Fraction(timeline.fps).limit_denominator(1001)
     out = Path(out)
@@ -348,7 +444,7 @@ def annotate_video(timeline: Timeline, out: str | os.PathLike, *, crf: int = 23)
         stream.thread_type = "AUTO"
         rate = stream.average_rate or rate
         width, height = stream.codec_context.width // 2 * 2, stream.codec_context.height // 2 * 2
-        font = _font(max(12, height // 18))
+        font = label_font(height)
         with av.open(str(out), mode="w") as target:
             ost = target.add_stream("libx264", rate=rate)
             ost.width, ost.height, ost.pix_fmt = width, height, "yuv420p"
@@ -358,11 +454,7 @@ def annotate_video(timeline: Timeline, out: str | os.PathLike, *, crf: int = 23)
                 for frame in container.decode(stream):
                     image = frame.to_image().crop((0, 0, width, height))
                     name, p = timeline.label_at(index / timeline.fps)
-                    draw = ImageDraw.Draw(image)
-                    text = f"{name}  {100 * p:.0f}%"
-                    box = draw.textbbox((8, 6), text, font=font)
-                    draw.rectangle((box[0] - 4, box[1] - 3, box[2] + 4, box[3] + 3), fill=(0, 0, 0))
-                    draw.text((8, 6), text, fill=(255, 255, 255), font=font)
+                    draw_label(image, f"{name}  {100 * p:.0f}%", font)
                     new = av.VideoFrame.from_ndarray(np.asarray(image), format="rgb24")
                     new.pts = index
                     new.time_base = 1 / Fraction(rate)

@@ -28,7 +28,7 @@ from ..data.mixup import MixupCutmix, soft_target_cross_entropy
 from .builder import attach_head, build_classifier, load_clip_for
 from .checkpoint import (check_output_dir, cuda_rng_state, load_training_state, rng_state, save_training_state,
                          set_rng_state)
-from .data import build_datasets, clips_on_device, train_batches_per_epoch, train_loader, write_bad_files
+from .data import TrainLoader, build_datasets, clips_on_device, train_batches_per_epoch, write_bad_files
 from .distributed import DistEnv, all_gather_objects, barrier, cleanup_distributed, setup_distributed
 from .evaluate import evaluate
 from .metrics import MetricLog, plot_training_curves
@@ -274,6 +274,7 @@ class _Run:
                                  label_smoothing=cfg.augment.label_smoothing, num_classes=len(self.class_names))
         self.log = MetricLog(out / "metrics.jsonl", out / "tensorboard") if env.is_main else None
         self.pos = _Position()
+        self.loader: TrainLoader | None = None
         self._postfix_due = 0.0  # when the progress bar next shows the loss
         self.ddp_model = model  # wrapped for several processes when training starts
 
@@ -318,9 +319,12 @@ class _Run:
     def train_epochs(self) -> str:
         """Train until the last epoch (``finished``), ``max_steps`` or a stop signal (``interrupted``)."""
         cfg, env, pos = self.cfg, self.env, self.pos
+        forward = self.model
+        if self.optimizer is not None and cfg.train.compile:  # the same module and parameters, compiled
+            forward = torch.compile(self.model)
         if env.distributed and self.optimizer is not None:
-            self.ddp_model = DistributedDataParallel(
-                self.model, device_ids=[env.device] if env.device.type == "cuda" else None)
+            forward = DistributedDataParallel(forward, device_ids=[env.device] if env.device.type == "cuda" else None)
+        self.ddp_model = forward
         status = "finished"
         bar = None
         with _StopFlag() as stop:
@@ -356,7 +360,9 @@ class _Run:
         logs and the progress bar only."""
         cfg, env, pos = self.cfg, self.env, self.pos
         self.ddp_model.train()
-        loader = train_loader(self.datasets.train, cfg, env, epoch=pos.epoch, start_batch=pos.batch_in_epoch)
+        if self.loader is None:  # one loader for the run: its workers persist across epochs
+            self.loader = TrainLoader(self.datasets.train, cfg, env)
+        loader = self.loader.epoch(pos.epoch, start_batch=pos.batch_in_epoch)
         window = _Window()
         self.optimizer.zero_grad(set_to_none=True)
         limit = self.updates_per_epoch * self.accumulation
