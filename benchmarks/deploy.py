@@ -30,8 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_method, machine  # noqa: E402
 
-from dist_video.engine.predict import DEFAULT_PREPROCESS, load_for_inference, predict_files  # noqa: E402
+from dist_video.engine.predict import DEFAULT_PREPROCESS, predict_files  # noqa: E402
 from dist_video.export import export_fused_onnx  # noqa: E402
+from dist_video.loading import load_model  # noqa: E402
 from dist_video.onnx_runner import OnnxVideoClassifier  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -100,7 +101,8 @@ def round_trip(work: Path, repeats: int, seconds: float) -> dict:
     folder = work / "model"
     build_method("dist", "ViT-B/16", 16, 2, torch.device("cpu"), dist_preset=PRESET).save_pretrained(folder)
     video = write_video(work / "ten_seconds.mp4", seconds)
-    model, preprocess = load_for_inference(str(folder), device="cpu")
+    loaded = load_model(str(folder), device="cpu")
+    model, preprocess = loaded.model, loaded.preprocess
     fused = model.fuse()
     del model
     port = free_port()

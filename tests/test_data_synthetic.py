@@ -115,7 +115,7 @@ def test_cli_arguments(tmp_path, capsys):
     add_make_synthetic_arguments(parser)
     args = parser.parse_args([str(tmp_path / "out"), "--num-train", "4", "--num-val", "2", "--digits", "3,4",
                               "--motions", "up,down", "--num-frames", "5", "--size", "24", "--workers", "1"])
-    summary = run_make_synthetic(args)
+    summary = run_make_synthetic(**vars(args))
     assert summary["num_classes"] == 4
     assert (tmp_path / "out" / "classes.txt").read_text().splitlines() == [
         "digit 3 moving up", "digit 3 moving down", "digit 4 moving up", "digit 4 moving down"]

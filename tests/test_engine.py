@@ -141,11 +141,13 @@ def test_train_evaluate_predict_info_through_the_cli(data, tmp_path):
 @pytest.mark.slow
 def test_python_predict_clip(data, tmp_path):
     from dist_video.engine.data import test_clips_of_file
-    from dist_video.engine.predict import load_for_inference, predict_clip
+    from dist_video.engine.predict import predict_clip
+    from dist_video.loading import load_model
 
     run = tmp_path / "run"
     cli("train", *tiny(data, run, "optim.epochs=1", "train.max_steps=1"))
-    model, preprocess = load_for_inference(str(run / "model"), device="cpu")
+    loaded = load_model(str(run / "model"), device="cpu")
+    model, preprocess = loaded.model, loaded.preprocess
     clips = test_clips_of_file(data / "val" / "00003.mp4", preprocess, num_frames=8)
     assert clips.shape == (2, 3, 8, 32, 32)
     top = predict_clip(model, clips[0], topk=4)

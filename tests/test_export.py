@@ -19,8 +19,9 @@ pytest.importorskip("onnxscript")
 
 from deploy_helpers import CLASS_NAMES, TINY_PREPROCESS, make_tiny_model_folder, write_test_videos  # noqa: E402
 
-from dist_video.engine.predict import load_for_inference, predict_files  # noqa: E402
+from dist_video.engine.predict import predict_files  # noqa: E402
 from dist_video.export import ExportError, export_fused_onnx, export_onnx  # noqa: E402
+from dist_video.loading import load_model  # noqa: E402
 from dist_video.onnx_runner import OnnxVideoClassifier, is_exported_folder  # noqa: E402
 
 ASSETS = Path(__file__).parent / "assets"
@@ -65,7 +66,7 @@ def test_onnxruntime_matches_pytorch_within_1e4_for_any_batch(exported):
     graph = onnx.load(str(out / "model.onnx")).graph
     assert [i.name for i in graph.input] == ["video"] and [o.name for o in graph.output] == ["logits", "embeddings"]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch dimension
-    model, _ = load_for_inference(str(folder), device="cpu", clip_dtype="fp32")
+    model = load_model(str(folder), device="cpu", clip_dtype="fp32").model
     fused = model.fuse(torch.float32)
     runner = OnnxVideoClassifier(out)
     for batch in (1, 3):
@@ -80,7 +81,8 @@ def test_onnxruntime_matches_pytorch_within_1e4_for_any_batch(exported):
 @pytest.mark.slow
 def test_predict_on_the_exported_folder_equals_the_model_folder(exported, videos):
     folder, out, _ = exported
-    model, preprocess = load_for_inference(str(folder), device="cpu", clip_dtype="fp32")
+    loaded = load_model(str(folder), device="cpu", clip_dtype="fp32")
+    model, preprocess = loaded.model, loaded.preprocess
     expected = predict_files(model, [str(v) for v in videos], preprocess, topk=5)
     runner = OnnxVideoClassifier(out)
     got = predict_files(runner, [str(v) for v in videos], runner.preprocess, topk=5)

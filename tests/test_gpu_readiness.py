@@ -76,14 +76,14 @@ def _saved_model(tiny_clip, folder: Path) -> Path:
 def test_predict_decides_the_clip_dtype_for_the_gpu_not_the_host_cpu(tiny_clip, tmp_path, gpus, host_without_bf16,
                                                                      monkeypatch, capability, expected):
     from dist_video.classifier import VideoClassifier
-    from dist_video.engine.predict import load_for_inference
+    from dist_video.loading import load_model
 
     folder = _saved_model(tiny_clip, tmp_path / "model")
     assert resolve_clip_dtype("auto", "cpu") == torch.float32  # the host alone would say fp32
     gpus(1, capability)
     moved = []
     monkeypatch.setattr(VideoClassifier, "to", lambda self, device: moved.append(torch.device(device)) or self)
-    model, _ = load_for_inference(str(folder), device="cuda")
+    model = load_model(str(folder), device="cuda").model
     assert moved == [torch.device("cuda:0")]
     assert model.clip_dtype == expected
 

@@ -22,8 +22,8 @@ import dist_video.tokenizer as tk
 from dist_video import VideoClassifier, load_official_checkpoint
 from dist_video.baselines import FrozenMeanClassifier
 from dist_video.data.synthetic import make_synthetic
-from dist_video.engine.predict import (DEFAULT_PREPROCESS, load_for_inference, predict_file, predict_files,
-                                       use_labels)
+from dist_video.engine.predict import DEFAULT_PREPROCESS, predict_file, predict_files, use_labels
+from dist_video.loading import load_model
 from dist_video.prompts import KINETICS_TEMPLATES, label_embeddings, parse_labels, templates_of
 
 ASSETS = Path(__file__).parent / "assets"
@@ -227,8 +227,9 @@ def test_the_package_ships_openai_vocabulary(monkeypatch):
 def test_plain_clip_weights_are_a_zero_shot_model(tmp_path, videos, monkeypatch):
     monkeypatch.setattr(tk, "VOCAB_PACKAGES", ("dist_video_test_no_such_package", "dist_video.assets.vocab"))
     weights = tiny_text_clip(tmp_path / "ViT-tiny.pt")
-    model, preprocess = load_for_inference(str(weights), labels="juggling, archery, surfing", prompt="a video of {}.",
-                                           device="cpu", clip_dtype="fp32", num_frames=4)
+    loaded = load_model(str(weights), labels="juggling, archery, surfing", prompt="a video of {}.", device="cpu",
+                        clip_dtype="fp32", num_frames=4)
+    model, preprocess = loaded.model, loaded.preprocess
     assert isinstance(model, FrozenMeanClassifier) and model.class_names == ["juggling", "archery", "surfing"]
     assert (preprocess["crop_size"], preprocess["num_frames"], model.config.alpha) == (32, 4, 1)
     video = torch.randn(2, 3, 4, 32, 32)
@@ -241,7 +242,7 @@ def test_plain_clip_weights_are_a_zero_shot_model(tmp_path, videos, monkeypatch)
     result = predict_files(model, [str(videos["good1"])], preprocess, topk=3)[0]
     assert sorted(t["class"] for t in result["top"]) == ["archery", "juggling", "surfing"]
     with pytest.raises(ValueError, match="plain CLIP weights have no classes: pass --labels"):
-        load_for_inference(str(weights), device="cpu")
+        load_model(str(weights), device="cpu").require_head()
 
 
 def test_serve_takes_the_frames_of_plain_clip_weights(tmp_path, monkeypatch):
@@ -347,8 +348,8 @@ def test_evaluate_with_labels_is_zero_shot_on_the_dataset_names(tmp_path, monkey
     assert metrics["num_videos"] == 6
     names = [ln.strip() for ln in (data / "classes.txt").read_text().splitlines() if ln.strip()]
     rows = list(csv.DictReader(open(tmp_path / "run" / "eval" / "predictions.csv")))
-    zero_shot, preprocess = load_for_inference(str(tmp_path / "model"), labels=names, prompt="a video of {}.",
-                                               device="cpu", clip_dtype="fp32")
+    loaded = load_model(str(tmp_path / "model"), labels=names, prompt="a video of {}.", device="cpu", clip_dtype="fp32")
+    zero_shot, preprocess = loaded.model, loaded.preprocess
     for row in rows:
         assert row["prediction"] == predict_files(zero_shot, [row["video"]], preprocess, topk=1)[0]["top"][0]["class"]
     with pytest.raises(ValueError, match=f"--labels has 2 names but the dataset has {len(names)} classes"):

@@ -18,7 +18,8 @@ from data_helpers import truncate  # noqa: E402
 from deploy_helpers import (CLASS_NAMES, Server, make_tiny_model_folder, same_prediction,  # noqa: E402
                             write_test_videos)
 
-from dist_video.engine.predict import load_for_inference, predict_files  # noqa: E402
+from dist_video.engine.predict import predict_files  # noqa: E402
+from dist_video.loading import load_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TOKEN = "s3cret-token"
@@ -37,7 +38,8 @@ def videos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected(model_folder, videos):
     """What ``dist-video predict --json --clip-dtype fp32`` gives for each video, by name."""
-    model, preprocess = load_for_inference(str(model_folder), device="cpu", clip_dtype="fp32")
+    loaded = load_model(str(model_folder), device="cpu", clip_dtype="fp32")
+    model, preprocess = loaded.model, loaded.preprocess
     return {Path(r["video"]).name: r for r in predict_files(model, [str(v) for v in videos], preprocess, topk=5)}
 
 

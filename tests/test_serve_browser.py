@@ -15,7 +15,8 @@ pytest.importorskip("httpx")
 
 from deploy_helpers import Server, make_tiny_model_folder, make_tiny_text_model_folder, write_test_videos  # noqa: E402
 
-from dist_video.engine.predict import load_for_inference, predict_files  # noqa: E402
+from dist_video.engine.predict import predict_files  # noqa: E402
+from dist_video.loading import load_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +58,8 @@ def test_the_page_classifies_a_video_picked_in_its_form(browser, tmp_path, tiny_
 
     folder = make_tiny_model_folder(tmp_path / "model", tiny_clip)
     video = write_test_videos(tmp_path / "videos")[0]
-    model, preprocess = load_for_inference(str(folder), device="cpu", clip_dtype="fp32")
+    loaded = load_model(str(folder), device="cpu", clip_dtype="fp32")
+    model, preprocess = loaded.model, loaded.preprocess
     [want] = predict_files(model, [str(video)], preprocess, topk=5)
     with Server(folder, "--clip-dtype", "fp32", env={"TMPDIR": str(tmp_path)}) as srv:
         browser.get(srv.url + "/")
@@ -81,7 +83,8 @@ def test_the_page_sends_the_labels_typed_into_its_form(browser, tmp_path):
     folder = make_tiny_text_model_folder(tmp_path / "model")
     video = write_test_videos(tmp_path / "videos")[1]
     labels = ["surfing", "archery", "washing dishes"]
-    model, preprocess = load_for_inference(str(folder), labels=", ".join(labels), device="cpu", clip_dtype="fp32")
+    loaded = load_model(str(folder), labels=", ".join(labels), device="cpu", clip_dtype="fp32")
+    model, preprocess = loaded.model, loaded.preprocess
     [want] = predict_files(model, [str(video)], preprocess, topk=5)
     with Server(folder, "--clip-dtype", "fp32", env={"TMPDIR": str(tmp_path)}) as srv:
         browser.get(srv.url + "/")

@@ -15,7 +15,8 @@ from deploy_helpers import (CLASS_NAMES, Server, make_tiny_model_folder, make_ti
                             same_prediction, write_test_videos)
 from zero_shot_helpers import ModuloTokenizer
 
-from dist_video.engine.predict import load_for_inference, predict_files, use_labels
+from dist_video.engine.predict import predict_files, use_labels
+from dist_video.loading import load_model
 from dist_video.prompts import label_embeddings, templates_of
 from dist_video.serve import BatchingModel, LabelHeads, LabelledModel, parse_request_labels
 
@@ -101,8 +102,8 @@ def videos(tmp_path_factory):
 
 def expected_with_labels(folder: Path, videos, names, prompt=None, **kwargs) -> dict:
     """What ``dist-video predict FOLDER --labels NAMES [--prompt P] --json --clip-dtype fp32`` gives."""
-    model, preprocess = load_for_inference(str(folder), labels=", ".join(names), prompt=prompt, device="cpu",
-                                           clip_dtype="fp32")
+    loaded = load_model(str(folder), labels=", ".join(names), prompt=prompt, device="cpu", clip_dtype="fp32")
+    model, preprocess = loaded.model, loaded.preprocess
     assert model.class_names == list(names)
     return {Path(r["video"]).name: r for r in predict_files(model, [str(v) for v in videos], preprocess, **kwargs)}
 
@@ -161,7 +162,8 @@ def test_labels_in_a_request_give_exactly_those_classes_and_the_scores_of_predic
 @pytest.mark.slow
 def test_concurrent_requests_with_different_label_sets_each_get_their_own(server, text_folder, videos):
     want = {key: expected_with_labels(text_folder, videos, names, topk=4) for key, names in SETS.items()}
-    model, preprocess = load_for_inference(str(text_folder), device="cpu", clip_dtype="fp32")
+    loaded = load_model(str(text_folder), device="cpu", clip_dtype="fp32")
+    model, preprocess = loaded.model, loaded.preprocess
     want["own"] = {Path(r["video"]).name: r for r in predict_files(model, [str(v) for v in videos], preprocess, topk=4)}
     jobs = [(key, videos[i % len(videos)]) for i, key in enumerate(["sports", "home", "own"] * 4)]
 

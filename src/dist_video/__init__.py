@@ -11,6 +11,7 @@ from .baselines import AdapterClassifier, BaselineConfig, FrozenMeanClassifier, 
 from .checkpoints import load_official_checkpoint
 from .clip_loaders import load_clip
 from .tokenizer import tokenize
+from .loading import LoadedModel, load_model
 from .live import watch
 
 
@@ -28,7 +29,7 @@ def fuse(model: VideoClassifier, dtype=None, *, compile: bool = False, **kwargs)
 
 __all__ = ["CLIP", "CLIPConfig", "DiSTConfig", "PRESETS", "DiSTVideoModel", "load_official_checkpoint",
            "__version__"]
-__all__ += ["load_clip", "tokenize", "fuse"]
+__all__ += ["load_clip", "tokenize", "fuse", "load_model", "LoadedModel"]
 __all__ += ["watch"]
 __all__ += ["VideoClassifier", "model_class", "BaselineConfig", "FrozenMeanClassifier", "FullFinetuneClassifier",
             "AdapterClassifier"]

@@ -80,31 +80,33 @@ def demo_config(data_dir: Path, out_dir: Path, method: str, epochs: int, seed: i
     return load_config(overrides=overrides + list(extra))
 
 
-def run_demo(args, *, progress: bool = True) -> dict:
-    """The demo with the options of :func:`add_demo_arguments` (``progress``: progress bars);
-    prints the results table on standard output and returns the report's metrics."""
+def run_demo(*, out: str | os.PathLike = "demo-report", train_videos: int | None = None,
+             val_videos: int | None = None, epochs: int | None = None, baseline_epochs: int | None = None,
+             seed: int = 0, device: str = "auto", keep_data: bool = False, progress: bool = True) -> dict:
+    """The demo (the options of :func:`add_demo_arguments`, as keywords; ``progress``: progress
+    bars); prints the results table on standard output and returns the report's metrics."""
     from .data.synthetic import make_synthetic
     from .engine.train import train
 
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    n_train = args.train_videos or DEFAULTS["train_videos"]
-    n_val = args.val_videos or DEFAULTS["val_videos"]
-    epochs = {"dist": args.epochs or DEFAULTS["epochs"],
-              "frozen-mean": args.baseline_epochs or args.epochs or DEFAULTS["baseline_epochs"]}
+    n_train = train_videos or DEFAULTS["train_videos"]
+    n_val = val_videos or DEFAULTS["val_videos"]
+    epochs = {"dist": epochs or DEFAULTS["epochs"],
+              "frozen-mean": baseline_epochs or epochs or DEFAULTS["baseline_epochs"]}
     data_dir = out / "data"
     t_start = time.perf_counter()
 
-    if not (args.keep_data and (data_dir / "train.csv").is_file()):
+    if not (keep_data and (data_dir / "train.csv").is_file()):
         if data_dir.exists():
             shutil.rmtree(data_dir)
         logger.info("[1/4] writing %d training and %d held-out synthetic videos to %s", n_train, n_val, data_dir)
-        make_synthetic(data_dir, num_train=n_train, num_val=n_val, seed=args.seed)
+        make_synthetic(data_dir, num_train=n_train, num_val=n_val, seed=seed)
 
     results = {}
     for i, method in enumerate(("dist", "frozen-mean"), 2):
         logger.info("[%d/4] training %s on the frozen digits encoder", i, method)
-        cfg = demo_config(data_dir, out / "runs" / method, method, epochs[method], args.seed, args.device)
+        cfg = demo_config(data_dir, out / "runs" / method, method, epochs[method], seed, device)
         result = train(cfg, resume=False, progress=progress)
         results[method] = {"top1": result.metrics["top1"], "top5": result.metrics["top5"],
                            "mean_class_accuracy": result.metrics["mean_class_accuracy"],
@@ -113,7 +115,7 @@ def run_demo(args, *, progress: bool = True) -> dict:
                            "per_class_accuracy": result.metrics["per_class_accuracy"]}
 
     logger.info("[4/4] predicting a held-out video and writing the report")
-    report = _write_report(out, data_dir, results, time.perf_counter() - t_start, device=args.device)
+    report = _write_report(out, data_dir, results, time.perf_counter() - t_start, device=device)
     _print_table(results, out)
     return report
 
@@ -148,7 +150,7 @@ def appearance_ceiling(data_dir: str | os.PathLike) -> float:
 
 
 def _write_report(out: Path, data_dir: Path, results: dict, seconds: float, device: str = "auto") -> dict:
-    from .engine.predict import load_for_inference, predict_files
+    from .loading import load_model
     from .visualize import film_strip
 
     dist_run = out / "runs" / "dist"
@@ -162,8 +164,7 @@ def _write_report(out: Path, data_dir: Path, results: dict, seconds: float, devi
     video_path = Path(records[0].path)
     video_rel = Path(os.path.relpath(video_path, data_dir)).as_posix()
     true_label = class_names[records[0].label]
-    model, preprocess = load_for_inference(str(dist_run / "model"), device=device)
-    prediction = predict_files(model, [str(video_path)], preprocess, topk=3)[0]
+    prediction = load_model(dist_run / "model", device=device).predict([video_path], topk=3)[0]
     film_strip(video_path, out / "film_strip.png", title=f"true: {true_label}   |   DiST: "
                f"{prediction['top'][0]['class']} ({100 * prediction['top'][0]['probability']:.0f}%)")
 

@@ -225,18 +225,19 @@ def export_fused_onnx(fused: nn.Module, preprocess: dict, out_dir: str | os.Path
 
 def export_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, opset: int | None = None,
                 clip: str | None = None, classes: str | None = None, labels: str | None = None,
-                vocab: str | None = None, prompt: str | None = None, tolerance: float = DEFAULT_TOLERANCE
-                ) -> ExportReport:
-    """Export a dist-video model folder, an authors' ``.pyth`` with ``classes`` (a class-text
-    head), or any model that :func:`~dist_video.engine.predict.load_for_inference` loads with
-    zero-shot ``labels``, to an ONNX folder ``out_dir``; see :func:`export_fused_onnx`."""
-    from .engine.predict import load_for_inference
+                vocab: str | None = None, prompt: str | None = None, tolerance: float = DEFAULT_TOLERANCE,
+                num_frames: int = 8, trust_checkpoint: bool = False) -> ExportReport:
+    """Export a model that :func:`dist_video.load_model` opens (a dist-video model folder, an
+    authors' ``.pyth`` with ``classes``, or any of them, plain CLIP weights included, with
+    zero-shot ``labels``) to an ONNX folder ``out_dir``, with its test preprocessing; see
+    :func:`export_fused_onnx`."""
+    from .loading import load_model
 
-    model, preprocess = load_for_inference(str(model_path), clip=clip, classes=classes, labels=labels, vocab=vocab,
-                                           prompt=prompt, device="cpu", clip_dtype="fp32")
-    fused = model.fuse(torch.float32)
-    del model  # one copy of the weights from here on
-    path = Path(model_path)
-    name = path.name if path.is_dir() else path.stem
-    return export_fused_onnx(fused, preprocess, out_dir, name=name, source=os.path.abspath(model_path), opset=opset,
-                             tolerance=tolerance)
+    loaded = load_model(model_path, clip=clip, classes=classes, labels=labels, vocab=vocab, prompt=prompt,
+                        device="cpu", clip_dtype="fp32", num_frames=num_frames, trust_checkpoint=trust_checkpoint)
+    if loaded.network is None:
+        raise ExportError(f"{model_path}: already an exported model")
+    loaded.require_head()
+    fused = loaded.take_inference_form(torch.float32)  # one copy of the weights from here on
+    return export_fused_onnx(fused, loaded.preprocess, out_dir, name=loaded.name,
+                             source=os.path.abspath(model_path), opset=opset, tolerance=tolerance)

@@ -342,3 +342,41 @@ def write_report(report: PrepareReport, destination: str | os.PathLike) -> Path:
     write_text_atomic(out, json.dumps(asdict(report), indent=2) + "\n")
     return out
 
+
+def prepare_with_report(jobs: Sequence[PrepareJob], ann: Annotations | None, source: str | os.PathLike,
+                        destination: str | os.PathLike, *, short_side: int = 320, gop: int = 16, workers: int = 1,
+                        crf: int = 23, preset: str = "veryfast", tune: str | None = "fastdecode",
+                        started: float | None = None,
+                        on_result: Callable[[PrepareResult, PrepareReport], None] | None = None
+                        ) -> tuple[PrepareReport, Path]:
+    """``dist-video prepare`` after :func:`plan_prepare`: the ``jobs`` run (:func:`prepare_dataset`),
+    their results counted into a :class:`PrepareReport` (``on_result(result, report)`` after
+    each), the annotation files written for an annotation-file source (``ann``), and the report
+    written to ``DST/prepare_report.json``. ``started``: when the work began (a
+    ``time.perf_counter()`` value; default now). Returns the report and its path."""
+    started = time.perf_counter() if started is None else started
+    report = PrepareReport(source=os.path.abspath(source), destination=os.path.abspath(destination),
+                           short_side=short_side, gop=gop, workers=workers, crf=crf, preset=preset, tune=tune)
+
+    def count(r: PrepareResult) -> None:
+        report.add(r)
+        if on_result is not None:
+            on_result(r, report)
+
+    results = prepare_dataset(jobs, short_side=short_side, gop=gop, workers=workers, crf=crf, preset=preset,
+                              tune=tune, on_result=count)
+    if ann is not None:
+        name = os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
+        report.annotation_files = [str(p) for p in write_annotations(jobs, results, ann, destination, name)]
+    report.seconds = time.perf_counter() - started
+    return report, write_report(report, destination)
+
+
+def report_summary(report: PrepareReport, path: str | os.PathLike) -> str:
+    """The one-line summary ``dist-video prepare`` prints."""
+    return (f"prepared {report.done} videos, skipped {report.skipped} already done, {report.failed} failed; "
+            f"{report.bytes_before / 2**20:.1f} MiB -> {report.bytes_after / 2**20:.1f} MiB in "
+            f"{report.seconds:.1f} s; report: {path}")
+
+
+__all__ += ["prepare_with_report", "report_summary"]

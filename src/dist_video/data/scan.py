@@ -214,3 +214,50 @@ def write_scan_report(results: Sequence[ScanResult], out: str | os.PathLike, **e
     data = {**extra, "summary": summarize(results), "files": [asdict(r) for r in results]}
     out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+@dataclass
+class ScanOutcome:
+    """What ``dist-video scan`` found: every file's result, their summary, the report written,
+    and (with ``write_clean``) the clean annotation file and its class list."""
+
+    results: list[ScanResult]
+    summary: dict
+    report: Path
+    clean: tuple[Path, Path] | None = None
+
+    @property
+    def bad(self) -> list[ScanResult]:
+        return [r for r in self.results if r.status in BAD_STATUSES]
+
+
+def scan_with_report(sources: Sequence[str | os.PathLike], report: str | os.PathLike, *, fmt: str | None = None,
+                     root: str | os.PathLike | None = None, classes: str | os.PathLike | None = None,
+                     split: str = "train", fold: int = 1, workers: int = 1, min_frames: int = 16,
+                     write_clean: str | os.PathLike | None = None,
+                     on_dataset: Callable[[int], None] | None = None,
+                     on_result: Callable[[ScanResult], None] | None = None) -> ScanOutcome:
+    """Scan every dataset of ``sources`` (see :func:`load_for_scan`; missing files are results
+    too), write the JSON ``report`` and, with ``write_clean`` (one dataset only), the clean
+    annotation file (:func:`write_clean_annotations`). ``on_dataset(n)``: a dataset of ``n``
+    files starts; ``on_result``: after each file."""
+    if write_clean and len(sources) != 1:
+        raise ValueError("--write-clean takes one dataset at a time")
+    results: list[ScanResult] = []
+    names: list[str] = []
+    for source in sources:
+        records, missing, ann = load_for_scan(source, fmt=fmt, root=root, classes=classes, split=split, fold=fold)
+        names = ann.class_names
+        if on_dataset is not None:
+            on_dataset(len(records) + len(missing))
+        for path in missing:
+            results.append(ScanResult(path, -1, "missing", "file not found"))
+            if on_result is not None:
+                on_result(results[-1])
+        results += scan_dataset(records, workers=workers, min_frames=min_frames, on_result=on_result)
+    path = write_scan_report(results, report, datasets=[os.path.abspath(d) for d in sources])
+    clean = write_clean_annotations(results, names, write_clean) if write_clean else None
+    return ScanOutcome(results, summarize(results), path, clean)
+
+
+__all__ += ["ScanOutcome", "scan_with_report"]

@@ -260,11 +260,13 @@ def add_make_synthetic_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="encoding processes (default: cores, max 4)")
 
 
-def run_make_synthetic(args: argparse.Namespace) -> dict:
-    """Run ``make-synthetic`` from parsed arguments; prints a one-line summary."""
-    summary = make_synthetic(args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
-                             digits=args.digits, motions=args.motions, num_frames=args.num_frames,
-                             size=args.size, fps=args.fps, workers=args.workers)
+def run_make_synthetic(*, out: str | os.PathLike, num_train: int = 600, num_val: int = 120, seed: int = 0,
+                       digits: Sequence[int] = DEFAULT_DIGITS, motions: Sequence[str] = DEFAULT_MOTIONS,
+                       num_frames: int = 16, size: int = 64, fps: int = 8, workers: int | None = None) -> dict:
+    """``make-synthetic`` with the options of :func:`add_make_synthetic_arguments` as keywords;
+    prints a one-line summary."""
+    summary = make_synthetic(out, num_train=num_train, num_val=num_val, seed=seed, digits=list(digits),
+                             motions=list(motions), num_frames=num_frames, size=size, fps=fps, workers=workers)
     print(f"wrote {summary['num_train']} training and {summary['num_val']} held-out videos "
           f"({summary['num_classes']} classes) to {summary['out_dir']} in {summary['seconds']:.1f} s")
     return summary

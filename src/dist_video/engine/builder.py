@@ -54,10 +54,12 @@ def _network(cfg: ModelConfig, clip: CLIP | None) -> VideoClassifier:
     return cls(clip, base, clip_dtype=cfg.clip_dtype)
 
 
-def attach_head(model: VideoClassifier, cfg: ModelConfig, class_names: Sequence[str]) -> VideoClassifier:
+def attach_head(model: VideoClassifier, cfg: ModelConfig, class_names: Sequence[str], tokenizer=None
+                ) -> VideoClassifier:
     """Give ``model`` a head for ``class_names``: class-name text through CLIP's text tower
-    (``head: text``) or a learnable linear layer (``head: linear``). A model that already has
-    a head for the same classes keeps it; a different class list is an error."""
+    (``head: text``, tokenized by ``tokenizer``, default the one :func:`dist_video.load_clip`
+    found) or a learnable linear layer (``head: linear``). A model that already has a head for
+    the same classes keeps it; a different class list is an error."""
     class_names = list(class_names)
     if model.head_type is not None:
         if model.num_classes != len(class_names) or (model.class_names and model.class_names != class_names):
@@ -72,8 +74,9 @@ def attach_head(model: VideoClassifier, cfg: ModelConfig, class_names: Sequence[
     if not model.clip.has_text:
         raise ValueError("the CLIP weights have no text tower, so class names cannot be embedded: "
                          "use --set model.head=linear")
-    if model.clip.tokenizer is None:
+    tokenizer = tokenizer or model.clip.tokenizer
+    if tokenizer is None:
         raise ValueError("no BPE vocabulary was found for CLIP's tokenizer: pass --set model.vocab=PATH "
                          "(bpe_simple_vocab_16e6.txt.gz, or a Hugging Face folder with vocab.json)")
     with torch.no_grad():
-        return model.set_class_names(class_names, model.clip.tokenizer, prompt=cfg.prompt)
+        return model.set_class_names(class_names, tokenizer, prompt=cfg.prompt)

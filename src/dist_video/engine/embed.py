@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..storage import atomic_path, read_safetensors
 from .data import test_clips_of_file
-from .inference import FILE_ERRORS, error_message, model_device
+from .inference import FILE_ERRORS, check_finite, error_message, model_device
 
 __all__ = ["EmbeddingIndex", "embed_file", "embed_files", "read_embeddings", "search_embeddings", "INDEX_FIELDS"]
 
@@ -57,7 +57,7 @@ def embed_file(model, path: str | os.PathLike, preprocess: dict, *, views: int |
     """E: ``model.encode_video`` of the file's test clips, averaged over them (then unit length
     with ``normalize``). Raises :class:`~dist_video.data.decoding.VideoDecodeError` for a bad file."""
     clips = test_clips_of_file(path, preprocess, num_frames=model.config.num_frames, views=views)
-    z = model.encode_video(clips.to(model_device(model))).float().mean(dim=0).cpu()
+    z = check_finite(model.encode_video(clips.to(model_device(model))).float().mean(dim=0).cpu(), "embeddings")
     return F.normalize(z, dim=0) if normalize else z
 
 
@@ -67,6 +67,7 @@ def _embed_windows(model, path: str, preprocess: dict, *, window: float, stride:
 
     bounds, z, _, _ = window_outputs(model.encode_video, path, preprocess, num_frames=model.config.num_frames,
                                      window=window, stride=stride, device=model_device(model))
+    check_finite(z, "embeddings")
     if normalize:
         z = F.normalize(z, dim=1)
     return z, [(path, round(a, 3), round(b, 3)) for a, b in bounds]

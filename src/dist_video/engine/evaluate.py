@@ -39,7 +39,10 @@ class ShardSampler(Sampler[int]):
 
 def fuse_for_inference(model, amp_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The model's inference form (``model.fuse``) in the run's precision: the autocast dtype of
-    training (bf16/fp16), else the frozen CLIP's dtype."""
+    training (bf16/fp16), else the frozen CLIP's dtype. A model without ``fuse`` is an inference
+    form already (e.g. an exported folder's onnxruntime runner) and is used as it is."""
+    if not hasattr(model, "fuse"):
+        return model
     return model.fuse(amp_dtype if amp_dtype is not None else model.clip_dtype)
 
 

@@ -13,10 +13,23 @@ import torch
 
 from ..data.decoding import VideoDecodeError
 
-__all__ = ["model_device", "class_names_of", "error_message", "FILE_ERRORS"]
+__all__ = ["model_device", "class_names_of", "error_message", "check_finite", "NonFiniteOutputError", "FILE_ERRORS"]
 
 #: What a bad video file raises while it is read and classified (anything else propagates).
 FILE_ERRORS = (VideoDecodeError, ValueError, OSError, RuntimeError)
+
+
+class NonFiniteOutputError(ArithmeticError):
+    """The model computed NaN or infinite outputs: a fault of the model (e.g. damaged weights),
+    not of the file it was given, so it is not one of :data:`FILE_ERRORS`."""
+
+
+def check_finite(values: torch.Tensor, what: str) -> torch.Tensor:
+    """``values`` unchanged, or :class:`NonFiniteOutputError` when any is NaN or infinite."""
+    if not bool(torch.isfinite(values).all()):
+        raise NonFiniteOutputError(f"the model's {what} are not finite (NaN or infinity): its weights are "
+                                   "damaged or overflow in this precision")
+    return values
 
 
 def model_device(model) -> torch.device:

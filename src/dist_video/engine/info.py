@@ -5,25 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..classifier import VideoClassifier, read_model_config
+from ..classifier import VideoClassifier
 from ..clip import CLIP, clip_config_for_architecture
 from ..clip_loaders import load_clip
 from ..config import Config, config_to_dict
+from ..loading import load_model
 from ..profiling import attention_macs, cost_per_view, count_parameters, inference_cost_per_view
 from .builder import build_classifier
 
-__all__ = ["describe", "load_any_model"]
-
-
-def load_any_model(path: str, clip: str | None = None) -> VideoClassifier:
-    """A model folder (ours) or an authors' ``.pyth`` checkpoint."""
-    p = Path(path)
-    if p.is_dir():
-        return VideoClassifier.from_pretrained(p, clip_dtype="fp32")
-    if not p.exists():
-        raise FileNotFoundError(f"no model at {path}")
-    from ..checkpoints import load_official_checkpoint
-    return load_official_checkpoint(p, clip=clip, clip_dtype="fp32")
+__all__ = ["describe"]
 
 
 def _model_from_config(cfg: Config, clip_path: str | None, arch: str | None) -> VideoClassifier:
@@ -36,24 +26,36 @@ def _model_from_config(cfg: Config, clip_path: str | None, arch: str | None) -> 
     return build_classifier(cfg.model, clip)
 
 
-def _recorded_crop_size(model_path: str | None) -> int | None:
-    """The test crop a trained model folder records (``config.json`` -> ``preprocess``)."""
-    if not model_path or not Path(model_path).is_dir():
-        return None
-    return read_model_config(model_path).get("preprocess", {}).get("crop_size")
+def _exported(loaded, as_json: bool) -> str:
+    """What an exported folder records: its model, input and classes (no network to count)."""
+    record = loaded.model.record
+    info = {"method": loaded.method, "runtime": loaded.runtime, "model": record.get("model"),
+            "input": record.get("input"), "preprocess": loaded.preprocess, "classes": loaded.num_classes,
+            "opset": record.get("opset")}
+    if as_json:
+        return json.dumps(info, indent=2, default=str)
+    size = loaded.preprocess.get("crop_size")
+    return "\n".join([f"method            {info['method']} (exported, run by onnxruntime)",
+                      f"input per view    {loaded.config.num_frames} dense frames, {size}x{size}",
+                      f"classes           {loaded.num_classes}", f"opset             {info['opset']}"])
 
 
 def describe(model_path: str | None, cfg: Config | None, *, clip: str | None = None, arch: str | None = None,
-             size: int | None = None, as_json: bool = False) -> str:
-    """A text (or JSON) description: method, CLIP, parameters, MACs/FLOPs per view, config."""
+             size: int | None = None, as_json: bool = False, trust_checkpoint: bool = False) -> str:
+    """A text (or JSON) description: method, CLIP, parameters, MACs/FLOPs per view, config.
+    ``model_path``: any path :func:`dist_video.load_model` opens (else ``cfg``'s model)."""
+    recorded = None
     if model_path:
-        model = load_any_model(model_path, clip)
+        loaded = load_model(model_path, clip=clip, device="cpu", clip_dtype="fp32", trust_checkpoint=trust_checkpoint)
+        if loaded.network is None:
+            return _exported(loaded, as_json)
+        model, recorded = loaded.network, loaded.preprocess.get("crop_size")
     elif cfg is not None:
         model = _model_from_config(cfg, clip, arch)
     else:
         raise ValueError("give a model (folder or .pyth) or a --preset/--config to describe")
     model.eval()
-    res = size or _recorded_crop_size(model_path) or model.clip.visual.image_size
+    res = size or recorded or model.clip.visual.image_size
     params = count_parameters(model)
     cost = cost_per_view(model, res, res)
     executed = inference_cost_per_view(model, res, res)

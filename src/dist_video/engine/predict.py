@@ -15,18 +15,17 @@ from typing import Sequence
 
 import torch
 
-from ..classifier import VideoClassifier, read_model_config, resolve_clip_dtype
-from ..clip_loaders import resolve_clip_path
+from ..classifier import VideoClassifier
 from ..prompts import label_embeddings, parse_labels, templates_of, text_tokenizer
-from .distributed import resolve_device
 from .inference import FILE_ERRORS, class_names_of, error_message, model_device
 
-__all__ = ["load_for_inference", "use_labels", "labels_refusal", "text_query", "predict_clip", "predict_file",
-           "predict_files", "model_device", "convert_official", "read_class_names", "DEFAULT_PREPROCESS"]
+__all__ = ["use_labels", "labels_refusal", "text_query", "predict_clip", "predict_file", "predict_files",
+           "model_device", "read_class_names", "DEFAULT_PREPROCESS"]
 
 logger = logging.getLogger(__name__)
 
-#: The paper's test-time protocol, used when a model folder does not record its own.
+#: The paper's test-time protocol; a model that does not record its own gets it at its CLIP's
+#: native input size (:func:`dist_video.loading.native_preprocess`).
 DEFAULT_PREPROCESS = {"sampling": "segment", "interval": 4, "crop_size": 224, "test_scale": 224, "num_views": 3,
                       "num_crops": 1, "mean": [0.48145466, 0.4578275, 0.40821073],
                       "std": [0.26862954, 0.26130258, 0.27577711]}
@@ -57,76 +56,21 @@ def read_class_names(spec: str) -> list[str]:
     return names
 
 
-def load_for_inference(model_path: str, *, clip: str | None = None, classes: str | None = None,
-                       labels: str | Sequence[str] | None = None, vocab: str | None = None,
-                       prompt: str | Sequence[str] | None = None, device: str = "auto", clip_dtype: str = "auto",
-                       num_frames: int = 8, require_head: bool = True) -> tuple[VideoClassifier, dict]:
-    """A model ready to classify, and its test-time preprocessing. ``model_path``: a dist-video
-    folder, an authors' ``.pyth`` (+ ``classes`` or ``labels``), or plain CLIP weights (any file
-    :func:`dist_video.load_clip` reads, + ``labels``: the frozen frame-averaged CLIP zero-shot
-    model over ``num_frames`` frames).
-
-    ``labels`` (names, a comma-separated string or a file): replace the class head by these
-    names' text embeddings (:func:`use_labels`; ``prompt``: a template, or None for CLIP's
-    Kinetics ensemble). ``classes`` (``.pyth`` only): class names embedded as ``prompt + name``
-    (default prompt: none). ``require_head=False``: a model without classes is fine (for
-    embeddings and text search)."""
-    need_head = require_head and labels is None
-    path = Path(model_path)
-    dev = resolve_device(device)
-    clip_dtype = resolve_clip_dtype(clip_dtype, dev)  # "auto" is decided for the device the model runs on
-    if path.is_dir():
-        model = VideoClassifier.from_pretrained(path, clip_dtype=clip_dtype)
-        meta = read_model_config(path)
-        preprocess = {**DEFAULT_PREPROCESS, **meta.get("preprocess", {})}
-        preprocess.setdefault("num_frames", model.config.num_frames)
-        if model.head_type is None and need_head:
-            raise ValueError(f"{path}: the model has no classifier head (pass --labels)")
-    elif path.is_file() and path.suffix == ".pyth":
-        from ..checkpoints import load_official_checkpoint
-        model = load_official_checkpoint(path, clip=clip or None, clip_dtype=clip_dtype)
-        if not classes and need_head:
-            raise ValueError(f"{path}: the authors' checkpoints do not store class names: pass --labels "
-                             "or --classes (a file, or kinetics400 / ssv2)")
-        if classes and labels is None:
-            _text_head(model, read_class_names(classes), vocab=vocab, checkpoint=path,
-                       prompt=prompt if isinstance(prompt, str) else "")
-        preprocess = {**DEFAULT_PREPROCESS, "num_frames": model.config.num_frames}
-    elif path.is_file():
-        model, preprocess = _clip_zero_shot(path, vocab=vocab, clip_dtype=clip_dtype, num_frames=num_frames)
-        if need_head:
-            raise ValueError(f"{path}: plain CLIP weights have no classes: pass --labels")
-    else:
-        raise FileNotFoundError(f"no model at {model_path}")
-    if labels is not None:
-        use_labels(model, labels, prompt=prompt, vocab=vocab, checkpoint=path)
-    return model.to(dev).eval(), preprocess
-
-
-def _clip_zero_shot(path: Path, *, vocab: str | None, clip_dtype: str, num_frames: int
-                    ) -> tuple[VideoClassifier, dict]:
-    """Plain CLIP weights as the frozen frame-averaged model (every frame of the clip through CLIP)."""
-    from ..baselines import BaselineConfig, FrozenMeanClassifier
-    from ..clip_loaders import load_clip
-
-    clip = load_clip(path, vocab=vocab)
-    model = FrozenMeanClassifier(clip, BaselineConfig(num_frames=num_frames, alpha=1), clip_dtype=clip_dtype)
-    size = clip.config.image_size
-    return model, {**DEFAULT_PREPROCESS, "num_frames": num_frames, "crop_size": size, "test_scale": size}
-
-
 def use_labels(model: VideoClassifier, labels: str | Sequence[str], *, prompt: str | Sequence[str] | None = None,
-               vocab: str | None = None, checkpoint: str | os.PathLike | None = None) -> VideoClassifier:
+               vocab: str | None = None, checkpoint: str | os.PathLike | None = None, tokenizer=None
+               ) -> VideoClassifier:
     """Zero-shot head: the model classifies into ``labels`` (names in this order; a
     comma-separated string or a file, see :func:`dist_video.prompts.parse_labels`), scored
     against their text embeddings under ``prompt`` (a template with ``{}`` or a prefix; None:
     CLIP's Kinetics prompt ensemble, :data:`dist_video.prompts.KINETICS_TEMPLATES`).
-    Models with a linear head are refused: its weights belong to the classes it was trained on."""
+    Models with a linear head are refused: its weights belong to the classes it was trained on.
+    ``tokenizer``: the text tower's (default: :func:`~dist_video.prompts.text_tokenizer` with
+    ``vocab`` and ``checkpoint``)."""
     names = parse_labels(labels)
     refusal = labels_refusal(model)
     if refusal is not None:
         raise ValueError(refusal)
-    tokenizer = text_tokenizer(model.clip, vocab=vocab, checkpoint=checkpoint)
+    tokenizer = tokenizer or text_tokenizer(model.clip, vocab=vocab, checkpoint=checkpoint)
     embeddings = label_embeddings(model.encode_text, tokenizer, names, templates_of(prompt))
     return model.set_class_embeddings(embeddings, names)
 
@@ -143,21 +87,15 @@ def labels_refusal(model: VideoClassifier, option: str = "--labels") -> str | No
     return None
 
 
-def text_query(model: VideoClassifier, text: str, *, prompt: str | None = None, vocab: str | None = None
-               ) -> torch.Tensor:
+def text_query(model: VideoClassifier, text: str, *, prompt: str | None = None, vocab: str | None = None,
+               tokenizer=None) -> torch.Tensor:
     """E: the text tower's embedding of ``text`` (under ``prompt``, a template; None: the text as
     it is), L2-normalised, to compare with the model's video embeddings."""
     if model.head_type == "linear":
         logger.warning("the model was trained with a linear head: its video embeddings were not trained to "
                        "match text, so text search ranks them loosely")
-    tokenizer = text_tokenizer(model.clip, vocab=vocab)
+    tokenizer = tokenizer or text_tokenizer(model.clip, vocab=vocab)
     return label_embeddings(model.encode_text, tokenizer, [text], templates_of(prompt or "{}"))[0]
-
-
-def _text_head(model: VideoClassifier, names: list[str], *, vocab: str | None, checkpoint: Path, prompt: str) -> None:
-    tokenizer = text_tokenizer(model.clip, vocab=vocab, checkpoint=checkpoint)
-    with torch.no_grad():
-        model.set_class_names(names, tokenizer, prompt=prompt)
 
 
 def _top(probs: torch.Tensor, names: Sequence[str], topk: int) -> list[dict]:
@@ -221,20 +159,3 @@ def predict_files(model: VideoClassifier | torch.nn.Module, videos: Sequence[str
             logger.warning("%s: %s", path, error_message(e))
             out.append({"video": str(path), "error": error_message(e)})
     return out
-
-
-def convert_official(checkpoint: str, output: str, *, clip: str | None = None, classes: str | None = None,
-                     vocab: str | None = None, prompt: str = "", selected_layers: list[int] | None = None,
-                     copy_clip: bool = False) -> Path:
-    """An authors' ``.pyth`` -> a dist-video model folder (with a class-text head if ``classes``)."""
-    from ..checkpoints import load_official_checkpoint
-
-    overrides = {"selected_layers": selected_layers} if selected_layers else {}
-    clip_path = resolve_clip_path(clip) if clip else None
-    model = load_official_checkpoint(checkpoint, clip=clip_path, clip_dtype="fp32", **overrides)
-    if classes:
-        _text_head(model, read_class_names(classes), vocab=vocab, checkpoint=Path(checkpoint), prompt=prompt)
-    ref = clip_path if (clip_path and not copy_clip) else None
-    return model.save_pretrained(output, clip_path=ref, metadata={
-        "preprocess": {**DEFAULT_PREPROCESS, "num_frames": model.config.num_frames},
-        "converted_from": os.path.abspath(checkpoint)})

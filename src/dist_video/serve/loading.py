@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -37,39 +36,33 @@ class ServedModel:
 def load_served_model(model_path: str, *, clip: str | None = None, classes: str | None = None,
                       labels: str | None = None, vocab: str | None = None, prompt: str | None = None,
                       device: str = "auto", clip_dtype: str = "auto", max_label_sets: int = 16,
-                      num_frames: int = 8) -> ServedModel:
-    """An exported folder (onnxruntime) or a model folder / ``.pyth`` (its fused inference form;
-    the unfused model is dropped once fused, so one copy of the weights stays in memory). A model
-    with a class-text head keeps its CLIP text tower (not its unfused image tower) for
-    per-request labels (:class:`LabelHeads`, keeping ``max_label_sets`` heads); otherwise
-    ``labels_refusal`` says why requests cannot name labels. A request's labels use its own
-    ``prompt``, else ``prompt`` (the server's), else the prompt ensemble. ``num_frames``: frames
-    per clip for plain CLIP weights."""
-    from ..onnx_runner import OnnxVideoClassifier, is_exported_folder
+                      num_frames: int = 8, trust_checkpoint: bool = False) -> ServedModel:
+    """Any path :func:`dist_video.load_model` opens: an exported folder (onnxruntime) or a model
+    folder / ``.pyth`` / CLIP weights (its fused inference form; the unfused model is dropped once
+    fused, so one copy of the weights stays in memory). A model with a class-text head keeps its
+    CLIP text tower (not its unfused image tower) for per-request labels (:class:`LabelHeads`,
+    keeping ``max_label_sets`` heads); otherwise ``labels_refusal`` says why requests cannot name
+    labels. A request's labels use its own ``prompt``, else ``prompt`` (the server's), else the
+    prompt ensemble. ``num_frames``: frames per clip for plain CLIP weights."""
+    from ..loading import load_model
 
-    path = Path(model_path)
-    if is_exported_folder(path):
-        if labels is not None:
-            raise ValueError(f"{model_path}: {EXPORTED_LABELS_REFUSAL}")
-        runner = OnnxVideoClassifier(path)
-        return ServedModel(runner, dict(runner.preprocess), runner.name, "onnxruntime", "cpu", runner.method,
+    loaded = load_model(model_path, clip=clip, classes=classes, labels=labels, vocab=vocab, prompt=prompt,
+                        device=device, clip_dtype=clip_dtype, num_frames=num_frames,
+                        trust_checkpoint=trust_checkpoint).require_head()
+    if loaded.runtime == "onnxruntime":
+        return ServedModel(loaded.model, dict(loaded.preprocess), loaded.name, "onnxruntime", "cpu", loaded.method,
                            labels_refusal=EXPORTED_LABELS_REFUSAL)
-    from ..engine.predict import labels_refusal, load_for_inference
-    from ..prompts import text_tokenizer
-
-    model, preprocess = load_for_inference(model_path, clip=clip, classes=classes, labels=labels, vocab=vocab,
-                                           prompt=prompt, device=device, clip_dtype=clip_dtype, num_frames=num_frames)
-    fused = model.fuse()
-    refusal = labels_refusal(model, option="labels")
+    refusal = loaded.labels_refusal(option="labels")
     tokenizer = None
     if refusal is None:
         try:
-            tokenizer = text_tokenizer(model.clip, vocab=vocab, checkpoint=path)
+            tokenizer = loaded.tokenizer
         except ValueError as e:
             refusal = f"no tokenizer for the model's text tower: {e}"
+    text_tower = loaded.network.clip
+    fused = loaded.take_inference_form()
     heads = None
     if refusal is None:
-        text_tower = model.clip
         text_tower.visual = None  # the image tower lives on, fused: only the text tower stays beside it
         logit_scale = float(text_tower.logit_scale)
 
@@ -80,8 +73,6 @@ def load_served_model(model_path: str, *, clip: str | None = None, classes: str 
                            max_sets=max_label_sets, default_prompt=prompt)
     else:
         logger.info("per-request labels are not accepted: %s", refusal)
-    del model
     device_name = str(next(fused.buffers()).device)
-    name = path.name if path.is_dir() else path.stem
-    return ServedModel(fused, preprocess, name, "pytorch", device_name, getattr(fused, "method", None),
+    return ServedModel(fused, loaded.preprocess, loaded.name, "pytorch", device_name, getattr(fused, "method", None),
                        label_heads=heads, labels_refusal=refusal)
