@@ -5,7 +5,7 @@
 Measures, on Kinetics-like videos (10 s, 340x256, 30 fps, H.264; cached like ``loader.py``'s)
 and a DiST model with a random small CLIP saved as a model folder:
 
-- ``single``: :func:`dist_video.engine.embed.embed_files` in this process, one torch thread
+- ``single``: ``dist_video.load_model(...).embed`` (``embed_files``) in this process, one torch thread
   (model load included);
 - ``ray-1`` / ``ray-2``: :func:`dist_video.corpus.run_corpus` with 1 and 2 CPU actors (one
   torch thread each) on a local Ray started once beforehand with ``actors + 1`` logical CPUs (the
@@ -39,8 +39,8 @@ from dist_video import DiSTConfig, DiSTVideoModel  # noqa: E402
 from dist_video.clip import CLIP, CLIPConfig  # noqa: E402
 from dist_video.corpus import corpus_uint8_clips, run_corpus  # noqa: E402
 from dist_video.data.transforms import normalize_clips  # noqa: E402
-from dist_video.engine.embed import embed_files  # noqa: E402
-from dist_video.engine.predict import DEFAULT_PREPROCESS, load_for_inference  # noqa: E402
+from dist_video import load_model  # noqa: E402
+from dist_video.engine.predict import DEFAULT_PREPROCESS  # noqa: E402
 
 
 def make_model(folder: Path, width: int, layers: int, image: int, frames: int) -> Path:
@@ -58,16 +58,15 @@ def make_model(folder: Path, width: int, layers: int, image: int, frames: int) -
 def single_process(model: Path, files: list[str]) -> float:
     """Seconds of ``embed_files`` on ``files`` in this process, model load included."""
     t0 = time.perf_counter()
-    net, preprocess = load_for_inference(str(model), device="cpu", clip_dtype="fp32", require_head=False)
-    result = embed_files(net, files, preprocess)
+    result = load_model(str(model), device="cpu", clip_dtype="fp32").embed(files)
     assert result.embeddings.shape[0] == len(files) and not result.errors
     return time.perf_counter() - t0
 
 
 def halves(model: Path, files: list[str]) -> dict:
     """Seconds per video of the decode (uint8 clips) and of the model on them, one thread each."""
-    net, preprocess = load_for_inference(str(model), device="cpu", clip_dtype="fp32", require_head=False)
-    fused = net.fuse()
+    loaded = load_model(str(model), device="cpu", clip_dtype="fp32")
+    fused, preprocess = loaded.inference(), loaded.preprocess
     t0 = time.perf_counter()
     clips = [corpus_uint8_clips(f, preprocess, num_frames=fused.config.num_frames) for f in files]
     decode = (time.perf_counter() - t0) / len(files)

@@ -27,8 +27,8 @@ from dist_video.corpus import (corpus_uint8_clips, is_corpus_folder, list_inputs
                                read_corpus_embeddings, run_corpus)
 from dist_video.data.transforms import normalize_clips
 from dist_video.engine import data as engine_data
-from dist_video.engine.embed import embed_files, search_embeddings
-from dist_video.engine.predict import load_for_inference, predict_files
+from dist_video import load_model
+from dist_video.engine.embed import search_embeddings
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -93,7 +93,7 @@ def test_inputs_from_folders_lists_and_webdataset_shards(corpus, tmp_path):
 
 def test_uint8_clips_normalised_are_the_test_clips(corpus):
     model, videos = corpus
-    _, preprocess = load_for_inference(str(model), device="cpu")
+    preprocess = load_model(str(model), device="cpu").preprocess
     for path in videos[:2]:
         clips = corpus_uint8_clips(path, preprocess, num_frames=8)
         assert clips.dtype == torch.uint8 and clips.shape == (2, 3, 8, 64, 64)
@@ -109,8 +109,7 @@ def test_embeddings_equal_the_single_process_embed_and_search_reads_them(corpus,
     out = tmp_path / "out"
     summary = run_corpus(str(model), videos, out, actors=2, batch_size=2, shard_rows=2, progress=False)
     assert (summary.videos, summary.errors, summary.skipped, summary.total) == (5, 0, 0, 5)
-    net, preprocess = load_for_inference(str(model), device="cpu", require_head=False)
-    want = embed_files(net, videos, preprocess)
+    want = load_model(str(model), device="cpu").embed(videos)
     table = read_corpus(out)
     got = {i: np.asarray(e, dtype=np.float32) for i, e in zip(table.column("id").to_pylist(),
                                                               table.column("embedding").to_pylist())}
@@ -144,8 +143,7 @@ def test_good_broken_and_missing_files_and_predict_records(corpus, ray_cluster, 
     assert sorted(rows) == sorted(inputs)
     assert "cannot open as a video" in rows[str(broken)]["error"] and rows[str(broken)]["top"] is None
     assert rows[str(tmp_path / "missing.mp4")]["error"] == "file not found"
-    net, preprocess = load_for_inference(str(model), device="cpu")
-    for want in predict_files(net, [videos[0], videos[1]], preprocess, topk=3):
+    for want in load_model(str(model), device="cpu").predict([videos[0], videos[1]], topk=3):
         got = rows[want["video"]]
         assert got["error"] is None and len(got["logits"]) == len(CLASS_NAMES)
         assert [t["class"] for t in got["top"]] == [t["class"] for t in want["top"]]
@@ -171,8 +169,7 @@ def test_webdataset_shard_and_list_inputs(corpus, ray_cluster, tmp_path):
     assert rows["key9"]["error"] and rows["key9"]["path"].endswith("shard-000.tar#key9.mp4")
     kind = table.schema.field("embedding").type
     assert (kind.list_size, str(kind.value_type)) == (64, "halffloat")
-    net, preprocess = load_for_inference(str(model), device="cpu", require_head=False)
-    want = embed_files(net, [videos[0], videos[2], videos[1]], preprocess).embeddings
+    want = load_model(str(model), device="cpu").embed([videos[0], videos[2], videos[1]]).embeddings
     for key, row in zip(["key0", "key2", videos[1]], want):
         np.testing.assert_allclose(np.asarray(rows[key]["embedding"], dtype=np.float32), row.numpy(),
                                    rtol=1e-3, atol=1e-3)  # float16 storage

@@ -71,6 +71,7 @@ class ModelSpec:
     vocab: str | None = None
     clip_dtype: str = "auto"
     num_frames: int = 8
+    trust_checkpoint: bool = False
 
 
 @dataclass
@@ -94,15 +95,16 @@ class CorpusSummary:
 
 
 def open_model(spec: ModelSpec, task: str, device: str = "auto") -> tuple[torch.nn.Module, dict]:
-    """The one place a model is loaded: (its inference form, its test preprocessing).
-    ``task="predict"`` requires a classifier head."""
-    from .engine.predict import load_for_inference
+    """The one place a model is loaded (:func:`dist_video.load_model`): (its inference form,
+    its test preprocessing). ``task="predict"`` requires a classifier head."""
+    from .loading import load_model
 
-    model, preprocess = load_for_inference(spec.path, clip=spec.clip, classes=spec.classes, labels=spec.labels,
-                                           prompt=spec.prompt, vocab=spec.vocab, device=device,
-                                           clip_dtype=spec.clip_dtype, num_frames=spec.num_frames,
-                                           require_head=task == "predict")
-    return model.fuse(), preprocess
+    loaded = load_model(spec.path, clip=spec.clip, classes=spec.classes, labels=spec.labels, prompt=spec.prompt,
+                        vocab=spec.vocab, device=device, clip_dtype=spec.clip_dtype,
+                        trust_checkpoint=spec.trust_checkpoint, num_frames=spec.num_frames)
+    if task == "predict":
+        loaded.require_head()
+    return loaded.take_inference_form(), loaded.preprocess
 
 
 # ---------------------------------------------------------------------------------------- inputs
