@@ -23,7 +23,7 @@ import torch
 from data_helpers import write_coded_video
 from deploy_helpers import CLASS_NAMES, make_tiny_model_folder
 
-from dist_video.corpus import (corpus_uint8_clips, is_corpus_folder, list_inputs, read_corpus,
+from dist_video.corpus import (MissingExtraError, corpus_uint8_clips, is_corpus_folder, list_inputs, read_corpus,
                                read_corpus_embeddings, run_corpus)
 from dist_video.data.transforms import normalize_clips
 from dist_video.engine import data as engine_data
@@ -293,5 +293,5 @@ def test_ray_local_starts_on_the_loopback_address_and_shuts_down(corpus, tmp_pat
 def test_without_ray_the_message_names_the_extra(corpus, tmp_path, monkeypatch):
     model, videos = corpus
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as if it were not installed
-    with pytest.raises(ImportError, match=r"dist-video\[ray\]"):
+    with pytest.raises(MissingExtraError, match=r"dist-video\[ray\]"):
         run_corpus(str(model), videos[:1], tmp_path / "out")

@@ -89,6 +89,34 @@ def _window_arguments(p: argparse.ArgumentParser, window_help: str) -> None:
     p.add_argument("--stride", type=float, help="seconds between window starts (default: the window)")
 
 
+def _ray_arguments(p: argparse.ArgumentParser, *, out: bool) -> None:
+    g = p.add_argument_group("corpus on a Ray cluster (needs dist-video[ray]; docs/corpus.md)")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS", help="run as a Ray Data job: "
+                   "on the cluster at ADDRESS, or 'local' (the default value) on this machine; inputs may also be "
+                   "folders, path lists (.txt, .csv, .parquet) and WebDataset .tar shards; writes Parquet shards "
+                   "and manifest.json under --out, and a rerun skips the inputs already there")
+    g.add_argument("--actors", type=_positive_int, default=None, help="with --ray: model actors (default: one per "
+                   "GPU, else 1)")
+    if out:
+        g.add_argument("--out", metavar="DIR", help="with --ray: the output folder")
+
+
+def _run_corpus(args, task: str) -> int:
+    """``--ray``: the command as a corpus job (:func:`dist_video.corpus.run_corpus`)."""
+    from .corpus import ModelSpec, run_corpus
+
+    if getattr(args, "window", None) is not None or not args.out:
+        raise ValueError("--ray takes whole files (no --window) and needs --out DIR")
+    spec = ModelSpec(args.model, clip=args.clip, classes=getattr(args, "classes", None),
+                     labels=getattr(args, "labels", None), prompt=getattr(args, "prompt", None), vocab=args.vocab,
+                     clip_dtype=args.clip_dtype, num_frames=args.frames, trust_checkpoint=args.trust_checkpoint)
+    summary = run_corpus(spec, args.videos, args.out, task=task, ray_address=args.ray, actors=args.actors,
+                         views=args.views, normalize=getattr(args, "normalize", False),
+                         topk=getattr(args, "topk", 5), progress=args.progress)
+    print(f"dist-video {task}: {summary.line()}; output: {args.out}", file=sys.stderr)
+    return 1 if summary.errors else 0
+
+
 def _dataset_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("dataset")
     g.add_argument("--format", default=None, help="annotation format of an annotation-file argument: csv, kinetics, "
@@ -243,9 +271,12 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
                    "current top label drawn on every frame")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default 8)")
     _device_arguments(p)
+    _ray_arguments(p, out=True)
 
 
 def cmd_predict(args) -> int:
+    if args.ray is not None:
+        return _run_corpus(args, "predict")
     _check_window_arguments(args)
     _prepare_device(args.device, keep_freed=args.window is None)
     loaded = _load(args).require_head()
@@ -338,9 +369,12 @@ def _embed_arguments(p: argparse.ArgumentParser) -> None:
     _model_source_arguments(p, prompt=False, vocab=False, frames=True)
     _device_arguments(p)
     _output_arguments(p)
+    _ray_arguments(p, out=False)
 
 
 def cmd_embed(args) -> int:
+    if args.ray is not None:
+        return _run_corpus(args, "embed")
     _check_window_arguments(args)
     _prepare_device(args.device, keep_freed=args.window is None)
     loaded = _load(args)
@@ -356,7 +390,7 @@ def cmd_embed(args) -> int:
 
 
 def _search_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("folder", metavar="DIR", help="a folder written by `dist-video embed`")
+    p.add_argument("folder", metavar="DIR", help="a folder written by `dist-video embed` (with or without --ray)")
     p.add_argument("query", help="a text, e.g. 'a person juggling'")
     p.add_argument("--model", required=True, help="the model that embedded the videos (it needs a text tower)")
     p.add_argument("--topk", type=_positive_int, default=10)
@@ -365,9 +399,10 @@ def _search_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_search(args) -> int:
+    from .corpus import is_corpus_folder, read_corpus_embeddings
     from .engine.embed import read_embeddings, search_embeddings
 
-    index = read_embeddings(args.folder)
+    index = read_corpus_embeddings(args.folder) if is_corpus_folder(args.folder) else read_embeddings(args.folder)
     loaded = _load(args, prompt=None, device="cpu", clip_dtype="fp32")
     hits = search_embeddings(index, loaded.text_embedding(args.query, prompt=args.prompt), topk=args.topk)
     if args.json:

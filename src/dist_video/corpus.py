@@ -42,13 +42,13 @@ from .data.transforms import TestTransform, normalize_clips
 from .engine.inference import FILE_ERRORS, error_message
 from .storage import atomic_path, write_text_atomic
 
-__all__ = ["ModelSpec", "CorpusSummary", "RAY_EXTRA_MESSAGE", "open_model", "list_inputs", "run_corpus",
-           "read_corpus", "read_corpus_embeddings", "is_corpus_folder", "corpus_uint8_clips"]
+__all__ = ["ModelSpec", "CorpusSummary", "MissingExtraError", "RAY_EXTRA_MESSAGE", "open_model", "list_inputs",
+           "run_corpus", "read_corpus", "read_corpus_embeddings", "is_corpus_folder", "corpus_uint8_clips"]
 
 logger = logging.getLogger(__name__)
 
-RAY_EXTRA_MESSAGE = ("--ray needs Ray Data and pyarrow: install the extra with "
-                     "pip install 'dist-video[ray]'")
+RAY_EXTRA_MESSAGE = ("corpus jobs (--ray) and their Parquet output need Ray Data and pyarrow: install the extra "
+                     "with pip install 'dist-video[ray]'")
 SHARD_GLOB = "part-*.parquet"
 LIST_SUFFIXES = (".txt", ".lst", ".csv", ".parquet")
 TASKS = ("embed", "predict")
@@ -56,6 +56,10 @@ TASKS = ("embed", "predict")
 #: rest holds the decoder, a file's sampled frames and its clips). Declaring it also keeps Ray Data
 #: from fusing the decode tasks into CPU actors, so decoding runs beside the model, not before it.
 DECODE_TASK_MEMORY = 512 * 2**20
+
+
+class MissingExtraError(RuntimeError):
+    """Ray Data or pyarrow is not installed (the message names the extra to install)."""
 
 
 @dataclass(frozen=True)
@@ -316,8 +320,17 @@ def _import_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError as e:
-        raise ImportError(f"{RAY_EXTRA_MESSAGE} ({e})") from None
+        raise MissingExtraError(f"{RAY_EXTRA_MESSAGE} ({e})") from None
     return ray
+
+
+def _import_parquet():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise MissingExtraError(f"{RAY_EXTRA_MESSAGE} ({e})") from None
+    return pa, pq
 
 
 def _connect(ray, address: str | None, num_cpus: int | None) -> bool:
@@ -465,8 +478,7 @@ def is_corpus_folder(folder: str | os.PathLike) -> bool:
 def read_corpus(folder: str | os.PathLike):
     """Every row of a :func:`run_corpus` folder as one pyarrow Table, each id once (the first
     row written wins; a duplicate can only come from outside the job, e.g. shards copied in)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa, pq = _import_parquet()
 
     shards = sorted(Path(folder).glob(SHARD_GLOB))
     if not shards:
