@@ -11,8 +11,9 @@ and a DiST model with a random small CLIP saved as a model folder:
   torch thread each) on a local Ray started once beforehand with ``actors + 1`` logical CPUs (the
   extra one runs the decode tasks); actor start and model load included, ``ray.init`` not;
 
-each at two job sizes (a quarter of ``--videos``, and all of them): the marginal time per video
-(the difference over the difference in videos) leaves the fixed costs out;
+each at two job sizes (a quarter of ``--videos``, and all of them) after an uncounted warm-up job:
+the marginal time per video (the difference over the difference in videos) leaves the fixed
+costs out (actors start and load the model in every job);
 - the decode rate (uint8 test clips per video, one core) and the model rate (videos/s of the
   model alone on decoded clips, one thread): the two halves of the pipeline, for sizing.
 
@@ -90,11 +91,14 @@ def measure(model: Path, files: list[str], sizes: tuple[int, int], work: Path) -
     """Seconds of each run at both job sizes: {run: [seconds at sizes[0], seconds at sizes[1]]}."""
     import ray
 
+    single_process(model, files[:2])  # warm-up: imports, first decoder and kernel calls
     runs = {"single": [single_process(model, files[:n]) for n in sizes]}
     for actors in (1, 2):
         ray.init(num_cpus=actors + 1, _node_ip_address="127.0.0.1", include_dashboard=False,
                  logging_level="WARNING")
         try:
+            # warm-up: Ray's worker processes start and import once, then serve both measured jobs
+            on_ray(model, files[:actors + 2], actors, work / f"warm-{actors}")
             runs[f"ray-{actors}"] = [on_ray(model, files[:n], actors, work / f"out-{actors}-{n}") for n in sizes]
         finally:
             ray.shutdown()

@@ -7,6 +7,7 @@ Ray is started once for the module, on the loopback address only, and shut down 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -21,13 +22,14 @@ import numpy as np
 import pytest
 import torch
 from data_helpers import write_coded_video
-from deploy_helpers import CLASS_NAMES, make_tiny_model_folder
+from deploy_helpers import CLASS_NAMES, make_tiny_model_folder, make_tiny_text_model_folder
 
 from dist_video.corpus import (MissingExtraError, corpus_uint8_clips, is_corpus_folder, list_inputs, read_corpus,
                                read_corpus_embeddings, run_corpus)
 from dist_video.data.transforms import normalize_clips
 from dist_video.engine import data as engine_data
 from dist_video import load_model
+from dist_video.cli import main
 from dist_video.engine.embed import search_embeddings
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -122,7 +124,6 @@ def test_embeddings_equal_the_single_process_embed_and_search_reads_them(corpus,
     index = read_corpus_embeddings(out)
     query = want.embeddings[3]
     assert search_embeddings(index, query, topk=1)[0]["video"] == videos[3]
-    import json
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == {"inputs": 5, "rows": 5, "errors": 0, "shards": 3}
     assert manifest["preprocess"]["crop_size"] == 64 and manifest["software"]["ray"]
@@ -271,27 +272,36 @@ def test_a_model_actor_killed_part_way_is_replaced_and_the_job_completes(corpus,
 LOCAL = """
 import sys
 import ray
-from dist_video.corpus import run_corpus
-summary = run_corpus(sys.argv[1], sys.argv[3:], sys.argv[2], ray_address="local", num_cpus=2, progress=False)
-print(summary.videos, summary.errors, ray.is_initialized())
+from dist_video.cli import main
+status = main(["embed", sys.argv[1], *sys.argv[3:], "--out", sys.argv[2], "--ray", "--quiet"])
+print("status", status, "ray still connected:", ray.is_initialized())
 """
 
 
 @pytest.mark.slow
-def test_ray_local_starts_on_the_loopback_address_and_shuts_down(corpus, tmp_path):
+def test_cli_ray_local_starts_on_loopback_shuts_down_and_search_reads_the_output(corpus, tmp_path, capsys):
     pytest.importorskip("ray")
-    model, videos = corpus
+    _, videos = corpus
+    model = make_tiny_text_model_folder(tmp_path / "text-model")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", LOCAL, str(model), str(tmp_path / "out"), *videos[:2]], env=env,
+           "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
+    done = subprocess.run([sys.executable, "-c", LOCAL, str(model), str(tmp_path / "out"), *videos[:3]], env=env,
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["2", "0", "False"]
-    assert sorted(read_corpus(tmp_path / "out").column("id").to_pylist()) == sorted(videos[:2])
+    assert done.stdout.split() == ["status", "0", "ray", "still", "connected:", "False"]
+    assert "3 videos (0 errors)" in done.stderr and "videos/s" in done.stderr
+    assert sorted(read_corpus(tmp_path / "out").column("id").to_pylist()) == sorted(videos[:3])
+    assert main(["search", str(tmp_path / "out"), "juggling", "--model", str(model), "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert sorted(h["video"] for h in hits) == sorted(videos[:3])
 
 
-def test_without_ray_the_message_names_the_extra(corpus, tmp_path, monkeypatch):
+def test_without_ray_the_message_names_the_extra(corpus, tmp_path, monkeypatch, capsys):
     model, videos = corpus
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as if it were not installed
     with pytest.raises(MissingExtraError, match=r"dist-video\[ray\]"):
         run_corpus(str(model), videos[:1], tmp_path / "out")
+    assert main(["predict", str(model), videos[0], "--ray", "--out", str(tmp_path / "out")]) == 2
+    assert "pip install 'dist-video[ray]'" in capsys.readouterr().err
+    assert main(["predict", str(model), videos[0], "--ray"]) == 2  # no --out
+    assert "needs --out DIR" in capsys.readouterr().err
