@@ -410,7 +410,7 @@ def _check_folder(out: Path, spec: ModelSpec, task: str) -> None:
 
 
 def _write_manifest(out: Path, spec: ModelSpec, preprocess: dict, opts: _Options, inputs: int) -> dict:
-    table = read_corpus(out)
+    table = read_corpus(out, columns=["error"])
     errors = table.num_rows - table.column("error").null_count if table.num_rows else 0
     manifest = {"format": "dist-video-corpus", "task": opts.task, "model": asdict(spec),
                 "preprocess": preprocess, "views": opts.views, "normalize": opts.normalize,
@@ -446,22 +446,22 @@ def run_corpus(model: str | ModelSpec, inputs: Sequence[str | os.PathLike], out:
     _check_folder(out, spec, task)
     out.mkdir(parents=True, exist_ok=True)
     rows = list_inputs(inputs)
-    done = set(read_corpus(out).column("id").to_pylist())
+    done = set(read_corpus(out, columns=["id"]).column("id").to_pylist())
     todo = [r for r in rows if r["id"] not in done]
     probe, preprocess = open_model(spec, task, device="cpu")  # the driver needs the preprocessing only
     num_frames = probe.config.num_frames
     del probe
-    started = _connect(ray, ray_address, num_cpus)
     t0 = time.perf_counter()
-    try:
-        ray.data.DataContext.get_current().enable_progress_bars = progress
-        videos = errors = 0
-        if todo:
+    videos = errors = 0
+    if todo:
+        started = _connect(ray, ray_address, num_cpus)
+        try:
+            ray.data.DataContext.get_current().enable_progress_bars = progress
             videos, errors = _write_shards(_pipeline(ray, todo, spec, preprocess, num_frames, opts), out,
                                            shard_rows)
-    finally:
-        if started:
-            ray.shutdown()
+        finally:
+            if started:
+                ray.shutdown()
     seconds = time.perf_counter() - t0
     manifest = _write_manifest(out, spec, preprocess, opts, len(rows))
     summary = CorpusSummary(videos, errors, len(rows) - len(todo), manifest["counts"]["rows"], seconds)
@@ -475,15 +475,16 @@ def is_corpus_folder(folder: str | os.PathLike) -> bool:
     return Path(folder).is_dir() and any(Path(folder).glob(SHARD_GLOB))
 
 
-def read_corpus(folder: str | os.PathLike):
+def read_corpus(folder: str | os.PathLike, columns: Sequence[str] | None = None):
     """Every row of a :func:`run_corpus` folder as one pyarrow Table, each id once (the first
-    row written wins; a duplicate can only come from outside the job, e.g. shards copied in)."""
+    row written wins; a duplicate can only come from outside the job, e.g. shards copied in).
+    ``columns``: only these (``id`` is always read), e.g. ``["id", "error"]`` to count a large folder."""
     pa, pq = _import_parquet()
-
     shards = sorted(Path(folder).glob(SHARD_GLOB))
     if not shards:
         return pa.table({"id": pa.array([], pa.string()), "error": pa.array([], pa.string())})
-    table = pa.concat_tables([pq.read_table(s) for s in shards], promote_options="default")
+    wanted = None if columns is None else list(dict.fromkeys(["id", *columns]))
+    table = pa.concat_tables([pq.read_table(s, columns=wanted) for s in shards], promote_options="default")
     ids = table.column("id").to_numpy(zero_copy_only=False)
     _, first = np.unique(ids, return_index=True)
     return table if len(first) == table.num_rows else table.take(np.sort(first))
