@@ -7,9 +7,10 @@ and a DiST model with a random small CLIP saved as a model folder:
 
 - ``single``: ``dist_video.load_model(...).embed`` (``embed_files``) in this process, one torch thread
   (model load included);
-- ``ray-1`` / ``ray-2``: :func:`dist_video.corpus.run_corpus` with 1 and 2 CPU actors (one
-  torch thread each) on a local Ray started once beforehand with ``actors + 1`` logical CPUs (the
-  extra one runs the decode tasks); actor start and model load included, ``ray.init`` not;
+- ``ray-1-batch-1``, ``ray-1`` / ``ray-2``: :func:`dist_video.corpus.run_corpus` with 1 and 2
+  CPU actors (one torch thread each; 1 video per model call, as the single process, or 4) on a
+  local Ray started once beforehand with ``actors + 1`` logical CPUs (the extra one runs the
+  decode tasks); actor start and model load included, ``ray.init`` not;
 
 each at two job sizes (a quarter of ``--videos``, and all of them) after an uncounted warm-up job:
 the marginal time per video (the difference over the difference in videos) leaves the fixed
@@ -79,12 +80,18 @@ def halves(model: Path, files: list[str]) -> dict:
             "clips_per_video": int(clips[0].shape[0])}
 
 
-def on_ray(model: Path, files: list[str], actors: int, out: Path) -> float:
+def on_ray(model: Path, files: list[str], actors: int, out: Path, batch_size: int) -> float:
     """Seconds of a corpus job on ``files`` (Ray already started), actor start and model load included."""
     t0 = time.perf_counter()
-    summary = run_corpus(str(model), files, out, actors=actors, batch_size=4, shard_rows=64, progress=False)
+    summary = run_corpus(str(model), files, out, actors=actors, batch_size=batch_size, shard_rows=64,
+                         progress=False)
     assert summary.videos == len(files) and summary.errors == 0, summary.line()
     return time.perf_counter() - t0
+
+
+#: The Ray runs: (name, actors, videos per model call). Batch 1 calls the model per video, as
+#: the single-process embed does: Ray's own cost; batch 4 batches across videos.
+RAY_RUNS = (("ray-1-batch-1", 1, 1), ("ray-1", 1, 4), ("ray-2", 2, 4))
 
 
 def measure(model: Path, files: list[str], sizes: tuple[int, int], work: Path) -> dict:
@@ -93,13 +100,13 @@ def measure(model: Path, files: list[str], sizes: tuple[int, int], work: Path) -
 
     single_process(model, files[:2])  # warm-up: imports, first decoder and kernel calls
     runs = {"single": [single_process(model, files[:n]) for n in sizes]}
-    for actors in (1, 2):
+    for name, actors, batch in RAY_RUNS:
         ray.init(num_cpus=actors + 1, _node_ip_address="127.0.0.1", include_dashboard=False,
                  logging_level="WARNING")
         try:
             # warm-up: Ray's worker processes start and import once, then serve both measured jobs
-            on_ray(model, files[:actors + 2], actors, work / f"warm-{actors}")
-            runs[f"ray-{actors}"] = [on_ray(model, files[:n], actors, work / f"out-{actors}-{n}") for n in sizes]
+            on_ray(model, files[:actors + 2], actors, work / f"warm-{name}", batch)
+            runs[name] = [on_ray(model, files[:n], actors, work / f"out-{name}-{n}", batch) for n in sizes]
         finally:
             ray.shutdown()
     return runs
@@ -136,6 +143,7 @@ def main(argv=None) -> int:
     rates = {k: args.videos / t[1] for k, t in runs.items()}
     result = {"sizes": sizes, "model": vars(args), "seconds": runs, "videos_per_s": rates,
               "marginal_videos_per_s": {k: 1 / v for k, v in marginal.items()}, **parts,
+              "ray_1_batch_1_marginal_overhead": marginal["ray-1-batch-1"] / marginal["single"] - 1,
               "ray_1_marginal_overhead": marginal["ray-1"] / marginal["single"] - 1,
               "scaling_1_to_2_marginal": marginal["ray-1"] / marginal["ray-2"],
               "affinity": sorted(os.sched_getaffinity(0)), "torch": torch.__version__}
@@ -146,7 +154,9 @@ def main(argv=None) -> int:
           "| marginal videos/s |\n|---|---|---|---|")
     for k, t in runs.items():
         print(f"| {k} | {t[0]:.1f} / {t[1]:.1f} | {rates[k]:.2f} | {1 / marginal[k]:.2f} |")
-    print(f"Ray at 1 actor vs single, marginal time per video: {100 * result['ray_1_marginal_overhead']:+.1f}%; "
+    print(f"Ray at 1 actor vs single, marginal time per video: batch 1 "
+          f"{100 * result['ray_1_batch_1_marginal_overhead']:+.1f}%, "
+          f"batch 4 {100 * result['ray_1_marginal_overhead']:+.1f}%; "
           f"1 -> 2 actors: {result['scaling_1_to_2_marginal']:.2f}x; "
           f"decode {parts['decode_s_per_video']:.3f} s/video, model "
           f"{parts['model_s_per_video']:.3f} s/video ({parts['clips_per_video']} clips)")
