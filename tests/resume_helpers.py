@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Callable
 
 
-def wait_until(proc: subprocess.Popen, ready: Callable[[], bool], *, timeout: float, what: str) -> None:
-    """Return once ``ready()`` is true (polled every 50 ms) while ``proc`` runs.
+def wait_until(proc: subprocess.Popen, ready: Callable[[], bool], *, timeout: float, what: str,
+               poll: float = 0.05) -> None:
+    """Return once ``ready()`` is true (polled every ``poll`` seconds) while ``proc`` runs.
 
     Fails, naming ``what`` (e.g. "step 3"), when the process ends first or ``ready`` stays false
     for ``timeout`` seconds (the process is then killed)."""
@@ -24,13 +25,14 @@ def wait_until(proc: subprocess.Popen, ready: Callable[[], bool], *, timeout: fl
             proc.kill()
             proc.wait(timeout)
             raise AssertionError(f"the command hung before {what}")
-        time.sleep(0.05)
+        time.sleep(poll)
 
 
-def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], *, timeout: float, what: str) -> None:
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], *, timeout: float, what: str,
+              poll: float = 0.05) -> None:
     """SIGKILL ``proc`` as soon as ``ready()`` is true (:func:`wait_until`) and wait for it to
     end; fails when it did not end by the signal."""
-    wait_until(proc, ready, timeout=timeout, what=what)
+    wait_until(proc, ready, timeout=timeout, what=what, poll=poll)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout)
     assert proc.returncode == -signal.SIGKILL, proc.returncode

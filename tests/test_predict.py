@@ -9,12 +9,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import cli_env, run_cli
 from data_helpers import truncate, write_coded_video, write_synthetic
 from zero_shot_helpers import ModuloTokenizer, tiny_text_clip
 
@@ -255,9 +255,7 @@ def test_serve_takes_the_frames_of_plain_clip_weights(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- the command line
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    run_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "dist_video.cli", *args], capture_output=True, text=True,
-                          timeout=300, env=run_env)
+    return run_cli(*args, env=cli_env(**(env or {})))
 
 
 @pytest.mark.slow
