@@ -48,8 +48,8 @@ def _prepare_device(name: str, keep_freed: bool = True) -> None:
     step then reuse memory instead of page-faulting fresh pages
     (:mod:`dist_video.engine.allocator`). Long-video runs (``--window``) leave malloc alone:
     there a decoding thread and the model's thread allocate side by side, and with freed memory
-    kept the heap's fragments made the peak of a 10-minute video vary from run to run by up to
-    45% (benchmarks/README.md#long-videos). On a GPU, let cuDNN pick
+    kept the heap's fragments made the peak of a long video vary widely from run to run
+    (benchmarks/README.md#long-videos). On a GPU, let cuDNN pick
     its fastest convolution algorithms for the run's fixed shapes, and let float32 matrix
     products use TF32 tensor cores (the frozen CLIP and autocast regions compute in bf16/fp16
     anyway)."""

@@ -218,9 +218,9 @@ def _cache_put(key: tuple, entry: _FrameIndex) -> None:
 
 # ----------------------------------------------------------------------------- helpers
 
-#: Frames smaller than this (pixels) decode with one thread unless asked otherwise: measured
-#: here, FFmpeg's frame threads give no speed-up at 340x256 (and cost latency when stopping
-#: early), but 1.6x at 1280x720.
+#: Frames smaller than this (pixels) decode with one thread unless asked otherwise: FFmpeg's
+#: frame threads speed up large frames but not small ones (and cost latency when stopping
+#: early; benchmarks/README.md, "Video loading").
 THREADING_MIN_PIXELS = 640 * 480
 
 
