@@ -1,5 +1,5 @@
 """The ``dist-video`` command line: train, evaluate, predict, embed, search, info, convert, export, serve,
-prepare, scan, make-synthetic, demo.
+watch, prepare, scan, kinetics710, make-synthetic, demo.
 
 Each command is one entry of :data:`COMMANDS` (its help, its arguments, its run function); the
 argument groups several commands share (the model source, device and precision, output) are
@@ -22,7 +22,8 @@ from typing import Callable
 __all__ = ["main", "build_parser", "Command", "COMMANDS"]
 
 MODEL_HELP = "a dist-video model folder, an exported ONNX folder, an authors' .pyth checkpoint or CLIP weights"
-CLASSES_HELP = "class names for a .pyth checkpoint's text head: a file (one per line) or 'kinetics400' / 'ssv2'"
+CLASSES_HELP = ("class names: a file (one per line) or kinetics400 / kinetics600 / kinetics700 / kinetics710 / ssv2; "
+                "a .pyth checkpoint's text head, or the classes a head that knows more is restricted to")
 
 
 # ---------------------------------------------------------------------------- shared argument groups
@@ -570,6 +571,27 @@ def cmd_scan(args) -> int:
     return 1 if outcome.bad else 0
 
 
+def _kinetics710_arguments(p: argparse.ArgumentParser) -> None:
+    for release in ("400", "600", "700"):
+        p.add_argument(f"--k{release}", required=True, metavar="DIR", help=f"the Kinetics-{release} release folder "
+                       "(its annotation CSVs, directly or in annotations/, and its videos below it)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (train.csv, val.csv, classes.txt, "
+                   "label_map.json, report.json, videos/)")
+    p.add_argument("--match-by", default="youtube_id", choices=["youtube_id", "segment"],
+                   help="a clip's identity: its YouTube id (UniFormerV2's rule, default) or id + start + end")
+    p.add_argument("--no-videos", action="store_true", help="search no video: keep every labelled row")
+    p.add_argument("--no-links", action="store_true", help="write no videos/ folder of links to the files found")
+
+
+def cmd_kinetics710(args) -> int:
+    from .data.kinetics710 import build_kinetics710, format_report
+
+    report = build_kinetics710(k400=args.k400, k600=args.k600, k700=args.k700, out=args.out, match_by=args.match_by,
+                               find_videos=not args.no_videos, link_videos=not args.no_links)
+    print(format_report(report))
+    return 0
+
+
 # ---------------------------------------------------------------------------- demo, make-synthetic
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -635,6 +657,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("prepare", "re-encode a dataset once to a small short side with short GOPs (every frame kept)",
             _prepare_arguments, cmd_prepare),
     Command("scan", "check every video of a dataset and list the bad ones", _scan_arguments, cmd_scan),
+    Command("kinetics710", "build Kinetics-710 (the union of Kinetics-400, -600, -700) from the release folders",
+            _kinetics710_arguments, cmd_kinetics710),
     Command("make-synthetic", "write the synthetic moving-digit video dataset", _make_synthetic_arguments,
             cmd_make_synthetic),
 )

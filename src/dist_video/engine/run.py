@@ -33,7 +33,10 @@ def _class_names(dataset_names: Sequence[str], given: str | None, option: str, r
 def _model_for(model_path: str, cfg: Config, names: list[str], device, *, clip: str | None, classes: str | None,
                labels: str | None, prompt: str | None, vocab: str | None, trust_checkpoint: bool
                ) -> tuple[LoadedModel, list[str]]:
-    """The model to evaluate, with a head for the dataset's classes, and the class names it scores."""
+    """The model to evaluate, with a head for the dataset's classes, and the class names it scores
+    (``classes``: the dataset's class names, one per class; a head that knows more classes keeps
+    the rows of these, :func:`dist_video.label_maps.restrict_classes`)."""
+    from ..label_maps import knows_classes
     from ..prompts import parse_labels
     from .predict import read_class_names
 
@@ -43,9 +46,11 @@ def _model_for(model_path: str, cfg: Config, names: list[str], device, *, clip: 
                           device=device, clip_dtype=cfg.model.clip_dtype, trust_checkpoint=trust_checkpoint), names
     loaded = load_model(model_path, clip=clip, vocab=vocab or cfg.model.vocab, device=device,
                         clip_dtype=cfg.model.clip_dtype, trust_checkpoint=trust_checkpoint)
-    if loaded.kind == "official":
-        names = _class_names(names, classes, "--classes", read_class_names)
+    names = _class_names(names, classes, "--classes", read_class_names)
     network = loaded.network
+    if network is not None and network.class_names and list(network.class_names) != names \
+            and knows_classes(network, names):  # e.g. a Kinetics-710 model on Kinetics-400
+        loaded.restrict_classes(names)
     if network is not None and network.head_type is None:
         needs_text = cfg.model.head == "text" and network.clip.has_text
         attach_head(network, cfg.model, names, tokenizer=loaded.tokenizer if needs_text else None)

@@ -1,0 +1,135 @@
+"""The command line wired to the library's newer pieces: class lists restricted to a head's
+classes (``--classes kinetics400`` on a Kinetics-710 model), ``watch``, ``--compile`` and the
+shared frame grid of ``embed --window``; each end to end on tiny synthetic data."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_helpers import write_coded_video
+from deploy_helpers import TINY_PREPROCESS
+
+from dist_video import cli
+from dist_video.label_maps import builtin_class_names
+
+K710 = builtin_class_names("kinetics710")
+K400 = builtin_class_names("kinetics400")
+
+
+def dist_folder(path: Path, clip_factory, names: list[str], rows: torch.Tensor | None = None) -> Path:
+    """A tiny DiST model folder (8 frames, alpha 2) with a linear head over ``names``: rows
+    ``rows`` (weight | bias), else seeded random ones."""
+    from dist_video import DiSTConfig, DiSTVideoModel
+
+    torch.manual_seed(7)
+    model = DiSTVideoModel(clip_factory(), DiSTConfig(num_frames=8, alpha=2, temporal_dim=16, integration_dim=64,
+                                                      pooling_layers=2), clip_dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.branch.named_parameters():
+            p.normal_(mean=1.0 if name.endswith("ln.weight") else 0.0, std=0.05)
+    model.set_linear_head(len(names), names)
+    with torch.no_grad():
+        if rows is None:
+            rows = torch.cat([torch.randn(len(names), model.head.in_features) * 0.5, torch.randn(len(names), 1)], 1)
+        model.head.weight.copy_(rows[:, :-1])
+        model.head.bias.copy_(rows[:, -1])
+    model.save_pretrained(path, metadata={"preprocess": {**TINY_PREPROCESS, "num_views": 1, "num_frames": 8}})
+    return path
+
+
+def head_rows(folder: Path) -> torch.Tensor:
+    from dist_video import VideoClassifier
+
+    model = VideoClassifier.from_pretrained(folder)
+    return torch.cat([model.head.weight, model.head.bias[:, None]], 1).detach()
+
+
+@pytest.fixture(scope="module")
+def clip_video(tmp_path_factory) -> Path:
+    return write_coded_video(tmp_path_factory.mktemp("wiring") / "v.mp4", 40, width=96, height=72, seed=1)
+
+
+def run_json(capsys, argv: list[str]):
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def one_error_line(capsys, argv: list[str], status: int, *needles: str) -> str:
+    assert cli.main(argv) == status
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dist-video {argv[0]}: error: "), lines
+    assert all(n in lines[0] for n in needles), lines
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- --classes on a bigger head
+
+def test_predict_classes_kinetics400_on_a_kinetics710_head_is_the_renormalised_columns(tiny_clip, tmp_path,
+                                                                                       clip_video, capsys):
+    folder = dist_folder(tmp_path / "k710", tiny_clip, K710)
+    common = [str(folder), str(clip_video), "--device", "cpu", "--json"]
+    full = run_json(capsys, ["predict", *common, "--topk", "710"])[0]
+    probability = {t["class"]: t["probability"] for t in full["top"]}
+    assert len(probability) == 710
+    for builtin, names in (("kinetics400", K400), ("kinetics600", builtin_class_names("kinetics600"))):
+        got = run_json(capsys, ["predict", *common, "--topk", "5", "--classes", builtin])[0]
+        # the Kinetics-710 probabilities of these classes, renormalised over them (renamed ones included)
+        from dist_video.label_maps import kinetics710_name
+        total = sum(probability[kinetics710_name(n)] for n in names)
+        want = sorted(((probability[kinetics710_name(n)] / total, n) for n in names), reverse=True)[:5]
+        assert [t["class"] for t in got["top"]] == [n for _, n in want], builtin
+        for t, (p, _) in zip(got["top"], want):
+            assert t["probability"] == pytest.approx(p, rel=1e-3, abs=1e-6)
+    # a file of names works as the built-in lists do, in its own order
+    subset = tmp_path / "some.txt"
+    subset.write_text("balloon blowing\nabseiling\ndrinking\n")
+    got = run_json(capsys, ["predict", *common, "--classes", str(subset)])[0]
+    assert sorted(t["class"] for t in got["top"]) == ["abseiling", "balloon blowing", "drinking"]
+    assert sum(t["probability"] for t in got["top"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_predict_classes_the_head_does_not_know_is_a_one_line_error(tiny_clip, tmp_path, clip_video, capsys):
+    folder = dist_folder(tmp_path / "m", tiny_clip, ["abseiling", "archery", "yoga"])
+    argv = ["predict", str(folder), str(clip_video), "--device", "cpu"]
+    one_error_line(capsys, [*argv, "--classes", "kinetics400"], 2, str(folder), "'",
+                   "not among the model's 3 classes")
+    one_error_line(capsys, [*argv, "--classes", str(tmp_path / "nope.txt")], 2, "class-name list not found",
+                   "kinetics710")
+
+
+def test_evaluate_a_head_with_more_classes_scores_as_the_head_of_the_dataset_classes(tiny_clip, tmp_path, capsys):
+    from dist_video.data.synthetic import make_synthetic
+
+    data = tmp_path / "data"
+    make_synthetic(data, num_train=1, num_val=6, seed=0, size=32, num_frames=8, digits=[0],
+                   motions=["left", "right", "approach"], workers=1)
+    names = (data / "classes.txt").read_text().split("\n")[:3]
+    big = dist_folder(tmp_path / "big", tiny_clip, ["yoga", names[2], "surfing", names[0], names[1]])
+    rows = head_rows(big)
+    small = dist_folder(tmp_path / "small", tiny_clip, names, rows=rows[[3, 4, 1]])
+    sets = [f"data.root={data}", f"data.val={data / 'val.csv'}", "data.format=csv",
+            f"data.classes={data / 'classes.txt'}", "data.crop_size=64", "data.test_scale=64", "data.num_views=1",
+            "data.workers=0", "model.dist.num_frames=8", "train.device=cpu", "model.clip_dtype=fp32"]
+    args = [a for s in sets for a in ("--set", s)] + ["--no-progress"]
+    scores = {}
+    for folder in (big, small):
+        out = tmp_path / f"eval-{folder.name}"
+        assert cli.main(["evaluate", str(folder), *args, "--output", str(out)]) == 0
+        scores[folder.name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        with open(out / "predictions.csv", newline="") as f:
+            scores[folder.name + "-rows"] = [{k: v for k, v in r.items() if "prob" not in k} for r in csv.DictReader(f)]
+    assert scores["big"]["num_videos"] == 6 and scores["big"] == scores["small"]
+    assert scores["big-rows"] == scores["small-rows"] and len(scores["big-rows"]) == 6
+    # --classes naming the dataset's classes (a file) gives the same; a list of another length is refused
+    listed = tmp_path / "names.txt"
+    listed.write_text("\n".join(names) + "\n")
+    assert cli.main(["evaluate", str(big), *args, "--output", str(tmp_path / "e2"), "--classes", str(listed)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == scores["small"]
+    one_error_line(capsys, ["evaluate", str(big), *args, "--output", str(tmp_path / "e3"), "--classes",
+                            "kinetics400"], 2, "--classes has 400 names but the dataset has 3 classes")
