@@ -133,3 +133,52 @@ def test_evaluate_a_head_with_more_classes_scores_as_the_head_of_the_dataset_cla
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == scores["small"]
     one_error_line(capsys, ["evaluate", str(big), *args, "--output", str(tmp_path / "e3"), "--classes",
                             "kinetics400"], 2, "--classes has 400 names but the dataset has 3 classes")
+
+
+# ----------------------------------------------------------------------------- watch
+
+def test_watch_a_file_prints_the_windows_of_the_library_and_a_summary(tiny_clip, tmp_path, capsys):
+    from deploy_helpers import CLASS_NAMES, make_tiny_model_folder
+
+    from dist_video import load_model
+    from dist_video.live import watch
+
+    folder = make_tiny_model_folder(tmp_path / "m", tiny_clip)
+    video = write_coded_video(tmp_path / "w.mp4", 60, width=96, height=64, fps=25)
+    loaded = load_model(folder, device="cpu", clip_dtype="fp32")
+    *want, _ = watch(loaded.inference(), str(video), window=1, stride=0.5, preprocess=loaded.preprocess, topk=3)
+    argv = ["watch", str(folder), str(video), "--window", "1", "--stride", "0.5", "--topk", "3", "--device", "cpu",
+            "--clip-dtype", "fp32"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    got = [json.loads(line) for line in captured.out.splitlines()]
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want):
+        assert (g["start"], g["end"]) == (w["start"], w["end"]) and len(g["top"]) == 3
+        assert [t["class"] for t in g["top"]] == [t["class"] for t in w["top"]]
+        assert [t["probability"] for t in g["top"]] == pytest.approx([t["probability"] for t in w["top"]], abs=1e-5)
+    assert captured.err.strip().splitlines()[-1].startswith("3 windows, 0 skipped, latency median")
+    # --classes restricts the head here too; --csv writes rows under a header
+    two = tmp_path / "two.txt"
+    two.write_text(f"{CLASS_NAMES[3]}\n{CLASS_NAMES[1]}\n")
+    assert cli.main([*argv, "--classes", str(two), "--csv"]) == 0
+    rows = list(csv.reader(capsys.readouterr().out.splitlines()))
+    assert rows[0][:7] == ["window", "start", "end", "latency", "skipped", "class_1", "probability_1"]
+    assert len(rows) == 4 and all({r[5], r[7]} == {CLASS_NAMES[3], CLASS_NAMES[1]} for r in rows[1:])
+
+
+def test_watch_bad_inputs_are_one_line_errors(tiny_clip, tmp_path, capsys):
+    from deploy_helpers import make_tiny_model_folder
+
+    folder = make_tiny_model_folder(tmp_path / "m", tiny_clip)
+    base = ["watch", str(folder)]
+    missing = str(tmp_path / "missing.mp4")
+    assert cli.main([*base, missing, "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {missing}: ") and "no such file" in err[0], err
+    one_error_line(capsys, [*base, missing, "--window", "0"], 2, "--window must be a finite positive number")
+    one_error_line(capsys, [*base, missing, "--timeout", "nan"], 2, "--timeout must be a finite positive")
+    one_error_line(capsys, ["watch", str(tmp_path / "nomodel"), missing], 2, "no model at")
+    with pytest.raises(SystemExit) as usage:
+        cli.main([*base, missing, "--reconnect", "-1"])
+    assert usage.value.code == 2 and "must be at least 0" in capsys.readouterr().err

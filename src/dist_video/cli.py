@@ -286,6 +286,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def _check_window_arguments(args) -> None:
     """Usage errors of the long-video options (exit status 2, before any work). The number of
     windows a video gets is bounded where it is known, per video
@@ -298,7 +309,7 @@ def _check_window_arguments(args) -> None:
         for flag in ("stride", "csv", "timeline", "annotate"):
             if getattr(args, flag, None) is not None:
                 raise ValueError(f"--{flag} needs --window SECONDS")
-    elif len(args.videos) > 1 and (getattr(args, "timeline", None) or getattr(args, "annotate", None)):
+    elif len(getattr(args, "videos", ())) > 1 and (getattr(args, "timeline", None) or getattr(args, "annotate", None)):
         raise ValueError("--timeline and --annotate take one video at a time")
 
 
@@ -496,6 +507,40 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- watch
+
+def _watch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("source", help="/dev/videoN, an rtsp:// rtmp:// http(s):// udp:// srt:// tcp:// URL, - (standard "
+                   "input), or a file")
+    p.add_argument("--window", type=float, default=4.0, help="seconds per window (default 4)")
+    p.add_argument("--stride", type=float, default=1.0, help="seconds between window starts (default 1)")
+    p.add_argument("--topk", type=_positive_int, default=5)
+    _model_source_arguments(p, classes=True, labels="names", frames=True)
+    _device_arguments(p)
+    p.add_argument("--realtime", action="store_true", help="play a file at its real speed (a live source always "
+                   "is): a window the model cannot keep up with is skipped")
+    p.add_argument("--reconnect", type=_non_negative_int, default=0, metavar="N",
+                   help="reopen a live source that drops up to N times (default 0)")
+    p.add_argument("--csv", action="store_true", help="CSV rows with a header instead of JSON lines")
+    p.add_argument("--annotate", metavar="OUT.mp4", help="also write the stream with the running top label drawn")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the source to open or for its "
+                   "next data (default 10)")
+
+
+def cmd_watch(args) -> int:
+    from .live import run_watch
+
+    _check_window_arguments(args)
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise ValueError(f"--timeout must be a finite positive number of seconds, got {args.timeout}")
+    _prepare_device(args.device, keep_freed=False)
+    loaded = _load(args).require_head()
+    return run_watch(model=loaded.inference(), source=args.source, preprocess=loaded.preprocess, window=args.window,
+                     stride=args.stride, topk=args.topk, realtime=args.realtime, reconnect=args.reconnect,
+                     csv=args.csv, annotate=args.annotate, timeout=args.timeout)
+
+
 # ---------------------------------------------------------------------------- datasets
 
 def _prepare_arguments(p: argparse.ArgumentParser) -> None:
@@ -654,6 +699,8 @@ COMMANDS: tuple[Command, ...] = (
             _export_arguments, cmd_export),
     Command("serve", "an HTTP prediction server with a web page (needs dist-video[serve])", _serve_arguments,
             cmd_serve),
+    Command("watch", "rolling predictions on live input: a camera, a stream, standard input or a file (docs/live.md)",
+            _watch_arguments, cmd_watch),
     Command("prepare", "re-encode a dataset once to a small short side with short GOPs (every frame kept)",
             _prepare_arguments, cmd_prepare),
     Command("scan", "check every video of a dataset and list the bad ones", _scan_arguments, cmd_scan),
