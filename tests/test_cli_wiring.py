@@ -182,3 +182,65 @@ def test_watch_bad_inputs_are_one_line_errors(tiny_clip, tmp_path, capsys):
     with pytest.raises(SystemExit) as usage:
         cli.main([*base, missing, "--reconnect", "-1"])
     assert usage.value.code == 2 and "must be at least 0" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- --compile
+
+@pytest.fixture
+def compile_calls(monkeypatch) -> list:
+    """``torch.compile`` recorded and made the identity (compiling itself is the slow test's)."""
+    calls: list = []
+
+    def record(target, *args, **kwargs):
+        calls.append(target)
+        return target
+
+    monkeypatch.setattr(torch, "compile", record)
+    return calls
+
+
+def test_compile_flag_wraps_the_fused_model_of_predict_embed_and_evaluate(tiny_clip, tmp_path, clip_video, capsys,
+                                                                          compile_calls):
+    from deploy_helpers import make_tiny_model_folder
+
+    from dist_video.fused import FusedDiSTModel
+    from dist_video.data.synthetic import make_synthetic
+
+    folder = make_tiny_model_folder(tmp_path / "m", tiny_clip)
+    common = [str(folder), str(clip_video), "--device", "cpu", "--clip-dtype", "fp32"]
+    eager = run_json(capsys, ["predict", *common, "--json"])
+    assert compile_calls == []
+    assert run_json(capsys, ["predict", *common, "--json", "--compile"]) == eager
+    assert [type(c).__name__ for c in compile_calls] == ["method", "FusedDiSTModel"]
+    assert isinstance(compile_calls[1], FusedDiSTModel) and compile_calls[0].__self__ is compile_calls[1]
+    compile_calls.clear()
+    assert cli.main(["embed", *common, "--out", str(tmp_path / "e"), "--quiet", "--compile"]) == 0
+    assert compile_calls[0].__name__ == "encode_video" and isinstance(compile_calls[1], FusedDiSTModel)
+    compile_calls.clear()
+    data = tmp_path / "data"
+    make_synthetic(data, num_train=1, num_val=2, seed=0, size=32, num_frames=8, digits=[0], motions=["left"],
+                   workers=1)
+    sets = [f"data.root={data}", f"data.val={data / 'val.csv'}", "data.format=csv", "data.crop_size=64",
+            "data.test_scale=64", "data.num_views=1", "data.workers=0", "model.dist.num_frames=8",
+            "train.device=cpu", "model.clip_dtype=fp32", "train.precision=fp32"]
+    one = dist_folder(tmp_path / "one", tiny_clip, (data / "classes.txt").read_text().split("\n")[:1])
+    args = ["evaluate", str(one), *[a for s in sets for a in ("--set", s)], "--no-progress"]
+    assert cli.main([*args, "--output", str(tmp_path / "eager")]) == 0 and compile_calls == []
+    assert cli.main([*args, "--output", str(tmp_path / "compiled"), "--compile"]) == 0
+    assert len(compile_calls) == 1 and isinstance(compile_calls[0], FusedDiSTModel)
+    eager_metrics, compiled_metrics = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert json.loads(compiled_metrics) == json.loads(eager_metrics) and json.loads(eager_metrics)["num_videos"] == 2
+
+
+@pytest.mark.slow
+def test_predict_compiled_gives_the_eager_probabilities(tiny_clip, tmp_path, clip_video, capsys):
+    from deploy_helpers import make_tiny_model_folder
+
+    torch._dynamo.reset()
+    folder = make_tiny_model_folder(tmp_path / "m", tiny_clip)
+    common = ["predict", str(folder), str(clip_video), "--device", "cpu", "--clip-dtype", "fp32", "--json"]
+    eager = run_json(capsys, common)[0]
+    compiled = run_json(capsys, [*common, "--compile"])[0]
+    assert [t["class"] for t in compiled["top"]] == [t["class"] for t in eager["top"]]
+    assert [t["probability"] for t in compiled["top"]] == pytest.approx([t["probability"] for t in eager["top"]],
+                                                                          abs=1e-4)

@@ -85,6 +85,11 @@ def _device_arguments(p: argparse.ArgumentParser) -> None:
                    "else fp32; an exported folder is float32)")
 
 
+def _compile_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true", help="wrap the inference form in torch.compile; the first "
+                   "batch per shape compiles")
+
+
 def _window_arguments(p: argparse.ArgumentParser, window_help: str) -> None:
     p.add_argument("--window", type=float, help=window_help)
     p.add_argument("--stride", type=float, help="seconds between window starts (default: the window)")
@@ -119,19 +124,14 @@ def _prepare_device(name: str, keep_freed: bool = True) -> None:
     kept the heap's fragments made the peak memory of a long video vary from run to run
     (benchmarks/README.md#long-videos). On a GPU, let cuDNN pick its fastest convolution
     algorithms for the run's fixed shapes, and let float32 matrix products use TF32 tensor
-    cores (the frozen CLIP and autocast regions compute in bf16/fp16 anyway)."""
-    import torch
-
+    cores (:func:`~dist_video.engine.distributed.use_fast_gpu_kernels`)."""
     from .engine.allocator import keep_freed_memory
-    from .engine.distributed import local_world_size, resolve_device
+    from .engine.distributed import local_world_size, resolve_device, use_fast_gpu_kernels
 
     device = resolve_device(name, int(os.environ.get("LOCAL_RANK", "0")), local_world_size())
     if device.type == "cpu" and keep_freed:
         keep_freed_memory()
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.set_float32_matmul_precision("high")  # TF32 for float32 matrix products
+    use_fast_gpu_kernels(device)
 
 
 def _load_cfg(args):
@@ -211,6 +211,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=MODEL_HELP)
     _config_arguments(p)
     _model_source_arguments(p, classes=True, labels="dataset")
+    _compile_argument(p)
     _output_arguments(p)
 
 
@@ -221,7 +222,7 @@ def cmd_evaluate(args) -> int:
     _prepare_device(cfg.train.device)
     metrics = evaluate_model(args.model, cfg, clip=args.clip, classes=args.classes, output=args.output,
                              progress=args.progress, labels=args.labels, prompt=args.prompt, vocab=args.vocab,
-                             trust_checkpoint=args.trust_checkpoint)
+                             trust_checkpoint=args.trust_checkpoint, compile=args.compile)
     if metrics is not None:
         print(json.dumps(_finite({k: metrics[k] for k in ("top1", "top5", "mean_class_accuracy", "num_videos")})))
     return 0
@@ -244,12 +245,15 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
                    "current top label drawn on every frame")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default 8)")
     _device_arguments(p)
+    _compile_argument(p)
 
 
 def cmd_predict(args) -> int:
     _check_window_arguments(args)
     _prepare_device(args.device, keep_freed=args.window is None)
     loaded = _load(args).require_head()
+    if args.compile:
+        loaded.compile()
     if args.window is None:
         results = loaded.predict(args.videos, topk=args.topk, views=args.views)
     else:
@@ -349,6 +353,7 @@ def _embed_arguments(p: argparse.ArgumentParser) -> None:
     _window_arguments(p, "one embedding per window of this many seconds")
     _model_source_arguments(p, prompt=False, vocab=False, frames=True)
     _device_arguments(p)
+    _compile_argument(p)
     _output_arguments(p)
 
 
@@ -356,6 +361,8 @@ def cmd_embed(args) -> int:
     _check_window_arguments(args)
     _prepare_device(args.device, keep_freed=args.window is None)
     loaded = _load(args)
+    if args.compile:
+        loaded.compile()
     with _bar(len(args.videos), "video", args.progress) as bar:
         result = loaded.embed(args.videos, out=args.out, views=args.views, window=args.window, stride=args.stride,
                               normalize=args.normalize, progress=lambda path: bar.update(1))

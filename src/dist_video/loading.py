@@ -191,6 +191,20 @@ class LoadedModel:
         self.model = self._inference
         return self._inference
 
+    def compile(self) -> LoadedModel:
+        """Wrap the inference form in ``torch.compile`` (its ``forward`` and ``encode_video``: the
+        first call per input shape compiles). Call it last: choosing another head re-fuses the
+        model uncompiled. An exported folder runs in onnxruntime: ``ValueError``."""
+        if self.kind == "exported":
+            raise ValueError(f"{self.source}: an exported model runs in onnxruntime; torch.compile needs a model "
+                             "folder, an authors' .pyth or CLIP weights")
+        fused = self.inference()
+        fused.encode_video = torch.compile(fused.encode_video)
+        self._inference = torch.compile(fused)
+        if self.model is fused:  # the training form was dropped (take_inference_form)
+            self.model = self._inference
+        return self
+
     def __call__(self, video: torch.Tensor) -> torch.Tensor:
         return self.inference()(video)
 
