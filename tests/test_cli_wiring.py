@@ -244,3 +244,37 @@ def test_predict_compiled_gives_the_eager_probabilities(tiny_clip, tmp_path, cli
     assert [t["class"] for t in compiled["top"]] == [t["class"] for t in eager["top"]]
     assert [t["probability"] for t in compiled["top"]] == pytest.approx([t["probability"] for t in eager["top"]],
                                                                           abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- embed --window
+
+def test_embed_window_uses_the_shared_frame_grid(tiny_clip, tmp_path, capsys):
+    from deploy_helpers import make_tiny_model_folder
+
+    from dist_video import load_model
+    from dist_video.engine.embed import read_embeddings
+    from dist_video.engine.timeline import window_outputs
+
+    folder = make_tiny_model_folder(tmp_path / "m", tiny_clip)
+    video = write_coded_video(tmp_path / "long.mp4", 90, width=96, height=64, fps=25)
+    out = tmp_path / "emb"
+    assert cli.main(["embed", str(folder), str(video), "--window", "1.2", "--stride", "0.4", "--out", str(out),
+                     "--device", "cpu", "--clip-dtype", "fp32", "--quiet"]) == 0
+    got = read_embeddings(out)
+    fused = load_model(folder, device="cpu", clip_dtype="fp32").inference()
+    common = dict(num_frames=8, window=1.2, stride=0.4)
+    with torch.no_grad():
+        # each window run on its own, on the grid's frames
+        bounds, grid, _, _ = window_outputs(fused.encode_video, video, fused_preprocess(folder), **common,
+                                            model=fused, share=False)
+        _, sampled, _, _ = window_outputs(fused.encode_video, video, fused_preprocess(folder), **common)
+    assert [(r[1], r[2]) for r in got.rows] == [(round(a, 3), round(b, 3)) for a, b in bounds]
+    assert len(bounds) == 7
+    torch.testing.assert_close(got.embeddings, grid, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(grid, sampled, atol=1e-3)  # the grid is not the sampler's frames: the test tells
+
+
+def fused_preprocess(folder: Path) -> dict:
+    from dist_video import load_model
+
+    return load_model(folder, device="cpu", clip_dtype="fp32").preprocess
