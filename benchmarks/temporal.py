@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
-from dist_video.demo import DEFAULTS, appearance_ceiling, demo_config  # noqa: E402
+from dist_video.demo import DEFAULTS, VIDEO_FRAMES, appearance_ceiling, demo_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("dist", "frozen-mean", "adapter", "full-finetune")
@@ -50,7 +50,8 @@ def main() -> None:
     work = Path(args.work)
     data = work / "data"
     if not (data / "meta.json").is_file():
-        make_synthetic(data, num_train=args.train_videos, num_val=args.val_videos, seed=args.seed)
+        make_synthetic(data, num_train=args.train_videos, num_val=args.val_videos, seed=args.seed,
+                       num_frames=VIDEO_FRAMES)
     ceiling = appearance_ceiling(data)
     rows = []
     for method in args.methods:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_helpers import realistic_scales
+from data_helpers import realistic_scales, write_synthetic
 
 from dist_video.clip import CLIP, CLIPConfig
 
@@ -34,6 +34,23 @@ def tiny_clip():
     """Factory: ``tiny_clip(width=128, layers=4, heads=None, patch=16, image=64, embed=64, seed=0)`` builds a
     new tiny CLIP on every call (seeded, so the same arguments give the same weights)."""
     return _tiny_clip
+
+
+@pytest.fixture(scope="session")
+def synthetic_videos(tmp_path_factory):
+    """Factory: ``synthetic_videos(num_train, num_val, *, seed=0, size=32, num_frames=8)`` -> the
+    folder of a small synthetic dataset (:func:`data_helpers.write_synthetic`), written once per
+    session for each set of arguments. Tests only read it."""
+    made: dict[tuple, Path] = {}
+
+    def make(num_train: int, num_val: int, *, seed: int = 0, size: int = 32, num_frames: int = 8) -> Path:
+        key = (num_train, num_val, seed, size, num_frames)
+        if key not in made:
+            made[key] = write_synthetic(tmp_path_factory.mktemp("synthetic"), num_train, num_val, seed=seed,
+                                        size=size, num_frames=num_frames)
+        return made[key]
+
+    return make
 
 
 OFFICIAL_TINY = Path(__file__).parent / "assets" / "official-tiny"
@@ -118,3 +135,13 @@ def device() -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         pytest.fail(f"DIST_VIDEO_TEST_DEVICE={dev} but no CUDA GPU is visible to PyTorch {torch.__version__}")
     return dev
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped, saying why, where PyTorch sees no CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU; PyTorch {torch.__version__} sees none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -108,6 +108,15 @@ def truncate(src: str | Path, dst: str | Path, fraction: float) -> Path:
     return Path(dst)
 
 
+def write_synthetic(out: str | Path, num_train: int, num_val: int, *, seed: int = 0, size: int = 32,
+                    num_frames: int = 8) -> Path:
+    """The demo's synthetic moving-digit dataset, small, written by one process into ``out``."""
+    from dist_video.data.synthetic import make_synthetic
+
+    make_synthetic(out, num_train=num_train, num_val=num_val, seed=seed, size=size, num_frames=num_frames, workers=1)
+    return Path(out)
+
+
 TINY_CLIP = Path(__file__).parent / "assets" / "official-tiny" / "clip_openai_state_dict.pt"
 
 

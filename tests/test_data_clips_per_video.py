@@ -4,11 +4,6 @@ whole epochs, DDP shards, preload, the skip policy, mixing and exact resume afte
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,21 +14,20 @@ import dist_video.data.datasets as datasets_module
 from dist_video.config import Config, ConfigError, load_config
 from dist_video.data import (MixupCutmix, SegmentSampler, TrainTransform, VideoClipDataset, VideoRecord,
                              parse_csv)
-from dist_video.data.synthetic import make_synthetic
 from dist_video.engine.data import (build_datasets, clips_on_device, collate_clips, train_batches_per_epoch,
                                     train_loader, videos_per_batch)
 from dist_video.engine.distributed import DistEnv
 
-from data_helpers import tiny_run_args
+from cli_helpers import run_cli, start_cli
+from data_helpers import tiny_run_args, write_synthetic
+from resume_helpers import kill_when, reached_step
 
 TIMEOUT = 240
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    make_synthetic(root, num_train=12, num_val=4, seed=3, num_frames=12, size=32, workers=1)
-    return root
+def synthetic(synthetic_videos):
+    return synthetic_videos(12, 4, seed=3, num_frames=12)
 
 
 def train_set(synthetic: Path, n: int, **kw) -> VideoClipDataset:
@@ -171,37 +165,21 @@ def tiny(data: Path, out: Path) -> list[str]:
     return tiny_run_args(data, out, "optim.epochs=1", "data.clips_per_video=2", "train.checkpoint_every_steps=1")
 
 
-def run_env() -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_with_two_clips_per_video(tmp_path):
     data = tmp_path / "data"
-    make_synthetic(data, num_train=32, num_val=8, seed=0, size=32, num_frames=8, workers=1)
+    write_synthetic(data, 32, 8)
     ref = tmp_path / "uninterrupted"
-    done = subprocess.run([sys.executable, "-m", "dist_video.cli", "train", *tiny(data, ref)], capture_output=True,
-                          text=True, timeout=TIMEOUT, env=run_env())
+    done = run_cli("train", *tiny(data, ref), timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in steps if r["kind"] == "train") == 8  # 32 videos x 2 clips / (4 x 2) per update
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "dist_video.cli", "train", *tiny(data, run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env())
-    deadline = time.time() + TIMEOUT
-    metrics = run / "metrics.jsonl"
-    while True:
-        assert time.time() < deadline and proc.poll() is None, "training ended or hung before step 3"
-        if metrics.exists() and any(json.loads(x)["step"] >= 3 for x in metrics.read_text().splitlines()
-                                    if x.strip()):
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(TIMEOUT)
-    assert proc.returncode == -signal.SIGKILL and not (run / "model").exists()
-    resumed = subprocess.run([sys.executable, "-m", "dist_video.cli", "train", *tiny(data, run)],
-                             capture_output=True, text=True, timeout=TIMEOUT, env=run_env())
+    proc = start_cli("train", *tiny(data, run))
+    kill_when(proc, reached_step(run / "metrics.jsonl", 3), timeout=TIMEOUT, what="step 3")
+    assert not (run / "model").exists()
+    resumed = run_cli("train", *tiny(data, run), timeout=TIMEOUT)
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
     a = load_file(str(ref / "model" / "model.safetensors"))
     b = load_file(str(run / "model" / "model.safetensors"))

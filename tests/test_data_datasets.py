@@ -14,7 +14,6 @@ from dist_video.data import (AnnotationError, MissingVideosError, SegmentSampler
                              VideoClipDataset, VideoDecodeError, average_views, load_annotations, load_test_clips,
                              parse_csv, parse_folder, parse_hmdb51, parse_kinetics, parse_ssv2, parse_ucf101,
                              read_class_list, write_bad_videos)
-from dist_video.data.synthetic import make_synthetic
 
 
 def touch(path: Path) -> Path:
@@ -230,10 +229,8 @@ def test_folder_per_class_and_class_lists(tmp_path):
 # ----------------------------------------------------------------------------- the dataset
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    make_synthetic(root, num_train=12, num_val=4, seed=3, num_frames=12, size=32, workers=1)
-    return root
+def synthetic(synthetic_videos):
+    return synthetic_videos(12, 4, seed=3, num_frames=12)
 
 
 def test_training_items_are_reproducible_per_epoch(synthetic):

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cli_helpers import run_cli, start_cli
 from data_helpers import decode_all, frame_code, truncate, write_coded_video
+from resume_helpers import kill_when
 from dist_video.data import parse_csv, probe
 from dist_video.data.prepare import (REPORT_NAME, TEMP_MARK, output_size, plan_prepare, prepare_dataset,
                                      prepare_video, write_annotations)
@@ -137,22 +136,16 @@ def test_cli_resumes_after_sigkill_without_redoing_finished_files(tmp_path):
     for i in range(n):
         write_coded_video(src / f"class{i % 2}" / f"v{i}.mp4", 90, width=192, height=144, seed=i)
     (src / "class1" / "broken.mp4").write_text("not a video")
-    args = [sys.executable, "-m", "dist_video.cli", "prepare", str(src), str(dst), "--short-side", "64",
-            "--workers", "2", "--no-progress"]
+    args = ["prepare", str(src), str(dst), "--short-side", "64", "--workers", "2", "--no-progress"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    deadline = time.time() + TIMEOUT
-    while len(list(dst.rglob("v*.mp4"))) < 2:
-        assert time.time() < deadline and proc.poll() is None, "prepare ended or hung before two files were done"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(TIMEOUT)
-    assert proc.returncode == -signal.SIGKILL
+    proc = start_cli(*args, env=env)
+    kill_when(proc, lambda: len(list(dst.rglob("v*.mp4"))) >= 2, timeout=TIMEOUT, what="two files were done",
+              poll=0.01)
     finished = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in dst.rglob("v*.mp4")}
     assert 2 <= len(finished) < n
     time.sleep(0.5)  # let an orphaned worker give up
 
-    again = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    again = run_cli(*args, timeout=TIMEOUT, env=env)
     assert again.returncode == 1, again.stderr  # the broken input is reported
     report = json.loads((dst / REPORT_NAME).read_text())
     assert report["skipped"] >= len(finished) and report["done"] + report["skipped"] == n

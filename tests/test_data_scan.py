@@ -4,12 +4,11 @@ before and after the index, too short), the summary counts them, the clean list 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from cli_helpers import run_cli
 from data_helpers import truncate, write_audio_only, write_coded_video
 from dist_video.data import parse_csv
 from dist_video.data.scan import load_for_scan, scan_dataset, summarize, write_clean_annotations
@@ -75,10 +74,8 @@ def test_scan_finds_every_planted_bad_file(dataset, tmp_path):
 
 @pytest.mark.slow
 def test_scan_command_prints_the_summary_and_writes_the_report_and_clean_list(dataset, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dist_video.cli", "scan", str(dataset / "train.csv"), "--format",
-                           "csv", "--report", str(tmp_path / "report.json"), "--write-clean",
-                           str(tmp_path / "clean.csv"), "--no-progress", "--workers", "2"],
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    proc = run_cli("scan", str(dataset / "train.csv"), "--format", "csv", "--report", str(tmp_path / "report.json"),
+                   "--write-clean", str(tmp_path / "clean.csv"), "--no-progress", "--workers", "2", timeout=TIMEOUT)
     assert proc.returncode == 1, proc.stderr  # bad files found
     for name, status in PLANTED.items():
         if status != "short":

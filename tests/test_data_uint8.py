@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader
 
 from dist_video.config import load_config
 from dist_video.data import MixupCutmix, SegmentSampler, TestTransform, TrainTransform, VideoClipDataset, parse_csv
-from dist_video.data.synthetic import make_synthetic
 from dist_video.data.transforms import CLIP_MEAN, CLIP_STD, normalize_clips
 from dist_video.engine.data import build_datasets, clips_on_device, train_loader
 from dist_video.engine.train import train
@@ -36,10 +35,8 @@ def coded_clip() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic")
-    make_synthetic(out, num_train=16, num_val=4, seed=0, size=32, num_frames=8, workers=1)
-    return out
+def synthetic(synthetic_videos) -> Path:
+    return synthetic_videos(16, 4)
 
 
 def batch_bytes(batch: dict) -> int:

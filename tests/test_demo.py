@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import os
 
 import pytest
+from cli_helpers import run_cli
 
 
 @pytest.mark.slow
 def test_demo_with_a_tiny_budget(tmp_path):
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "dist_video.cli", "demo", "--out", str(out), "--train-videos", "64",
-                           "--val-videos", "12", "--epochs", "1", "--quiet"], capture_output=True, text=True,
-                          timeout=600)
+    proc = run_cli("demo", "--out", str(out), "--train-videos", "64", "--val-videos", "12", "--epochs", "1", "--quiet",
+                   timeout=600, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("report.md", "metrics.json", "training_curves.png", "confusion_matrix.png", "film_strip.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name

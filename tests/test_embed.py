@@ -7,12 +7,13 @@ from __future__ import annotations
 import csv
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import run_cli, start_cli
 from data_helpers import write_coded_video
+from resume_helpers import kill_when
 from safetensors.torch import load_file
 from zero_shot_helpers import ModuloTokenizer
 
@@ -157,8 +158,7 @@ def test_cli_embed_and_search(official_model, files, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "dist_video.cli", *args], capture_output=True, text=True,
-                              timeout=300, env=env)
+        return run_cli(*args, env=env)
 
     bad = tmp_path / "bad.mp4"
     bad.write_text("x")
@@ -181,33 +181,22 @@ def test_cli_embed_killed_half_way_resumes_with_the_missing_files(official_model
     """SIGKILL in the middle of `dist-video embed`; the same command again embeds only the files
     the killed run had not finished (its .partial/files.txt), and the result equals one run's."""
     import re
-    import signal
-    import time
 
     paths = [str(write_coded_video(tmp_path / f"k{i}.mp4", 24, width=80, height=64, seed=i)) for i in range(24)]
     official_model.set_linear_head(3).save_pretrained(tmp_path / "model", metadata={"preprocess": PREPROCESS})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "dist_video.cli", "embed", str(tmp_path / "model"), *paths, "--device", "cpu",
-            "--no-progress"]
+    args = ["embed", str(tmp_path / "model"), *paths, "--device", "cpu", "--no-progress"]
     finished = tmp_path / "out" / ".partial" / "files.txt"
-    proc = subprocess.Popen([*args, "--out", str(tmp_path / "out")], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if finished.exists() and len(finished.read_text().split()) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = start_cli(*args, "--out", str(tmp_path / "out"), env=env, stdout=subprocess.DEVNULL)
+    kill_when(proc, lambda: finished.exists() and len(finished.read_text().split()) >= 3, timeout=240,
+              what="3 files were embedded")
     done_before = len(finished.read_text().split())
     assert 3 <= done_before < len(paths), "the run was not killed half-way"
-    resumed = subprocess.run([*args, "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True,
-                             timeout=300)
+    resumed = run_cli(*args, "--out", str(tmp_path / "out"), env=env)
     assert resumed.returncode == 0, resumed.stderr
     computed = int(re.search(r"(\d+) file\(s\) embedded now", resumed.stderr).group(1))
     assert computed == len(paths) - done_before
-    whole = subprocess.run([*args, "--out", str(tmp_path / "whole")], env=env, capture_output=True, text=True,
-                           timeout=300)
+    whole = run_cli(*args, "--out", str(tmp_path / "whole"), env=env)
     assert whole.returncode == 0, whole.stderr
     a, b = read_embeddings(tmp_path / "out"), read_embeddings(tmp_path / "whole")
     assert a.rows == b.rows

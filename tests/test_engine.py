@@ -12,27 +12,25 @@ import platform
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_video.data.synthetic import make_synthetic
 from dist_video.engine.data import ResumableBatchSampler
 
+from cli_helpers import cli_env, run_cli, start_cli
 from data_helpers import tiny_run_args
+from resume_helpers import kill_when, reached_step, wait_until
 
 ASSETS = Path(__file__).parent / "assets"
 TIMEOUT = 240
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic")
-    make_synthetic(out, num_train=32, num_val=12, seed=0, size=32, num_frames=8, workers=1)
-    return out
+def data(synthetic_videos) -> Path:
+    return synthetic_videos(32, 12)
 
 
 def tiny(data: Path, out: Path, *extra: str) -> list[str]:
@@ -41,9 +39,7 @@ def tiny(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def cli(*args: str, check: bool = True, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    run_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "dist_video.cli", *args], capture_output=True, text=True,
-                          timeout=TIMEOUT, env=run_env, **kw)
+    proc = run_cli(*args, env=cli_env(**(env or {})), timeout=TIMEOUT, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"dist-video {' '.join(args[:2])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -157,25 +153,6 @@ def test_python_predict_clip(data, tmp_path):
 
 # ----------------------------------------------------------------------------- never lose a run
 
-def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int) -> None:
-    deadline = time.time() + TIMEOUT
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended before step {step}: {proc.stderr.read()[-2000:]}")
-        if metrics.exists():
-            steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if x.strip()]
-            if steps and max(steps) >= step:
-                return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
-def _popen(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dist_video.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
-
-
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(data, tmp_path):
     extra = ("train.checkpoint_every_steps=1", "data.workers=0")
@@ -183,11 +160,9 @@ def test_sigkill_then_resume_equals_uninterrupted(data, tmp_path):
     cli("train", *tiny(data, ref, *extra))
 
     run = tmp_path / "killed"
-    proc = _popen("train", *tiny(data, run, *extra))
-    _wait_for_step(proc, run / "metrics.jsonl", 3)  # mid-epoch 0 (4 updates per epoch)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(TIMEOUT)
-    assert proc.returncode == -signal.SIGKILL
+    proc = start_cli("train", *tiny(data, run, *extra))
+    # mid-epoch 0 (4 updates per epoch)
+    kill_when(proc, reached_step(run / "metrics.jsonl", 3), timeout=TIMEOUT, what="step 3")
     assert not (run / "model").exists()
     resumed = cli("train", *tiny(data, run, *extra))
     assert "resumed from" in resumed.stderr
@@ -207,8 +182,8 @@ def test_sigkill_then_resume_equals_uninterrupted(data, tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
     run = tmp_path / "run"
-    proc = _popen("train", *tiny(data, run, "optim.epochs=50"))
-    _wait_for_step(proc, run / "metrics.jsonl", 2)
+    proc = start_cli("train", *tiny(data, run, "optim.epochs=50"))
+    wait_until(proc, reached_step(run / "metrics.jsonl", 2), timeout=TIMEOUT, what="step 2")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 130, err

@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from cli_helpers import run_cli  # noqa: E402
 from deploy_helpers import CLASS_NAMES, TINY_PREPROCESS, make_tiny_model_folder, write_test_videos  # noqa: E402
 
 from dist_video.engine.predict import predict_files  # noqa: E402
@@ -152,8 +153,7 @@ def test_cli_export_and_predict_on_the_exported_folder(tmp_path, tiny_clip, vide
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def cli(*args):
-        proc = subprocess.run([sys.executable, "-m", "dist_video.cli", *args], capture_output=True, text=True,
-                              env=env, timeout=300)
+        proc = run_cli(*args, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from dist_video.classifier import bf16_supported, resolve_clip_dtype
-from dist_video.data.synthetic import make_synthetic
 from dist_video.engine import checkpoint, distributed
 from dist_video.engine.train import resolve_precision
 
@@ -235,10 +234,8 @@ def test_evaluation_shards_whole_videos():
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic")
-    make_synthetic(out, num_train=16, num_val=6, seed=0, size=32, num_frames=8, workers=1)
-    return out
+def synthetic(synthetic_videos) -> Path:
+    return synthetic_videos(16, 6)
 
 
 def _evaluation_rank(rank: int, world: int, init_file: str, data: str, out: str) -> None:

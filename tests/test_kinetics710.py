@@ -5,6 +5,7 @@ subset of classes), through to a tiny pre-train -> fine-tune run."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -320,3 +321,28 @@ def test_k710_pretrain_then_k400_run_from_it(tmp_path):
         full = model(video)
         restricted = restrict_classes(model, k400_names)(video)
     torch.testing.assert_close(restricted, full[:, rows], rtol=0, atol=1e-6)
+
+
+def test_kinetics710_command_builds_the_union_and_prints_the_report(releases, tmp_path, capsys):
+    from dist_video import cli
+
+    out = tmp_path / "k710-cli"
+    argv = ["kinetics710", *[a for r in ("k400", "k600", "k700") for a in (f"--{r}", str(releases[r]))],
+            "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.splitlines() == format_report(build(releases, tmp_path / "k710-api")).splitlines()
+    assert (out / "train.csv").read_bytes() == (tmp_path / "k710-api" / "train.csv").read_bytes()
+    assert len(list((out / "videos").iterdir())) == 11
+    assert cli.main([*argv[:-1], str(tmp_path / "by-segment"), "--match-by", "segment", "--no-links"]) == 0
+    assert "matched by segment" in capsys.readouterr().out and not (tmp_path / "by-segment" / "videos").exists()
+    assert cli.main([*argv[:-1], str(tmp_path / "no-videos"), "--no-videos"]) == 0
+    assert json.loads((tmp_path / "no-videos" / "report.json").read_text())["videos_found_in"] is None
+    capsys.readouterr()
+    # a release folder that does not exist: one line, exit 2; a missing option: usage, exit 2
+    assert cli.main([*argv[:2], str(tmp_path / "nowhere"), *argv[3:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == f"dist-video kinetics710: error: {tmp_path / 'nowhere'}: the kinetics400 " \
+                                       "folder does not exist"
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["kinetics710", "--k400", "a", "--out", "o"])
+    assert usage.value.code == 2

@@ -194,7 +194,7 @@ def test_every_command_is_one_table_entry_and_clip_is_declared_once():
 
     names = [c.name for c in cli.COMMANDS]
     assert names == ["demo", "train", "evaluate", "predict", "embed", "search", "info", "convert", "export", "serve",
-                     "prepare", "scan", "make-synthetic"]
+                     "watch", "prepare", "scan", "kinetics710", "make-synthetic"]
     source = (SRC / "dist_video" / "cli.py").read_text()
     assert source.count('"--clip"') == 1 and source.count('"--device"') == 1
     parser = cli.build_parser()

@@ -11,8 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from dist_video.engine.predict import DEFAULT_PREPROCESS, predict_file
 from dist_video.engine.timeline import (annotate_video, plot_timeline, video_timeline, window_bounds, window_frames,
                                         write_timeline_csv)
 from dist_video.data.sampling import build_sampler
+from cli_helpers import run_cli
 
 FPS = 10
 SEGMENTS = [("red", (200, 30, 30)), ("green", (30, 200, 30)), ("blue", (30, 30, 200))]
@@ -193,10 +192,9 @@ def test_cli_window_outputs(long_video, tmp_path):
     weights = tiny_text_clip(tmp_path / "clip.pt")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = {k: tmp_path / v for k, v in (("csv", "t.csv"), ("timeline", "t.png"), ("annotate", "a.mp4"))}
-    proc = subprocess.run([sys.executable, "-m", "dist_video.cli", "predict", str(weights), str(long_video),
-                           "--labels", "red, green, blue", "--frames", "4", "--window", "5", "--stride", "5", "--json",
-                           "--device", "cpu", *[a for k, p in out.items() for a in (f"--{k}", str(p))]],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = run_cli("predict", str(weights), str(long_video), "--labels", "red, green, blue", "--frames", "4",
+                   "--window", "5", "--stride", "5", "--json", "--device", "cpu",
+                   *[a for k, p in out.items() for a in (f"--{k}", str(p))], timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr
     windows = json.loads(proc.stdout)[0]["windows"]
     assert [(w["start"], w["end"]) for w in windows] == [(5.0 * k, 5.0 * k + 5) for k in range(12)]

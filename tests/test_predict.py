@@ -9,19 +9,18 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from data_helpers import truncate, write_coded_video
+from cli_helpers import cli_env, run_cli
+from data_helpers import truncate, write_coded_video, write_synthetic
 from zero_shot_helpers import ModuloTokenizer, tiny_text_clip
 
 import dist_video.tokenizer as tk
 from dist_video import VideoClassifier, load_official_checkpoint
 from dist_video.baselines import FrozenMeanClassifier
-from dist_video.data.synthetic import make_synthetic
 from dist_video.engine.predict import DEFAULT_PREPROCESS, predict_file, predict_files, use_labels
 from dist_video.loading import load_model
 from dist_video.prompts import KINETICS_TEMPLATES, label_embeddings, parse_labels, templates_of
@@ -257,9 +256,7 @@ def test_serve_takes_the_frames_of_plain_clip_weights(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- the command line
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    run_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "dist_video.cli", *args], capture_output=True, text=True,
-                          timeout=300, env=run_env)
+    return run_cli(*args, env=cli_env(**(env or {})))
 
 
 @pytest.mark.slow
@@ -291,7 +288,7 @@ def test_cli_damaged_model_files_give_one_line_errors_in_every_command(official_
     pyth = truncate(TINY / "official_checkpoint.pyth", tmp_path / "bad.pyth", 0.5)
     video = str(videos["good0"])
     data = tmp_path / "data"
-    make_synthetic(data, num_train=2, num_val=3, seed=0, size=32, num_frames=8, workers=1)
+    write_synthetic(data, 2, 3)
     runs = {
         "predict": [("predict", str(bad), video), ("predict", str(pyth), video, "--classes", "kinetics400")],
         "embed": [("embed", str(bad), video, "--out", str(tmp_path / "emb"))],
@@ -333,7 +330,7 @@ def test_evaluate_with_labels_is_zero_shot_on_the_dataset_names(tmp_path, monkey
 
     monkeypatch.setattr(tk, "VOCAB_PACKAGES", ("dist_video_test_no_such_package", "dist_video.assets.vocab"))
     data = tmp_path / "data"
-    make_synthetic(data, num_train=2, num_val=6, seed=0, size=32, num_frames=8, workers=1)
+    write_synthetic(data, 2, 6)
     clip = load_clip(tiny_text_clip(tmp_path / "clip.pt"))
     FrozenMeanClassifier(clip, BaselineConfig(num_frames=8, alpha=1), clip_dtype="fp32").set_linear_head(2) \
         .save_pretrained(tmp_path / "linear")

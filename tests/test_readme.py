@@ -28,3 +28,11 @@ def test_readme_opens_with_the_demo_and_test_commands():
     assert head[0].startswith("make demo") and head[1].startswith("make test")
     ci = (README.parent / ".ci" / "run").read_text()
     assert "\nmake test\n" in ci  # CI runs the README's test command
+
+
+def test_readme_is_a_front_door_and_the_docs_carry_no_dates():
+    """The README stays short; dated measurements live in benchmarks/README.md only."""
+    assert len(README.read_text().splitlines()) <= 150
+    for page in [README, *sorted((README.parent / "docs").glob("*.md"))]:
+        dated = re.findall(r"20\d\d-\d\d-\d\d|\d\d:\d\d UTC", page.read_text())
+        assert not dated, f"{page.name}: {dated} (measurements and their dates go to benchmarks/README.md)"

@@ -1,5 +1,5 @@
 """The ``dist-video`` command line: train, evaluate, predict, embed, search, info, convert, export, serve,
-prepare, scan, make-synthetic, demo.
+watch, prepare, scan, kinetics710, make-synthetic, demo.
 
 Each command is one entry of :data:`COMMANDS` (its help, its arguments, its run function); the
 argument groups several commands share (the model source, device and precision, output) are
@@ -22,7 +22,8 @@ from typing import Callable
 __all__ = ["main", "build_parser", "Command", "COMMANDS"]
 
 MODEL_HELP = "a dist-video model folder, an exported ONNX folder, an authors' .pyth checkpoint or CLIP weights"
-CLASSES_HELP = "class names for a .pyth checkpoint's text head: a file (one per line) or 'kinetics400' / 'ssv2'"
+CLASSES_HELP = ("class names: a file (one per line) or kinetics400 / kinetics600 / kinetics700 / kinetics710 / ssv2; "
+                "a .pyth checkpoint's text head, or the classes a head that knows more is restricted to")
 
 
 # ---------------------------------------------------------------------------- shared argument groups
@@ -82,6 +83,11 @@ def _device_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="frozen CLIP precision (auto: bf16 where the device has it natively, fp16 on older GPUs, "
                    "else fp32; an exported folder is float32)")
+
+
+def _compile_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true", help="wrap the inference form in torch.compile; the first "
+                   "batch per shape compiles")
 
 
 def _window_arguments(p: argparse.ArgumentParser, window_help: str) -> None:
@@ -146,19 +152,14 @@ def _prepare_device(name: str, keep_freed: bool = True) -> None:
     kept the heap's fragments made the peak memory of a long video vary from run to run
     (benchmarks/README.md#long-videos). On a GPU, let cuDNN pick its fastest convolution
     algorithms for the run's fixed shapes, and let float32 matrix products use TF32 tensor
-    cores (the frozen CLIP and autocast regions compute in bf16/fp16 anyway)."""
-    import torch
-
+    cores (:func:`~dist_video.engine.distributed.use_fast_gpu_kernels`)."""
     from .engine.allocator import keep_freed_memory
-    from .engine.distributed import local_world_size, resolve_device
+    from .engine.distributed import local_world_size, resolve_device, use_fast_gpu_kernels
 
     device = resolve_device(name, int(os.environ.get("LOCAL_RANK", "0")), local_world_size())
     if device.type == "cpu" and keep_freed:
         keep_freed_memory()
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.set_float32_matmul_precision("high")  # TF32 for float32 matrix products
+    use_fast_gpu_kernels(device)
 
 
 def _load_cfg(args):
@@ -238,6 +239,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=MODEL_HELP)
     _config_arguments(p)
     _model_source_arguments(p, classes=True, labels="dataset")
+    _compile_argument(p)
     _output_arguments(p)
 
 
@@ -248,7 +250,7 @@ def cmd_evaluate(args) -> int:
     _prepare_device(cfg.train.device)
     metrics = evaluate_model(args.model, cfg, clip=args.clip, classes=args.classes, output=args.output,
                              progress=args.progress, labels=args.labels, prompt=args.prompt, vocab=args.vocab,
-                             trust_checkpoint=args.trust_checkpoint)
+                             trust_checkpoint=args.trust_checkpoint, compile=args.compile)
     if metrics is not None:
         print(json.dumps(_finite({k: metrics[k] for k in ("top1", "top5", "mean_class_accuracy", "num_videos")})))
     return 0
@@ -271,6 +273,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
                    "current top label drawn on every frame")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default 8)")
     _device_arguments(p)
+    _compile_argument(p)
     _ray_arguments(p, out=True)
 
 
@@ -280,6 +283,8 @@ def cmd_predict(args) -> int:
     _check_window_arguments(args)
     _prepare_device(args.device, keep_freed=args.window is None)
     loaded = _load(args).require_head()
+    if args.compile:
+        loaded.compile()
     if args.window is None:
         results = loaded.predict(args.videos, topk=args.topk, views=args.views)
     else:
@@ -316,6 +321,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def _check_window_arguments(args) -> None:
     """Usage errors of the long-video options (exit status 2, before any work). The number of
     windows a video gets is bounded where it is known, per video
@@ -328,7 +344,7 @@ def _check_window_arguments(args) -> None:
         for flag in ("stride", "csv", "timeline", "annotate"):
             if getattr(args, flag, None) is not None:
                 raise ValueError(f"--{flag} needs --window SECONDS")
-    elif len(args.videos) > 1 and (getattr(args, "timeline", None) or getattr(args, "annotate", None)):
+    elif len(getattr(args, "videos", ())) > 1 and (getattr(args, "timeline", None) or getattr(args, "annotate", None)):
         raise ValueError("--timeline and --annotate take one video at a time")
 
 
@@ -368,6 +384,7 @@ def _embed_arguments(p: argparse.ArgumentParser) -> None:
     _window_arguments(p, "one embedding per window of this many seconds")
     _model_source_arguments(p, prompt=False, vocab=False, frames=True)
     _device_arguments(p)
+    _compile_argument(p)
     _output_arguments(p)
     _ray_arguments(p, out=False)
 
@@ -378,6 +395,8 @@ def cmd_embed(args) -> int:
     _check_window_arguments(args)
     _prepare_device(args.device, keep_freed=args.window is None)
     loaded = _load(args)
+    if args.compile:
+        loaded.compile()
     with _bar(len(args.videos), "video", args.progress) as bar:
         result = loaded.embed(args.videos, out=args.out, views=args.views, window=args.window, stride=args.stride,
                               normalize=args.normalize, progress=lambda path: bar.update(1))
@@ -530,6 +549,40 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- watch
+
+def _watch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("source", help="/dev/videoN, an rtsp:// rtmp:// http(s):// udp:// srt:// tcp:// URL, - (standard "
+                   "input), or a file")
+    p.add_argument("--window", type=float, default=4.0, help="seconds per window (default 4)")
+    p.add_argument("--stride", type=float, default=1.0, help="seconds between window starts (default 1)")
+    p.add_argument("--topk", type=_positive_int, default=5)
+    _model_source_arguments(p, classes=True, labels="names", frames=True)
+    _device_arguments(p)
+    p.add_argument("--realtime", action="store_true", help="play a file at its real speed (a live source always "
+                   "is): a window the model cannot keep up with is skipped")
+    p.add_argument("--reconnect", type=_non_negative_int, default=0, metavar="N",
+                   help="reopen a live source that drops up to N times (default 0)")
+    p.add_argument("--csv", action="store_true", help="CSV rows with a header instead of JSON lines")
+    p.add_argument("--annotate", metavar="OUT.mp4", help="also write the stream with the running top label drawn")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the source to open or for its "
+                   "next data (default 10)")
+
+
+def cmd_watch(args) -> int:
+    from .live import run_watch
+
+    _check_window_arguments(args)
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise ValueError(f"--timeout must be a finite positive number of seconds, got {args.timeout}")
+    _prepare_device(args.device, keep_freed=False)
+    loaded = _load(args).require_head()
+    return run_watch(model=loaded.inference(), source=args.source, preprocess=loaded.preprocess, window=args.window,
+                     stride=args.stride, topk=args.topk, realtime=args.realtime, reconnect=args.reconnect,
+                     csv=args.csv, annotate=args.annotate, timeout=args.timeout)
+
+
 # ---------------------------------------------------------------------------- datasets
 
 def _prepare_arguments(p: argparse.ArgumentParser) -> None:
@@ -605,6 +658,27 @@ def cmd_scan(args) -> int:
     return 1 if outcome.bad else 0
 
 
+def _kinetics710_arguments(p: argparse.ArgumentParser) -> None:
+    for release in ("400", "600", "700"):
+        p.add_argument(f"--k{release}", required=True, metavar="DIR", help=f"the Kinetics-{release} release folder "
+                       "(its annotation CSVs, directly or in annotations/, and its videos below it)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (train.csv, val.csv, classes.txt, "
+                   "label_map.json, report.json, videos/)")
+    p.add_argument("--match-by", default="youtube_id", choices=["youtube_id", "segment"],
+                   help="a clip's identity: its YouTube id (UniFormerV2's rule, default) or id + start + end")
+    p.add_argument("--no-videos", action="store_true", help="search no video: keep every labelled row")
+    p.add_argument("--no-links", action="store_true", help="write no videos/ folder of links to the files found")
+
+
+def cmd_kinetics710(args) -> int:
+    from .data.kinetics710 import build_kinetics710, format_report
+
+    report = build_kinetics710(k400=args.k400, k600=args.k600, k700=args.k700, out=args.out, match_by=args.match_by,
+                               find_videos=not args.no_videos, link_videos=not args.no_links)
+    print(format_report(report))
+    return 0
+
+
 # ---------------------------------------------------------------------------- demo, make-synthetic
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -667,9 +741,13 @@ COMMANDS: tuple[Command, ...] = (
             _export_arguments, cmd_export),
     Command("serve", "an HTTP prediction server with a web page (needs dist-video[serve])", _serve_arguments,
             cmd_serve),
+    Command("watch", "rolling predictions on live input: a camera, a stream, standard input or a file (docs/live.md)",
+            _watch_arguments, cmd_watch),
     Command("prepare", "re-encode a dataset once to a small short side with short GOPs (every frame kept)",
             _prepare_arguments, cmd_prepare),
     Command("scan", "check every video of a dataset and list the bad ones", _scan_arguments, cmd_scan),
+    Command("kinetics710", "build Kinetics-710 (the union of Kinetics-400, -600, -700) from the release folders",
+            _kinetics710_arguments, cmd_kinetics710),
     Command("make-synthetic", "write the synthetic moving-digit video dataset", _make_synthetic_arguments,
             cmd_make_synthetic),
 )

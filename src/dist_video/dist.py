@@ -290,7 +290,7 @@ class PatchStem(nn.Conv3d):
 
     Same parameters as ``nn.Conv3d`` (checkpoints load unchanged), computed as k_s matrix
     products over non-overlapping patches: the stride equals the spatial kernel, so the
-    convolution is a patch embedding summed over k_s shifted frames. Several times faster than
+    convolution is a patch embedding summed over k_s shifted frames. Much faster than
     the generic 3D convolution (forward + backward) on CPUs, and only one copy of the patches
     is kept for backward."""
 

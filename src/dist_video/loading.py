@@ -154,6 +154,28 @@ class LoadedModel:
         self._inference = None
         return self
 
+    def restrict_classes(self, classes: str | Sequence[str]) -> LoadedModel:
+        """Keep only ``classes`` (a file, a built-in list name, or the names) of the model's head,
+        in that order (:func:`dist_video.label_maps.restrict_classes`): e.g. a Kinetics-710
+        model asked for ``kinetics400``. Nothing changes when the head has exactly these classes;
+        a name the head lacks (after the Kinetics rename table) is a ``ValueError`` naming it."""
+        from .engine.predict import read_class_names
+        from .label_maps import restrict_classes
+
+        names = read_class_names(classes) if isinstance(classes, str) else list(classes)
+        if self.network is None:
+            if list(self.class_names or ()) != names:
+                raise ValueError(f"{self.source}: an exported model has a fixed class list; restricting it to "
+                                 "other classes needs the model folder it came from")
+            return self
+        if list(self.network.class_names or ()) != names:
+            try:
+                restrict_classes(self.network, names)
+            except ValueError as e:
+                raise ValueError(f"{self.source}: {e}") from None
+            self._inference = None
+        return self
+
     # ------------------------------------------------------------------ running it
     def inference(self):
         """The inference form: the network fused (:meth:`VideoClassifier.fuse`), or the runner."""
@@ -168,6 +190,20 @@ class LoadedModel:
             self._inference = self.model.fuse(dtype)
         self.model = self._inference
         return self._inference
+
+    def compile(self) -> LoadedModel:
+        """Wrap the inference form in ``torch.compile`` (its ``forward`` and ``encode_video``: the
+        first call per input shape compiles). Call it last: choosing another head re-fuses the
+        model uncompiled. An exported folder runs in onnxruntime: ``ValueError``."""
+        if self.kind == "exported":
+            raise ValueError(f"{self.source}: an exported model runs in onnxruntime; torch.compile needs a model "
+                             "folder, an authors' .pyth or CLIP weights")
+        fused = self.inference()
+        fused.encode_video = torch.compile(fused.encode_video)
+        self._inference = torch.compile(fused)
+        if self.model is fused:  # the training form was dropped (take_inference_form)
+            self.model = self._inference
+        return self
 
     def __call__(self, video: torch.Tensor) -> torch.Tensor:
         return self.inference()(video)
@@ -257,8 +293,10 @@ def load_model(path: str | os.PathLike, *, clip: str | os.PathLike | None = None
     ``device`` (``auto``: a GPU if there is one), its frozen CLIP in ``clip_dtype`` (``auto``:
     what the device computes natively).
 
-    ``clip``: CLIP weights for an authors' checkpoint that lacks them. ``classes`` (``.pyth``):
-    class names for a class-text head, embedded as ``prompt + name`` (default prompt: none).
+    ``clip``: CLIP weights for an authors' checkpoint that lacks them. ``classes`` (a file or a
+    built-in list name): for a ``.pyth`` or a model without classes, the names of a class-text
+    head, embedded as ``prompt + name`` (default prompt: none); for a model with a head, the
+    classes its head is restricted to (:meth:`LoadedModel.restrict_classes`).
     ``labels``: zero-shot, the head replaced by these names' text embeddings under ``prompt``
     (None: CLIP's Kinetics prompt ensemble). ``vocab``: the BPE vocabulary of the text tower.
     ``trust_checkpoint``: let the checkpoint readers unpickle files that need more than tensors
@@ -270,7 +308,8 @@ def load_model(path: str | os.PathLike, *, clip: str | os.PathLike | None = None
         if labels is not None:
             raise ValueError(f"{path}: {EXPORTED_LABELS_REFUSAL}")
         runner = OnnxVideoClassifier(p)
-        return LoadedModel(runner, runner.preprocess, kind="exported", source=p)
+        exported = LoadedModel(runner, runner.preprocess, kind="exported", source=p)
+        return exported.restrict_classes(classes) if classes else exported
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
     dtype = resolve_clip_dtype(clip_dtype, dev)  # "auto" is decided for the device the model runs on
     trust = bool(trust_checkpoint)
@@ -286,8 +325,10 @@ def load_model(path: str | os.PathLike, *, clip: str | os.PathLike | None = None
     loaded = LoadedModel(model, preprocess, kind=kind, source=p, vocab=vocab)
     if labels is not None:
         loaded.use_labels(labels, prompt=prompt)
-    elif classes and kind == "official":
+    elif classes and (kind == "official" or not model.class_names):
         loaded.use_classes(classes, prompt=prompt if isinstance(prompt, str) else "")
+    elif classes:  # a head that knows more classes (a Kinetics-710 model asked for kinetics400)
+        loaded.restrict_classes(classes)
     model.to(dev).eval()
     return loaded
 

@@ -3,7 +3,7 @@
 PyTorch's CPU tensors come from ``malloc``. glibc serves blocks above its mmap threshold
 (128 KiB, raised on the fly to at most 32 MiB) with fresh ``mmap`` pages and returns them to
 the kernel on ``free``, so every large activation of every step is zero-filled and
-page-faulted again (README, "Training cost", has the measured effect on a training step).
+page-faulted again (benchmarks/README.md, "Training cost", has the effect on a training step).
 Raising the threshold and the trim limit keeps freed blocks in malloc's heap, which is what
 tcmalloc or jemalloc (the allocators Intel recommends for PyTorch on CPUs) do too.
 

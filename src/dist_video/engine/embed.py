@@ -3,7 +3,8 @@ text -> the nearest embedded videos.
 
 A file's embedding is the model's ``encode_video`` of its test views (views x crops),
 averaged over them (E floats; unit length with ``normalize``). With a window, every window's
-clip gives one row (see :mod:`dist_video.engine.timeline`).
+clip gives one row (see :mod:`dist_video.engine.timeline`): windows on the shared frame grid,
+each grid frame through CLIP once, when the model's CLIP work is per frame.
 
 An output folder holds ``embeddings.safetensors`` (tensor ``embeddings``, N x E float32) and
 ``index.csv`` (row i: ``row, video, start, end``; start/end empty for whole files). While it
@@ -66,7 +67,7 @@ def _embed_windows(model, path: str, preprocess: dict, *, window: float, stride:
     from .timeline import window_outputs
 
     bounds, z, _, _ = window_outputs(model.encode_video, path, preprocess, num_frames=model.config.num_frames,
-                                     window=window, stride=stride, device=model_device(model))
+                                     window=window, stride=stride, device=model_device(model), model=model)
     check_finite(z, "embeddings")
     if normalize:
         z = F.normalize(z, dim=1)

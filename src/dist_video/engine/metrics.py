@@ -114,7 +114,14 @@ def plot_training_curves(records: list[dict], path: str | os.PathLike, title: st
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("learning rate (branch)")
     if evals:
-        axes[2].plot([r["step"] for r in evals], [100 * r["top1"] for r in evals], "o-", color="tab:green")
+        eval_steps, top1 = [r["step"] for r in evals], [100 * r["top1"] for r in evals]
+        axes[2].plot(eval_steps, top1, "o-", color="tab:green", clip_on=False)
+        # Accuracy lives in [0, 100] and its steps in the training's: fixed axes, so that one
+        # evaluation reads as a value and not as the centre of an autoscaled range.
+        axes[2].set_ylim(0, 100)
+        axes[2].set_xlim(0, max(steps + eval_steps) * 1.05)
+        axes[2].annotate(f"{top1[-1]:.1f}%", (eval_steps[-1], top1[-1]), textcoords="offset points",
+                         xytext=(0, -14), ha="center", va="top", color="tab:green")
         axes[2].set_xlabel("step")
         axes[2].set_ylabel("eval top-1 (%)")
     for ax in axes:

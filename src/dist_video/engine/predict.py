@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from ..classifier import VideoClassifier
+from ..label_maps import BUILTIN_CLASS_LISTS, builtin_class_names
 from ..prompts import label_embeddings, parse_labels, templates_of, text_tokenizer
 from .inference import FILE_ERRORS, class_names_of, error_message, model_device
 
@@ -33,16 +34,14 @@ DEFAULT_PREPROCESS = {"sampling": "segment", "interval": 4, "crop_size": 224, "t
 
 def read_class_names(spec: str) -> list[str]:
     """Class names from a file (one per line; or a JSON list / SSv2 labels dict) or a built-in
-    list name (``kinetics400``, ``ssv2``)."""
-    from importlib import resources
-
-    builtin = {"kinetics400": "kinetics400.txt", "k400": "kinetics400.txt", "ssv2": "ssv2.txt"}
-    if spec in builtin:
-        path = resources.files("dist_video") / "assets" / "classnames" / builtin[spec]
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    list name (:data:`~dist_video.label_maps.BUILTIN_CLASS_LISTS`: ``kinetics400``,
+    ``kinetics600``, ``kinetics700``, ``kinetics710``, ``ssv2``)."""
+    if spec in BUILTIN_CLASS_LISTS:
+        return builtin_class_names(spec)
     p = Path(spec)
     if not p.is_file():
-        raise FileNotFoundError(f"class-name list not found: {spec} (a file, or one of {', '.join(builtin)})")
+        raise FileNotFoundError(f"class-name list not found: {spec} (a file, or one of "
+                                f"{', '.join(BUILTIN_CLASS_LISTS)})")
     text = p.read_text()
     if p.suffix == ".json":
         data = json.loads(text)

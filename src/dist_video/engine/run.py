@@ -6,12 +6,14 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from ..config import Config
 from ..loading import LoadedModel, load_model
 from .builder import attach_head
 from .data import build_datasets
 from .distributed import cleanup_distributed, setup_distributed
-from .evaluate import evaluate
+from .evaluate import evaluate, fuse_for_inference
 from .train import resolve_precision
 
 __all__ = ["evaluate_model"]
@@ -33,7 +35,10 @@ def _class_names(dataset_names: Sequence[str], given: str | None, option: str, r
 def _model_for(model_path: str, cfg: Config, names: list[str], device, *, clip: str | None, classes: str | None,
                labels: str | None, prompt: str | None, vocab: str | None, trust_checkpoint: bool
                ) -> tuple[LoadedModel, list[str]]:
-    """The model to evaluate, with a head for the dataset's classes, and the class names it scores."""
+    """The model to evaluate, with a head for the dataset's classes, and the class names it scores
+    (``classes``: the dataset's class names, one per class; a head that knows more classes keeps
+    the rows of these, :func:`dist_video.label_maps.restrict_classes`)."""
+    from ..label_maps import knows_classes
     from ..prompts import parse_labels
     from .predict import read_class_names
 
@@ -43,9 +48,11 @@ def _model_for(model_path: str, cfg: Config, names: list[str], device, *, clip: 
                           device=device, clip_dtype=cfg.model.clip_dtype, trust_checkpoint=trust_checkpoint), names
     loaded = load_model(model_path, clip=clip, vocab=vocab or cfg.model.vocab, device=device,
                         clip_dtype=cfg.model.clip_dtype, trust_checkpoint=trust_checkpoint)
-    if loaded.kind == "official":
-        names = _class_names(names, classes, "--classes", read_class_names)
+    names = _class_names(names, classes, "--classes", read_class_names)
     network = loaded.network
+    if network is not None and network.class_names and list(network.class_names) != names \
+            and knows_classes(network, names):  # e.g. a Kinetics-710 model on Kinetics-400
+        loaded.restrict_classes(names)
     if network is not None and network.head_type is None:
         needs_text = cfg.model.head == "text" and network.clip.has_text
         attach_head(network, cfg.model, names, tokenizer=loaded.tokenizer if needs_text else None)
@@ -55,8 +62,8 @@ def _model_for(model_path: str, cfg: Config, names: list[str], device, *, clip: 
 
 def evaluate_model(model_path: str, cfg: Config, *, clip: str | None = None, classes: str | None = None,
                    output: str | None = None, progress: bool = True, labels: str | None = None,
-                   prompt: str | None = None, vocab: str | None = None, trust_checkpoint: bool = False
-                   ) -> dict | None:
+                   prompt: str | None = None, vocab: str | None = None, trust_checkpoint: bool = False,
+                   compile: bool = False) -> dict | None:
     """Evaluate a model (any path :func:`dist_video.load_model` opens) on ``cfg.data``'s
     validation split (multi-view). Writes ``metrics.json``, ``predictions.csv`` and a confusion
     matrix to ``output`` (default: ``<output_dir>/eval``). Returns the metrics (on every process).
@@ -65,7 +72,8 @@ def evaluate_model(model_path: str, cfg: Config, *, clip: str | None = None, cla
     by the text embeddings of the dataset's class names (``""``) or of the given names (a file
     or comma-separated list, one per dataset class, in its order), under ``prompt`` (None: CLIP's
     Kinetics prompt ensemble); see :func:`dist_video.engine.predict.use_labels`. ``trust_checkpoint``:
-    see :func:`dist_video.load_model`."""
+    see :func:`dist_video.load_model`. ``compile``: the inference form wrapped in ``torch.compile``
+    (the first batch per shape compiles)."""
     env = setup_distributed(cfg.train.device)
     try:
         datasets = build_datasets(cfg, splits=("val",), progress=progress and env.is_main, verbose=env.is_main)
@@ -79,8 +87,11 @@ def evaluate_model(model_path: str, cfg: Config, *, clip: str | None = None, cla
                              f"samples {cfg.model.dist.num_frames} (set --set model.dist.num_frames=...)")
         out = Path(output) if output else Path(cfg.output_dir) / "eval"
         model = loaded.network if loaded.network is not None else loaded.inference()
+        amp_dtype = resolve_precision(cfg.train.precision, env.device)
+        if compile:
+            model = torch.compile(fuse_for_inference(model, amp_dtype))
         metrics = evaluate(model, datasets.val, env, class_names=names, batch_size=cfg.eval.batch_size,
-                           workers=cfg.data.workers, amp_dtype=resolve_precision(cfg.train.precision, env.device),
+                           workers=cfg.data.workers, amp_dtype=amp_dtype,
                            out_dir=out, video_paths=datasets.val_paths, progress=progress,
                            extra={"model": str(model_path)})
         if env.is_main:
