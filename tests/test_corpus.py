@@ -2,7 +2,7 @@
 row per input whatever happens to it (broken, missing, killed driver, killed actor), WebDataset
 shards and path lists as inputs, and the Parquet output readable by search.
 
-Ray is started once for the module, on the loopback address only, and shut down after it."""
+Ray is started once for the module, with the loopback node address, and shut down after it."""
 
 from __future__ import annotations
 

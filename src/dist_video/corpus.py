@@ -335,7 +335,7 @@ def _import_parquet():
 
 def _connect(ray, address: str | None, num_cpus: int | None) -> bool:
     """Connect to Ray: keep a connection this process already has, start a local instance bound
-    to the loopback address (``None``/``"local"``), or join the cluster at ``address``.
+    with the loopback node address 127.0.0.1 (``None``/``"local"``), or join the cluster at ``address``.
     True when this call connected (and so the job disconnects at the end)."""
     if ray.is_initialized():
         return False
@@ -432,7 +432,7 @@ def run_corpus(model: str | ModelSpec, inputs: Sequence[str | os.PathLike], out:
     ``out`` are skipped. ``model``: a model path (or a :class:`ModelSpec` with load options).
 
     ``ray_address``: ``"local"``/None starts Ray on this machine (``num_cpus`` logical CPUs,
-    bound to 127.0.0.1) and stops it at the end; an address joins that cluster; a process
+    node address 127.0.0.1) and stops it at the end; an address joins that cluster; a process
     already connected to Ray uses that connection. ``actors``: model actors (default: one per
     GPU, else 1). ``batch_size``: videos per model call; ``shard_rows``: rows per shard (a
     killed job recomputes at most the shards it had not written)."""
