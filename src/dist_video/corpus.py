@@ -334,8 +334,8 @@ def _import_parquet():
 
 
 def _connect(ray, address: str | None, num_cpus: int | None) -> bool:
-    """Connect to Ray: keep a connection this process already has, start a local instance bound
-    with the loopback node address 127.0.0.1 (``None``/``"local"``), or join the cluster at ``address``.
+    """Connect to Ray: keep a connection this process already has, start a local instance with
+    the loopback node address 127.0.0.1 (``None``/``"local"``), or join the cluster at ``address``.
     True when this call connected (and so the job disconnects at the end)."""
     if ray.is_initialized():
         return False
