@@ -74,8 +74,6 @@ def error_message(error: BaseException) -> str:
 class _GeometryOnly(TestTransform):
     """A :class:`TestTransform` whose call stops at the uint8 step (:meth:`TestTransform.geometry`)."""
 
-    __test__ = False
-
     def __call__(self, clip, *, label: int = -1, generator=None, crop: int = 0) -> tuple[torch.Tensor, int]:
         frames, _, label = self.geometry(clip, label=label, crop=crop)
         return frames, label
