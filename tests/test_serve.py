@@ -157,3 +157,12 @@ def test_serving_an_exported_folder(model_folder, videos, expected, tmp_path):
         r = post(srv, videos[1])
         assert r.status_code == 200, r.text
         same_prediction(r.json()[0], expected[videos[1].name], videos[1].name)
+
+
+def test_serving_with_compile_answers_as_predict(model_folder, videos, expected, tmp_path):
+    with Server(model_folder, "--compile", "--clip-dtype", "fp32", env={"TMPDIR": str(tmp_path)}) as srv:
+        assert httpx.get(srv.url + "/health").json()["runtime"] == "pytorch"
+        for video in videos[:2]:
+            r = post(srv, video, timeout=300)  # the first request per shape compiles
+            assert r.status_code == 200, r.text + srv.output()
+            same_prediction(r.json()[0], expected[video.name], video.name)

@@ -528,6 +528,7 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                         "(a reverse proxy's public name; '*': any)")
     _model_source_arguments(p, classes=True, labels="names", frames=True)
     _device_arguments(p)
+    _compile_argument(p)
     p.add_argument("--quiet", action="store_true", help="only warnings and errors")
 
 
@@ -545,7 +546,7 @@ def cmd_serve(args) -> int:
     run_server(args.model, host=args.host, port=args.port, settings=settings, clip=args.clip, classes=args.classes,
                labels=args.labels, vocab=args.vocab, prompt=args.prompt, device=args.device, clip_dtype=args.clip_dtype,
                num_frames=args.frames, log_level="warning" if args.quiet else "info",
-               trust_checkpoint=args.trust_checkpoint)
+               trust_checkpoint=args.trust_checkpoint, compile=args.compile)
     return 0
 
 

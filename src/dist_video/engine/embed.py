@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,8 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..storage import atomic_path, read_safetensors
-from .data import test_clips_of_file
-from .inference import FILE_ERRORS, check_finite, error_message, model_device
+from .inference import FILE_ERRORS, TestClips, check_finite, error_message, model_device, read_ahead, read_test_clips
 
 __all__ = ["EmbeddingIndex", "embed_file", "embed_files", "read_embeddings", "search_embeddings", "INDEX_FIELDS"]
 
@@ -57,8 +57,13 @@ def embed_file(model, path: str | os.PathLike, preprocess: dict, *, views: int |
                normalize: bool = False) -> torch.Tensor:
     """E: ``model.encode_video`` of the file's test clips, averaged over them (then unit length
     with ``normalize``). Raises :class:`~dist_video.data.decoding.VideoDecodeError` for a bad file."""
-    clips = test_clips_of_file(path, preprocess, num_frames=model.config.num_frames, views=views)
-    z = check_finite(model.encode_video(clips.to(model_device(model))).float().mean(dim=0).cpu(), "embeddings")
+    return _embed_clips(model, read_test_clips(path, preprocess, num_frames=model.config.num_frames, views=views),
+                        normalize)
+
+
+def _embed_clips(model, clips: TestClips, normalize: bool) -> torch.Tensor:
+    """The result of :func:`embed_file` from the file's decoded clips."""
+    z = check_finite(model.encode_video(clips.on(model_device(model))).float().mean(dim=0).cpu(), "embeddings")
     return F.normalize(z, dim=0) if normalize else z
 
 
@@ -198,36 +203,53 @@ def embed_files(model, paths: Sequence[str | os.PathLike], preprocess: dict, *, 
     store = _Store(Path(out)) if out is not None else None
     done = store.done if store is not None else set()
     blocks, all_rows, errors, computed = [], [], [], 0
-    for path in paths:
-        if path in done:
+    with closing(read_ahead(paths, _clip_reader(fused, preprocess, views, set(done) if window is None else None))
+                 ) as reads:
+        for path, clips in reads:
+            if path in done:
+                if progress:
+                    progress(path)
+                continue
+            try:
+                if window is None:
+                    z, rows = _embed_clips(fused, clips.result(), normalize).unsqueeze(0), [(path, None, None)]
+                else:
+                    z, rows = _embed_windows(fused, path, preprocess, window=window, stride=stride,
+                                             normalize=normalize)
+            except FILE_ERRORS as e:
+                logger.warning("%s: %s", path, error_message(e))
+                errors.append({"video": path, "error": error_message(e)})
+            else:
+                if store is not None:
+                    store.append(z, rows)
+                else:
+                    blocks.append(z)
+                    all_rows.extend(rows)
+                done.add(path)
+                computed += 1
             if progress:
                 progress(path)
-            continue
-        try:
-            if window is None:
-                z = embed_file(fused, path, preprocess, views=views, normalize=normalize).unsqueeze(0)
-                rows = [(path, None, None)]
-            else:
-                z, rows = _embed_windows(fused, path, preprocess, window=window, stride=stride, normalize=normalize)
-        except FILE_ERRORS as e:
-            logger.warning("%s: %s", path, error_message(e))
-            errors.append({"video": path, "error": error_message(e)})
-        else:
-            if store is not None:
-                store.append(z, rows)
-            else:
-                blocks.append(z)
-                all_rows.extend(rows)
-            done.add(path)
-            computed += 1
-        if progress:
-            progress(path)
     if store is not None:
         result = store.finish(paths)
         result.errors, result.computed = errors, computed
         return result
     emb = torch.cat(blocks) if blocks else torch.empty(0, 0)
     return EmbeddingIndex(emb, all_rows, errors, computed)
+
+
+def _clip_reader(model, preprocess: dict, views: int | None, skip: set[str] | None
+                 ) -> Callable[[str], TestClips | None]:
+    """What :func:`embed_files` reads ahead for a file: its uint8 test clips, or nothing for the
+    files in ``skip`` (already embedded) and for every file when ``skip`` is None (windows are
+    decoded as they are embedded)."""
+    pin = model_device(model).type == "cuda"
+
+    def read(path: str) -> TestClips | None:
+        if skip is None or path in skip:
+            return None
+        return read_test_clips(path, preprocess, num_frames=model.config.num_frames, views=views, pin=pin)
+
+    return read
 
 
 def read_embeddings(folder: str | os.PathLike) -> EmbeddingIndex:

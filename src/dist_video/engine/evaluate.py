@@ -58,7 +58,9 @@ def predict_dataset(model, dataset, env: DistEnv, *, batch_size: int, workers: i
     process, sorted by record index. The model runs in its inference form
     (:func:`fuse_for_inference`), made once here. Each process takes whole videos
     (:class:`ShardSampler`), and each batch whole videos when ``batch_size`` allows (rounded
-    down to a multiple of the items per video), so every video is decoded once."""
+    down to a multiple of the items per video), so every video is decoded once. The
+    probabilities stay on the device until the last batch (N x C floats there) and come to the
+    host in one transfer: the loop never waits for the device."""
     fused = fuse_for_inference(model, amp_dtype)
     per_video = getattr(dataset, "items_per_video", 1)
     sampler = ShardSampler(len(dataset), env.rank, env.world_size, per_video)
@@ -66,21 +68,45 @@ def predict_dataset(model, dataset, env: DistEnv, *, batch_size: int, workers: i
         batch_size -= batch_size % per_video
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=env.device.type == "cuda")
-    sums: dict[int, torch.Tensor] = {}
-    counts: dict[int, int] = {}
-    labels: dict[int, int] = {}
     iterator = loader
     if progress and env.is_main:
         from tqdm import tqdm
         iterator = tqdm(loader, desc="evaluate", unit="batch", dynamic_ncols=True, leave=False)
+    batch_probs: list[torch.Tensor] = []   # on the device: one transfer at the end, no sync per batch
+    indices: list[int] = []
+    batch_labels: list[int] = []
     for batch in iterator:
         video = clips_on_device(batch, dataset.transform, env.device)
-        probs = fused(video).float().softmax(dim=1).cpu()
-        for p, idx, y in zip(probs, batch["index"].tolist(), batch["label"].tolist()):
-            sums[idx] = sums[idx] + p if idx in sums else p.clone()
-            counts[idx] = counts.get(idx, 0) + 1
-            labels[idx] = y
+        batch_probs.append(fused(video).float().softmax(dim=1))
+        indices.extend(batch["index"].tolist())
+        batch_labels.extend(batch["label"].tolist())
     del fused
+    probs = torch.cat(batch_probs).cpu() if batch_probs else torch.empty(0)
+    merged_sums, merged_counts, merged_labels = _merged(*_sums_by_video(probs, indices, batch_labels))
+    order = sorted(merged_sums)
+    if not order:
+        raise ValueError("evaluation got no videos")
+    scores = torch.stack([merged_sums[i] / merged_counts[i] for i in order])
+    return scores, torch.tensor([merged_labels[i] for i in order]), order
+
+
+def _sums_by_video(probs: torch.Tensor, indices: Sequence[int], labels: Sequence[int]
+                   ) -> tuple[dict[int, torch.Tensor], dict[int, int], dict[int, int]]:
+    """This process's items (``probs`` N x C, record index and label of each) summed per video:
+    (probabilities summed, items counted, label) by record index."""
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+    by_video: dict[int, int] = {}
+    for p, idx, y in zip(probs, indices, labels):
+        sums[idx] = sums[idx] + p if idx in sums else p.clone()
+        counts[idx] = counts.get(idx, 0) + 1
+        by_video[idx] = y
+    return sums, counts, by_video
+
+
+def _merged(sums: dict[int, torch.Tensor], counts: dict[int, int], labels: dict[int, int]
+            ) -> tuple[dict[int, torch.Tensor], dict[int, int], dict[int, int]]:
+    """Every process's :func:`_sums_by_video` merged (on every process)."""
     merged_sums: dict[int, torch.Tensor] = {}
     merged_counts: dict[int, int] = {}
     merged_labels: dict[int, int] = {}
@@ -89,11 +115,7 @@ def predict_dataset(model, dataset, env: DistEnv, *, batch_size: int, workers: i
             merged_sums[idx] = merged_sums[idx] + s if idx in merged_sums else s
             merged_counts[idx] = merged_counts.get(idx, 0) + part_counts[idx]
             merged_labels[idx] = part_labels[idx]
-    order = sorted(merged_sums)
-    if not order:
-        raise ValueError("evaluation got no videos")
-    scores = torch.stack([merged_sums[i] / merged_counts[i] for i in order])
-    return scores, torch.tensor([merged_labels[i] for i in order]), order
+    return merged_sums, merged_counts, merged_labels
 
 
 def evaluate(model, dataset, env: DistEnv, *, class_names: Sequence[str], batch_size: int, workers: int,

@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import closing
+from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from ..classifier import VideoClassifier
 from ..label_maps import BUILTIN_CLASS_LISTS, builtin_class_names
 from ..prompts import label_embeddings, parse_labels, templates_of, text_tokenizer
-from .inference import FILE_ERRORS, class_names_of, error_message, model_device
+from .inference import FILE_ERRORS, TestClips, class_names_of, error_message, model_device, read_ahead, read_test_clips
 
 __all__ = ["use_labels", "labels_refusal", "text_query", "predict_clip", "predict_file", "predict_files",
            "model_device", "read_class_names", "DEFAULT_PREPROCESS"]
@@ -130,17 +132,29 @@ def predict_file(model, path: str | os.PathLike, preprocess: dict, *, topk: int 
     ``{"video", "windows": [{"start", "end", "top": [...]}, ...]}`` (see
     :func:`dist_video.engine.timeline.video_timeline`). A file that cannot be read raises
     :class:`~dist_video.data.decoding.VideoDecodeError` (``ValueError`` for bad arguments)."""
-    from .data import test_clips_of_file
-
     if window is not None:
         from .timeline import video_timeline
         return video_timeline(model, path, preprocess, window=window, stride=stride).to_dict(topk)
     if stride is not None:
         raise ValueError("stride needs a window")
+    clips = read_test_clips(path, preprocess, num_frames=model.config.num_frames, views=views)
+    return _predict_clips(model, path, clips, topk)
+
+
+def _predict_clips(model, path: str | os.PathLike, clips: TestClips, topk: int) -> dict:
+    """The result of :func:`predict_file` from the file's decoded clips."""
     names = class_names_of(model)
-    clips = test_clips_of_file(path, preprocess, num_frames=model.config.num_frames, views=views)
-    probs = model(clips.to(model_device(model))).float().softmax(dim=1).mean(dim=0)
-    return {"video": str(path), "views": int(clips.shape[0]), "top": _top(probs, names, topk)}
+    probs = model(clips.on(model_device(model))).float().softmax(dim=1).mean(dim=0)
+    return {"video": str(path), "views": int(clips.clips.shape[0]), "top": _top(probs, names, topk)}
+
+
+def _file_result(path: str | os.PathLike, predict: Callable[[], dict]) -> dict:
+    """``predict()``, or ``{"video": path, "error": cause}`` when the file fails."""
+    try:
+        return predict()
+    except FILE_ERRORS as e:
+        logger.warning("%s: %s", path, error_message(e))
+        return {"video": str(path), "error": error_message(e)}
 
 
 @torch.no_grad()
@@ -148,13 +162,17 @@ def predict_files(model: VideoClassifier | torch.nn.Module, videos: Sequence[str
                   views: int | None = None, window: float | None = None, stride: float | None = None) -> list[dict]:
     """:func:`predict_file` for every file, through one inference form (made here when ``model``
     is a :class:`VideoClassifier`). A file that fails gives ``{"video": path, "error": cause}``
-    and the others are still predicted; the list keeps the order of ``videos``."""
+    and the others are still predicted; the list keeps the order of ``videos``. Without
+    ``window``, the next file is decoded in a background thread while the model runs on this
+    one (:func:`~dist_video.engine.inference.read_ahead`)."""
     fused = model.fuse() if isinstance(model, VideoClassifier) else model
+    if window is not None or stride is not None:
+        return [_file_result(path, lambda: predict_file(fused, path, preprocess, topk=topk, views=views,
+                                                        window=window, stride=stride)) for path in videos]
+    read = partial(read_test_clips, preprocess=preprocess, num_frames=fused.config.num_frames, views=views,
+                   pin=model_device(fused).type == "cuda")
     out = []
-    for path in videos:
-        try:
-            out.append(predict_file(fused, path, preprocess, topk=topk, views=views, window=window, stride=stride))
-        except FILE_ERRORS as e:
-            logger.warning("%s: %s", path, error_message(e))
-            out.append({"video": str(path), "error": error_message(e)})
+    with closing(read_ahead(videos, read)) as reads:
+        for path, clips in reads:
+            out.append(_file_result(path, lambda: _predict_clips(fused, path, clips.result(), topk)))
     return out

@@ -36,19 +36,23 @@ class ServedModel:
 def load_served_model(model_path: str, *, clip: str | None = None, classes: str | None = None,
                       labels: str | None = None, vocab: str | None = None, prompt: str | None = None,
                       device: str = "auto", clip_dtype: str = "auto", max_label_sets: int = 16,
-                      num_frames: int = 8, trust_checkpoint: bool = False) -> ServedModel:
+                      num_frames: int = 8, trust_checkpoint: bool = False, compile: bool = False) -> ServedModel:
     """Any path :func:`dist_video.load_model` opens: an exported folder (onnxruntime) or a model
     folder / ``.pyth`` / CLIP weights (its fused inference form; the unfused model is dropped once
     fused, so one copy of the weights stays in memory). A model with a class-text head keeps its
     CLIP text tower (not its unfused image tower) for per-request labels (:class:`LabelHeads`,
     keeping ``max_label_sets`` heads); otherwise ``labels_refusal`` says why requests cannot name
     labels. A request's labels use its own ``prompt``, else ``prompt`` (the server's), else the
-    prompt ensemble. ``num_frames``: frames per clip for plain CLIP weights."""
+    prompt ensemble. ``num_frames``: frames per clip for plain CLIP weights. ``compile``: the
+    inference form in ``torch.compile`` (:meth:`dist_video.loading.LoadedModel.compile`; refused
+    for an exported model)."""
     from ..loading import load_model
 
     loaded = load_model(model_path, clip=clip, classes=classes, labels=labels, vocab=vocab, prompt=prompt,
                         device=device, clip_dtype=clip_dtype, num_frames=num_frames,
                         trust_checkpoint=trust_checkpoint).require_head()
+    if compile and loaded.runtime == "onnxruntime":
+        loaded.compile()  # refused with the reason
     if loaded.runtime == "onnxruntime":
         return ServedModel(loaded.model, dict(loaded.preprocess), loaded.name, "onnxruntime", "cpu", loaded.method,
                            labels_refusal=EXPORTED_LABELS_REFUSAL)
@@ -61,6 +65,7 @@ def load_served_model(model_path: str, *, clip: str | None = None, classes: str 
             refusal = f"no tokenizer for the model's text tower: {e}"
     text_tower = loaded.network.clip
     fused = loaded.take_inference_form()
+    served_form = loaded.compile().model if compile else fused
     heads = None
     if refusal is None:
         text_tower.visual = None  # the image tower lives on, fused: only the text tower stays beside it
@@ -74,5 +79,5 @@ def load_served_model(model_path: str, *, clip: str | None = None, classes: str 
     else:
         logger.info("per-request labels are not accepted: %s", refusal)
     device_name = str(next(fused.buffers()).device)
-    return ServedModel(fused, loaded.preprocess, loaded.name, "pytorch", device_name, getattr(fused, "method", None),
-                       label_heads=heads, labels_refusal=refusal)
+    return ServedModel(served_form, loaded.preprocess, loaded.name, "pytorch", device_name,
+                       getattr(fused, "method", None), label_heads=heads, labels_refusal=refusal)

@@ -17,10 +17,12 @@ logger = logging.getLogger(__name__)
 def run_server(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
                clip: str | None = None, classes: str | None = None, labels: str | None = None,
                vocab: str | None = None, prompt: str | None = None, device: str = "auto", clip_dtype: str = "auto",
-               num_frames: int = 8, log_level: str = "info", trust_checkpoint: bool = False) -> None:
+               num_frames: int = 8, log_level: str = "info", trust_checkpoint: bool = False,
+               compile: bool = False) -> None:
     """Load the model once and serve it with uvicorn until interrupted. Raises ``ValueError``
     for settings out of range (an empty or non-ASCII token among them) before loading.
-    ``trust_checkpoint``: see :func:`dist_video.load_model`."""
+    ``trust_checkpoint``: see :func:`dist_video.load_model`; ``compile``: serve the inference form
+    in ``torch.compile`` (:func:`~dist_video.serve.loading.load_served_model`)."""
     require_serve_extra()
     import uvicorn
 
@@ -32,7 +34,7 @@ def run_server(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, se
                        "host names with --allowed-hosts", host)
     served = load_served_model(model_path, clip=clip, classes=classes, labels=labels, vocab=vocab, prompt=prompt,
                                device=device, clip_dtype=clip_dtype, max_label_sets=settings.max_label_sets,
-                               num_frames=num_frames, trust_checkpoint=trust_checkpoint)
+                               num_frames=num_frames, trust_checkpoint=trust_checkpoint, compile=compile)
     logger.info("serving %s (%s, %s) on http://%s:%d; per-request labels %s", served.name, served.runtime,
                 served.device, host, port, "accepted" if served.label_heads is not None else "not accepted")
     app = create_app(served, settings, host=host)
