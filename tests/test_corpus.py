@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -44,6 +45,14 @@ def corpus(tmp_path_factory, tiny_clip):
     videos = [write_coded_video(d / "videos" / f"v{i}.mp4", 12 + 5 * i, width=64 + 8 * i, height=64, seed=i)
               for i in range(5)]
     return model, [str(v) for v in videos]
+
+
+#: Ray's servers listen on every interface, whatever node address they are given: the tests that
+#: start Ray run in a private network namespace (only loopback), through
+#: test_ray_jobs_run_in_a_private_network_namespace, which sets this variable.
+IN_PRIVATE_NETWORK = os.environ.get("DIST_VIDEO_PRIVATE_NETWORK") == "1"
+starts_ray = pytest.mark.skipif(not IN_PRIVATE_NETWORK,
+                                reason="starts Ray: runs inside test_ray_jobs_run_in_a_private_network_namespace")
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +115,7 @@ def test_uint8_clips_normalised_are_the_test_clips(corpus):
 
 # ---------------------------------------------------------------------------------- with Ray
 @pytest.mark.slow
+@starts_ray
 def test_embeddings_equal_the_single_process_embed_and_search_reads_them(corpus, ray_cluster, tmp_path):
     model, videos = corpus
     out = tmp_path / "out"
@@ -132,6 +142,7 @@ def test_embeddings_equal_the_single_process_embed_and_search_reads_them(corpus,
 
 
 @pytest.mark.slow
+@starts_ray
 def test_good_broken_and_missing_files_and_predict_records(corpus, ray_cluster, tmp_path):
     model, videos = corpus
     broken = tmp_path / "broken.mp4"
@@ -153,6 +164,7 @@ def test_good_broken_and_missing_files_and_predict_records(corpus, ray_cluster, 
 
 
 @pytest.mark.slow
+@starts_ray
 def test_webdataset_shard_and_list_inputs(corpus, ray_cluster, tmp_path):
     model, videos = corpus
     with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
@@ -185,6 +197,7 @@ run_corpus(sys.argv[1], sys.argv[4:], sys.argv[2], ray_address=sys.argv[3], batc
 
 
 @pytest.mark.slow
+@starts_ray
 def test_a_driver_killed_part_way_then_rerun_gives_every_input_once(corpus, ray_cluster, tmp_path):
     model, videos = corpus
     inputs = _copies(videos, tmp_path / "many", 16)
@@ -243,6 +256,7 @@ def _model_actor_pids() -> list[int]:
 
 
 @pytest.mark.slow
+@starts_ray
 def test_a_model_actor_killed_part_way_is_replaced_and_the_job_completes(corpus, ray_cluster, tmp_path):
     model, videos = corpus
     inputs = _copies(videos, tmp_path / "many", 16)
@@ -279,6 +293,7 @@ print("status", status, "ray still connected:", ray.is_initialized())
 
 
 @pytest.mark.slow
+@starts_ray
 def test_cli_ray_local_starts_on_loopback_shuts_down_and_search_reads_the_output(corpus, tmp_path, capsys):
     pytest.importorskip("ray")
     _, videos = corpus
@@ -305,3 +320,26 @@ def test_without_ray_the_message_names_the_extra(corpus, tmp_path, monkeypatch, 
     assert "pip install 'dist-video[ray]'" in capsys.readouterr().err
     assert main(["predict", str(model), videos[0], "--ray"]) == 2  # no --out
     assert "needs --out DIR" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(IN_PRIVATE_NETWORK, reason="the wrapper itself")
+def test_ray_jobs_run_in_a_private_network_namespace():
+    """Every test above that starts Ray, run in a network namespace of its own with only loopback
+    (``unshare -rn``), so that Ray's servers, which listen on every interface, are reachable from
+    loopback alone and no job traffic can go to any other address."""
+    pytest.importorskip("ray")
+    pytest.importorskip("pyarrow")
+    from net_helpers import private_network
+
+    command, why_not = private_network([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow",
+                                        __file__])
+    if why_not:
+        pytest.skip(f"the Ray tests need a private network namespace ({why_not})")
+    done = subprocess.run(command, env={**os.environ, "DIST_VIDEO_PRIVATE_NETWORK": "1"}, capture_output=True,
+                          text=True, timeout=900, cwd=Path(__file__).parent)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    ray_tests = sum(1 for name, f in globals().items() if name.startswith("test_") and hasattr(f, "pytestmark")
+                    and any(m.name == "skipif" and m.kwargs.get("reason", "").startswith("starts Ray")
+                            for m in f.pytestmark))
+    assert re.search(rf"\b{ray_tests} passed", done.stdout), done.stdout[-3000:]

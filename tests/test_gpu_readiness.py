@@ -572,17 +572,11 @@ GPU_CHECK = ROOT / "scripts" / "gpu_check.sh"
 
 
 def _offline(command: list[str]) -> tuple[list[str], str | None]:
-    """``command`` in a network namespace without network (``unshare -rn``, loopback up for
-    Gloo), or as it is with the reason when this machine does not permit that."""
-    import shutil
-    import subprocess
+    """``command`` in a network namespace without network (loopback up for Gloo), or as it is
+    with the reason when this machine does not permit that."""
+    from net_helpers import private_network
 
-    if shutil.which("unshare") and shutil.which("ip"):
-        probe = subprocess.run(["unshare", "-rn", "ip", "link", "set", "lo", "up"], capture_output=True, text=True)
-        if probe.returncode == 0:
-            return ["unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command], None
-        return command, f"unshare -rn is not permitted here: {probe.stderr.strip()}"
-    return command, "unshare or ip is not installed"
+    return private_network(command)
 
 
 def _check(args: list[str], out: Path, python: str = sys.executable, timeout: int = 600):
