@@ -102,3 +102,23 @@ def test_model_modules_have_one_forward_and_no_module_state(module):
             # an upper-case table (PRESETS, ARCHITECTURES) is a constant; anything else is state
             constant = name.isupper() or (name.startswith("__") and name.endswith("__"))
             assert not (mutable and not constant), f"{module}.{name} is module-level mutable state"
+
+
+def test_importing_the_package_loads_no_video_decoder():
+    """``import dist_video`` works where PyAV is missing (an offline GPU node before its wheels
+    arrive): the decoders are imported by what uses them."""
+    import subprocess
+    import sys
+
+    blocker = ("import sys\n"
+               "class NoAV:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name == 'av' or name.startswith('av.'):\n"
+               "            raise ImportError('av is blocked')\n"
+               "sys.meta_path.insert(0, NoAV())\n"
+               "import dist_video\n"
+               "print(sorted(m for m in sys.modules if m.split('.')[0] in ('av', 'decord', 'torchcodec')))\n")
+    done = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(PACKAGE.parent)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

@@ -12,7 +12,6 @@ from .checkpoints import load_official_checkpoint
 from .clip_loaders import load_clip
 from .tokenizer import tokenize
 from .loading import LoadedModel, load_model
-from .live import watch
 
 
 def fuse(model: VideoClassifier, dtype=None, *, compile: bool = False, **kwargs):
@@ -26,6 +25,14 @@ def fuse(model: VideoClassifier, dtype=None, *, compile: bool = False, **kwargs)
 
         return torch.compile(fused)
     return fused
+
+def watch(model, source, **kwargs):
+    """Rolling predictions on live input: :func:`dist_video.live.watch` (imported when called, so
+    that ``import dist_video`` does not load the video decoders)."""
+    from .live import watch as watch_source
+
+    return watch_source(model, source, **kwargs)
+
 
 __all__ = ["CLIP", "CLIPConfig", "DiSTConfig", "PRESETS", "DiSTVideoModel", "load_official_checkpoint",
            "__version__"]
