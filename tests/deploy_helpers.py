@@ -17,10 +17,10 @@ TINY_PREPROCESS = {"sampling": "segment", "interval": 4, "crop_size": 64, "test_
                    "std": [0.26862954, 0.26130258, 0.27577711]}
 
 
-def make_tiny_model_folder(path: Path, clip_factory, head_fill: float | None = None) -> Path:
-    """A DiST model (tiny CLIP, 8 frames, alpha 2) with a seeded random linear head over
-    :data:`CLASS_NAMES`, saved with :data:`TINY_PREPROCESS` as its test protocol.
-    ``head_fill``: every head weight set to this value (e.g. NaN, a damaged model)."""
+def tiny_dist_model(clip_factory, head_fill: float | None = None):
+    """A DiST model (tiny CLIP, 8 frames, alpha 2), every branch weight non-zero, with a seeded
+    random linear head over :data:`CLASS_NAMES`. ``head_fill``: every head weight set to this
+    value (e.g. NaN, a damaged model)."""
     from dist_video import DiSTConfig, DiSTVideoModel
 
     clip = clip_factory()
@@ -36,6 +36,12 @@ def make_tiny_model_folder(path: Path, clip_factory, head_fill: float | None = N
         model.head.bias.normal_(0, 0.1)
         if head_fill is not None:
             model.head.weight.fill_(head_fill)
+    return model
+
+
+def make_tiny_model_folder(path: Path, clip_factory, head_fill: float | None = None) -> Path:
+    """:func:`tiny_dist_model` saved with :data:`TINY_PREPROCESS` as its test protocol."""
+    model = tiny_dist_model(clip_factory, head_fill)
     model.save_pretrained(path, metadata={"preprocess": {**TINY_PREPROCESS, "num_frames": 8}})
     return path
 

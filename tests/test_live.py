@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from data_helpers import write_coded_video
-from deploy_helpers import CLASS_NAMES, TINY_PREPROCESS, free_port
+from deploy_helpers import CLASS_NAMES, TINY_PREPROCESS, free_port, tiny_dist_model
 
-from dist_video import BaselineConfig, DiSTConfig, DiSTVideoModel, FrozenMeanClassifier
+from dist_video import BaselineConfig, FrozenMeanClassifier
 from dist_video.data.decoding import probe, read_frames
 from dist_video.data.sampling import build_sampler
 from dist_video.engine import data as engine_data
@@ -32,16 +32,7 @@ PRE = {**TINY_PREPROCESS, "num_views": 1}
 
 def tiny_dist(clip_factory) -> torch.nn.Module:
     """A fused DiST model (tiny CLIP, 8 dense frames, alpha 2) with a random linear head."""
-    torch.manual_seed(7)
-    model = DiSTVideoModel(clip_factory(), DiSTConfig(num_frames=8, alpha=2, temporal_dim=16, integration_dim=64,
-                                                      pooling_layers=2), clip_dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.branch.named_parameters():  # non-zero everywhere, so every part counts
-            p.normal_(mean=1.0 if name.endswith("ln.weight") else 0.0, std=0.05)
-    model.set_linear_head(len(CLASS_NAMES), CLASS_NAMES)
-    with torch.no_grad():
-        model.head.weight.normal_(0, 0.5)
-    return model.fuse()
+    return tiny_dist_model(clip_factory).fuse()
 
 
 def tiny_frame_model(clip_factory) -> torch.nn.Module:
