@@ -322,6 +322,43 @@ def test_without_ray_the_message_names_the_extra(corpus, tmp_path, monkeypatch, 
     assert "needs --out DIR" in capsys.readouterr().err
 
 
+TWO_NODES = """
+import sys
+from ray.cluster_utils import Cluster
+import ray
+from dist_video.corpus import run_corpus
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1",
+                                                          "include_dashboard": False})
+cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+cluster.wait_for_nodes()
+try:
+    ray.init(address=cluster.address, logging_level="WARNING")
+    nodes = sum(1 for n in ray.nodes() if n["Alive"])
+    summary = run_corpus(sys.argv[1], sys.argv[3:], sys.argv[2], ray_address=cluster.address, actors=2,
+                         batch_size=1, shard_rows=1, progress=False)
+    print("nodes", nodes, "videos", summary.videos, "errors", summary.errors)
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+@pytest.mark.slow
+@starts_ray
+def test_a_two_node_cluster_on_this_machine_gives_the_single_process_embeddings(corpus, tmp_path):
+    model, videos = corpus
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
+    done = subprocess.run([sys.executable, "-c", TWO_NODES, str(model), str(tmp_path / "out"), *videos], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-6:] == ["nodes", "2", "videos", str(len(videos)), "errors", "0"]
+    table = read_corpus(tmp_path / "out")
+    got = dict(zip(table.column("id").to_pylist(), table.column("embedding").to_pylist()))
+    assert sorted(got) == sorted(videos)
+    for path, row in zip(videos, load_model(str(model), device="cpu").embed(videos).embeddings):
+        np.testing.assert_allclose(np.asarray(got[path], dtype=np.float32), row.numpy(), rtol=0, atol=1e-5)
+
 @pytest.mark.slow
 @pytest.mark.skipif(IN_PRIVATE_NETWORK, reason="the wrapper itself")
 def test_ray_jobs_run_in_a_private_network_namespace():
