@@ -5,12 +5,15 @@
    224 x 224, random weights, each in its inference form (``model.fuse()``: bf16 where
    supported), batches of 1, 4 and 16 clips, medians over repetitions, the two models
    interleaved repetition by repetition so machine noise hits both alike.
+   With ``--compile``, the same two models wrapped in ``torch.compile`` run in the same loop; the
+   first call per batch size (the compile) is timed apart and left out of the medians.
 2. Counted cost of one view for every published preset: multiply-accumulates from PyTorch's
    FLOP counter (FLOPs / 2) for CLIP and for the DiST branch, CLIP's attention products listed
    apart (the authors' count leaves them out), and parameters.
 
     python benchmarks/inference.py              # about 6 minutes on 2 CPU cores
     python benchmarks/inference.py --repeats 3 --batches 1 --skip-large   # quicker
+    python benchmarks/inference.py --compile --no-costs                   # eager against torch.compile
 """
 
 from __future__ import annotations
@@ -40,11 +43,13 @@ def arch_of(preset: str) -> str:
     return "ViT-L/14" if "vit-l14" in preset else "ViT-B/16"
 
 
-def throughput(batches: list[int], repeats: int, device: torch.device) -> list[dict]:
+def throughput(batches: list[int], repeats: int, device: torch.device, compile_: bool = False) -> list[dict]:
     """Seconds per batch for DiST and CLIP alone, each in its inference form (``model.fuse()``,
-    bf16 where supported), interleaved."""
+    bf16 where supported), interleaved; with ``compile_`` also each wrapped in ``torch.compile``."""
     models = {"dist": build_method("dist", "ViT-B/16", 16, 2, device, dist_preset="k400-vit-b16-8+16f").fuse(),
               "clip": build_method("frozen-mean", "ViT-B/16", 16, 2, device).fuse()}
+    if compile_:
+        models |= {f"{name}_compiled": torch.compile(models[name]) for name in ("dist", "clip")}
     rows = []
     for b in batches:
         video = torch.randn(b, 3, 16, 224, 224, device=device)
@@ -54,8 +59,11 @@ def throughput(batches: list[int], repeats: int, device: torch.device) -> list[d
             models[name](video)
             sync(device)
 
-        for name in models:  # warm-up
+        first_call = {}
+        for name in models:  # warm-up; for a compiled model, the compile for this batch size
+            t = time.perf_counter()
             run(name)
+            first_call[name] = time.perf_counter() - t
         for _ in range(repeats):
             for name in models:
                 t = time.perf_counter()
@@ -63,13 +71,24 @@ def throughput(batches: list[int], repeats: int, device: torch.device) -> list[d
                 times[name].append(time.perf_counter() - t)
         med = {k: statistics.median(v) for k, v in times.items()}
         best = {k: min(v) for k, v in times.items()}
-        rows.append({"batch": b, "dist_seconds": med["dist"], "clip_seconds": med["clip"],
-                     "dist_clips_per_second": b / med["dist"], "clip_clips_per_second": b / med["clip"],
-                     "ratio_dist_to_clip": med["dist"] / med["clip"],
-                     "ratio_dist_to_clip_of_fastest": best["dist"] / best["clip"], "times": times})
-        print(f"batch {b}: DiST {b / med['dist']:.2f} clips/s, CLIP alone {b / med['clip']:.2f} clips/s, "
-              f"time ratio {med['dist'] / med['clip']:.3f} (of the fastest runs {best['dist'] / best['clip']:.3f})",
-              flush=True)
+        row = {"batch": b, "dist_seconds": med["dist"], "clip_seconds": med["clip"],
+               "dist_clips_per_second": b / med["dist"], "clip_clips_per_second": b / med["clip"],
+               "ratio_dist_to_clip": med["dist"] / med["clip"],
+               "ratio_dist_to_clip_of_fastest": best["dist"] / best["clip"], "times": times}
+        line = (f"batch {b}: DiST {b / med['dist']:.2f} clips/s, CLIP alone {b / med['clip']:.2f} clips/s, "
+                f"time ratio {med['dist'] / med['clip']:.3f} (of the fastest runs {best['dist'] / best['clip']:.3f})")
+        if compile_:
+            for name in ("dist", "clip"):
+                row[f"{name}_compiled_seconds"] = med[f"{name}_compiled"]
+                row[f"{name}_compiled_clips_per_second"] = b / med[f"{name}_compiled"]
+                row[f"{name}_compile_seconds"] = first_call[f"{name}_compiled"] - med[name]
+                row[f"{name}_compiled_speedup"] = med[name] / med[f"{name}_compiled"]
+            line += (f"; compiled: DiST {row['dist_compiled_clips_per_second']:.2f} clips/s "
+                     f"({row['dist_compiled_speedup']:.3f}x eager, compile {row['dist_compile_seconds']:.0f} s), "
+                     f"CLIP alone {row['clip_compiled_clips_per_second']:.2f} clips/s "
+                     f"({row['clip_compiled_speedup']:.3f}x, compile {row['clip_compile_seconds']:.0f} s)")
+        rows.append(row)
+        print(line, flush=True)
     return rows
 
 
@@ -111,6 +130,17 @@ def markdown(result: dict) -> str:
     for r in result["throughput"]:
         lines.append(f"| {r['batch']} | {r['dist_clips_per_second']:.2f} | {r['clip_clips_per_second']:.2f} | "
                      f"{r['ratio_dist_to_clip']:.3f} | {r['ratio_dist_to_clip_of_fastest']:.3f} |")
+    compiled = [r for r in result["throughput"] if "dist_compiled_seconds" in r]
+    if compiled:
+        lines += ["", "## Wrapped in `torch.compile` (same loop)", "",
+                  "| batch | DiST clips/s | x eager | compile (s) | CLIP alone clips/s | x eager | compile (s) |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['dist_compiled_clips_per_second']:.2f} | {r['dist_compiled_speedup']:.3f} | "
+                  f"{r['dist_compile_seconds']:.0f} | {r['clip_compiled_clips_per_second']:.2f} | "
+                  f"{r['clip_compiled_speedup']:.3f} | {r['clip_compile_seconds']:.0f} |" for r in compiled]
+        lines.append("\nThe compile of a batch size: its first call's time less an eager call's median.")
+    if not result["presets"]:
+        return "\n".join(lines) + "\n"
     lines += ["", "## Cost per view of every preset (counted)", "",
               "| preset | CLIP | frames (CLIP/dense) | CLIP GMACs | branch GMACs | total "
               "| CLIP attention (not counted) | branch GMACs executed at inference | branch params |",
@@ -141,13 +171,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--skip-large", action="store_true", help="skip ViT-L/14 and 32+64f presets in the cost table")
     ap.add_argument("--no-costs", action="store_true", help="throughput only, no cost table (scripts/gpu_check.sh)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time both models wrapped in torch.compile, in the same loop")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     device = torch.device(args.device)
     use_fast_gpu_kernels(device)  # cuDNN autotuner and TF32 on a GPU, as `dist-video` runs
     result = {"machine": machine(device), "repeats": args.repeats,
-              "throughput": throughput(args.batches, args.repeats, device),
+              "throughput": throughput(args.batches, args.repeats, device, args.compile),
               "presets": [] if args.no_costs else preset_costs(device, args.skip_large)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

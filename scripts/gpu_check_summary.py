@@ -14,6 +14,17 @@ out = Path(os.environ["OUT"])
 bench = out / "benchmarks"
 
 
+#: Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity), by name fragment.
+NOMINAL_BF16_TFLOPS = (("GH200", 989.0), ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
+                       ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0),
+                       ("L4", 121.0))
+
+
+def nominal_bf16_tflops(gpu_name: str):
+    """The datasheet's dense bf16 peak of the GPU called ``gpu_name``, or None when not listed."""
+    return next((tflops for fragment, tflops in NOMINAL_BF16_TFLOPS if fragment in gpu_name), None)
+
+
 def load(name):
     path = bench / name if not (out / name).is_file() else out / name
     return json.loads(path.read_text()) if path.is_file() else None
@@ -44,7 +55,8 @@ if inference:
         {"batch": t["batch"], "dist": t["dist_clips_per_second"], "clip_alone": t["clip_clips_per_second"],
          "dist_over_clip_time": t["ratio_dist_to_clip"],
          **({"dist_compiled": t["dist_compiled_clips_per_second"],
-             "clip_alone_compiled": t["clip_compiled_clips_per_second"]}
+             "clip_alone_compiled": t["clip_compiled_clips_per_second"],
+             "dist_compile_seconds": t["dist_compile_seconds"], "clip_alone_compile_seconds": t["clip_compile_seconds"]}
             if "dist_compiled_clips_per_second" in t else {})} for t in inference["throughput"]]
 suffix = "" if summary["device"] == "cpu" else "_cuda"
 cost = load(f"train_cost{suffix}.json")
@@ -56,7 +68,16 @@ if cost:
                              if r["batch"] == biggest},
         "memory_per_clip_mib": {m: v / 2**20 for m, v in cost.get("memory_per_clip_bytes", {}).items()},
         "peak_memory_mib": {r["method"]: r["peak_memory_bytes"] / 2**20 for r in cost["runs"]
-                            if r["batch"] == biggest}}
+                            if r["batch"] == biggest},
+        "step_ms": {r["method"]: 1000 * r["step_seconds"] for r in cost["runs"] if r["batch"] == biggest}}
+    bound = cost.get("dist_flop_bound")
+    dist_rate = summary["training"]["clips_per_second"].get("dist")
+    if bound and dist_rate:
+        achieved = bound["step_gflops_per_clip"] * dist_rate / 1000
+        summary["training"]["dist_tflops"] = {
+            "achieved": achieved, "step_gflops_per_clip": bound["step_gflops_per_clip"],
+            "bf16_matmul_measured": bound["bf16_matmul_tflops"],
+            "bf16_dense_nominal": nominal_bf16_tflops((env.get("gpus") or [{}])[0].get("name", ""))}
 loader = load("loader.json")
 if loader:
     sets = loader["sets"]
@@ -106,19 +127,30 @@ if inference:
               for t in summary["inference_clips_per_second"]]
     compiled = [t for t in summary["inference_clips_per_second"] if "dist_compiled" in t]
     if compiled:
-        lines += ["", "With `torch.compile`:", "", "| batch | DiST clips/s | CLIP alone clips/s |",
-                  "| --- | --- | --- |"]
-        lines += [f"| {t['batch']} | {t['dist_compiled']:.1f} | {t['clip_alone_compiled']:.1f} |" for t in compiled]
+        lines += ["", "With `torch.compile` (compile: the first call's seconds less an eager call's):", "",
+                  "| batch | DiST clips/s | CLIP alone clips/s | DiST compile (s) | CLIP alone compile (s) |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {t['batch']} | {t['dist_compiled']:.1f} | {t['clip_alone_compiled']:.1f} | "
+                  f"{t['dist_compile_seconds']:.0f} | {t['clip_alone_compile_seconds']:.0f} |" for t in compiled]
 if cost:
     t = summary["training"]
     lines += ["", f"## Training (ViT-B/16 at {t['resolution']} x {t['resolution']}, batch {t['batch']})", "",
-              "| method | clips/s | peak memory (MiB) | peak memory per clip (MiB) | memory per extra clip (MiB) |",
-              "| --- | --- | --- | --- | --- |"]
+              "| method | step (ms) | clips/s | peak memory (MiB) | peak memory per clip (MiB) "
+              "| memory per extra clip (MiB) |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for m, rate in t["clips_per_second"].items():
         per_clip = t["memory_per_clip_mib"].get(m)
         peak = t["peak_memory_mib"][m]
-        lines.append(f"| {m} | {rate:.2f} | {peak:.0f} | {peak / t['batch']:.0f} | "
+        lines.append(f"| {m} | {t['step_ms'][m]:.0f} | {rate:.2f} | {peak:.0f} | {peak / t['batch']:.0f} | "
                      f"{'' if per_clip is None else f'{per_clip:.0f}'} |")
+    if "dist_tflops" in t:
+        f = t["dist_tflops"]
+        nominal = f["bf16_dense_nominal"]
+        lines.append(f"\nDiST's training step does {f['step_gflops_per_clip']:.0f} GFLOP per clip (CLIP forward + "
+                     f"3 x the branch's forward): **{f['achieved']:.1f} TFLOP/s** achieved, against "
+                     f"{f['bf16_matmul_measured']:.1f} TFLOP/s measured for a bf16 matmul here"
+                     + (f" and the datasheet's dense bf16 peak of {nominal:.0f} ({100 * f['achieved'] / nominal:.0f}%)."
+                        if nominal else " (no datasheet peak listed for this device)."))
     rates = t["clips_per_second"]
     if "dist" in rates and "full-finetune" in rates:
         ratio = rates["dist"] / rates["full-finetune"]

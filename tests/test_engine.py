@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dist_video.engine.checkpoint import load_training_state
 from dist_video.engine.data import ResumableBatchSampler
 
 from cli_helpers import cli_env, run_cli, start_cli
@@ -188,7 +189,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
     _, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 130, err
     assert "SIGTERM received" in err and "checkpoint saved" in err
-    state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    state = load_training_state(run / "checkpoints" / "last.pt")
     assert state["step"] >= 2
 
 

@@ -668,3 +668,37 @@ def test_benchmarks_use_the_gpu_settings_the_cli_uses(gpus, monkeypatch):
         torch.set_float32_matmul_precision(matmul_precision)
     for name in ("inference.py", "train_cost.py"):
         assert "use_fast_gpu_kernels(device)" in (BENCHMARKS / name).read_text()
+
+
+def test_the_summary_reports_step_times_achieved_tflops_and_compile_times(tmp_path):
+    """``gpu_check_summary.py`` on a GPU run's files: train step ms per method, DiST's achieved
+    TFLOP/s against the measured matmul rate and the datasheet peak, and the compiled rows."""
+    import subprocess
+
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    (tmp_path / "steps.jsonl").write_text(json.dumps({"step": "benchmark-train-cost", "status": "passed",
+                                                      "seconds": 40}) + "\n")
+    (tmp_path / "environment.json").write_text(json.dumps(
+        {"gpus": [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "memory_gib": 79.1}]}))
+    (bench / "inference.json").write_text(json.dumps({"throughput": [
+        {"batch": 8, "dist_clips_per_second": 400.0, "clip_clips_per_second": 500.0, "ratio_dist_to_clip": 1.25,
+         "dist_compiled_clips_per_second": 480.0, "clip_compiled_clips_per_second": 550.0,
+         "dist_compile_seconds": 61.2, "clip_compile_seconds": 30.4}]}))
+    runs = [{"method": m, "batch": b, "step_seconds": s, "peak_memory_bytes": 2**30 * b}
+            for m, b, s in (("dist", 8, 0.1), ("dist", 32, 0.2), ("full-finetune", 32, 0.8))]
+    (bench / "train_cost_cuda.json").write_text(json.dumps({
+        "resolution": 224, "runs": runs, "memory_per_clip_bytes": {"dist": 2**29},
+        "dist_flop_bound": {"step_gflops_per_clip": 500.0, "bf16_matmul_tflops": 700.0}}))
+    env = {**os.environ, "OUT": str(tmp_path), "DEVICE": "cuda", "SECONDS_SO_FAR": "50"}
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check_summary.py")], env=env, check=True,
+                   capture_output=True, text=True)
+    training = json.loads((tmp_path / "summary.json").read_text())["training"]
+    assert training["step_ms"] == {"dist": 200.0, "full-finetune": 800.0}  # the largest batch
+    flops = training["dist_tflops"]
+    assert flops["achieved"] == pytest.approx(500.0 * 32 / 0.2 / 1000)  # GFLOP/clip x clips/s
+    assert flops["bf16_dense_nominal"] == 989.0 and flops["bf16_matmul_measured"] == 700.0
+    text = (tmp_path / "summary.md").read_text()
+    assert "**80.0 TFLOP/s** achieved" in text and "(8%)" in text
+    assert "| dist | 200 | 160.00 |" in text
+    assert "| 8 | 480.0 | 550.0 | 61 | 30 |" in text

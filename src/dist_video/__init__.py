@@ -26,6 +26,7 @@ def fuse(model: VideoClassifier, dtype=None, *, compile: bool = False, **kwargs)
         return torch.compile(fused)
     return fused
 
+
 def watch(model, source, **kwargs):
     """Rolling predictions on live input: :func:`dist_video.live.watch` (imported when called, so
     that ``import dist_video`` does not load the video decoders)."""

@@ -45,7 +45,8 @@ from .data.sampling import build_sampler
 from .engine.data import test_transform
 from .engine.inference import class_names_of, model_device
 from .engine.shared_frames import shared_frames
-from .engine.timeline import Cancelled, draw_label, grid_frames, grid_step, label_font, window_bounds
+from .engine.timeline import (Cancelled, draw_label, grid_frames, grid_step, join_producer, label_font,
+                               window_bounds)
 
 __all__ = ["watch", "run_watch", "SourceError", "NETWORK_SCHEMES", "open_source", "format_summary"]
 
@@ -416,12 +417,7 @@ def watch(model, source: str, *, window: float, stride: float | None = None, pre
         end = _End("interrupted")
     finally:
         reader.stop.set()
-        while reader.is_alive():  # unblock a reader waiting on a full queue
-            try:
-                jobs.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        reader.join()
+        join_producer(reader, jobs)
         if annotator is not None:
             annotator.close()
     stats.skipped = max(stats.skipped, reader.skipped)

@@ -253,12 +253,18 @@ def _clips(path: str, plan: list[list[int]], transform, depth: int, cancel: thre
             yield item
     finally:
         stop.set()
-        while worker.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                out.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        worker.join()
+        join_producer(worker, out)
+
+
+def join_producer(producer: threading.Thread, items: queue.Queue) -> None:
+    """Wait for ``producer`` to end once it has been told to stop, emptying ``items`` meanwhile:
+    a producer blocked on ``items.put`` into the full bounded queue could not see the stop."""
+    while producer.is_alive():
+        try:
+            items.get(timeout=0.05)
+        except queue.Empty:
+            pass
+    producer.join()
 
 
 class _WindowRunner:
