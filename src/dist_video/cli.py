@@ -280,11 +280,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_predict(args) -> int:
     if args.ray is not None:
         return _run_corpus(args, "predict")
-    _check_window_arguments(args)
-    _prepare_device(args.device, keep_freed=args.window is None)
-    loaded = _load(args).require_head()
-    if args.compile:
-        loaded.compile()
+    loaded = _load_for_videos(args).require_head()
     if args.window is None:
         results = loaded.predict(args.videos, topk=args.topk, views=args.views)
     else:
@@ -326,6 +322,17 @@ def _whole_number(low: int):
 _positive_int = _whole_number(1)
 _non_negative_int = _whole_number(0)
 
+
+def _load_for_videos(args, keep_freed: bool | None = None):
+    """The model of a command that reads video files or streams (predict, embed, watch): the
+    long-video options checked, the device prepared (glibc keeps freed memory unless ``--window``
+    or ``keep_freed=False``), the model loaded and, with ``--compile``, compiled."""
+    _check_window_arguments(args)
+    _prepare_device(args.device, keep_freed=args.window is None if keep_freed is None else keep_freed)
+    loaded = _load(args)
+    if getattr(args, "compile", False):
+        loaded.compile()
+    return loaded
 
 def _check_window_arguments(args) -> None:
     """Usage errors of the long-video options (exit status 2, before any work). The number of
@@ -387,11 +394,7 @@ def _embed_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_embed(args) -> int:
     if args.ray is not None:
         return _run_corpus(args, "embed")
-    _check_window_arguments(args)
-    _prepare_device(args.device, keep_freed=args.window is None)
-    loaded = _load(args)
-    if args.compile:
-        loaded.compile()
+    loaded = _load_for_videos(args)
     with _bar(len(args.videos), "video", args.progress) as bar:
         result = loaded.embed(args.videos, out=args.out, views=args.views, window=args.window, stride=args.stride,
                               normalize=args.normalize, progress=lambda path: bar.update(1))
@@ -569,11 +572,9 @@ def _watch_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_watch(args) -> int:
     from .live import run_watch
 
-    _check_window_arguments(args)
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise ValueError(f"--timeout must be a finite positive number of seconds, got {args.timeout}")
-    _prepare_device(args.device, keep_freed=False)
-    loaded = _load(args).require_head()
+    loaded = _load_for_videos(args, keep_freed=False).require_head()
     return run_watch(model=loaded.inference(), source=args.source, preprocess=loaded.preprocess, window=args.window,
                      stride=args.stride, topk=args.topk, realtime=args.realtime, reconnect=args.reconnect,
                      csv=args.csv, annotate=args.annotate, timeout=args.timeout)
