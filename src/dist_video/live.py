@@ -40,13 +40,12 @@ import av
 import numpy as np
 import torch
 
-from .data.decoding import VideoDecodeError, video_stream
+from .data.decoding import Cancelled, VideoDecodeError, video_stream
 from .data.sampling import build_sampler
 from .engine.data import test_transform
 from .engine.inference import class_names_of, model_device
 from .engine.shared_frames import shared_frames
-from .engine.timeline import (Cancelled, draw_label, grid_frames, grid_step, join_producer, label_font,
-                               window_bounds)
+from .engine.timeline import draw_label, grid_frames, grid_step, join_producer, label_font, window_bounds
 
 __all__ = ["watch", "run_watch", "SourceError", "NETWORK_SCHEMES", "open_source", "format_summary"]
 
@@ -391,7 +390,7 @@ def watch(model, source: str, *, window: float, stride: float | None = None, pre
     ``reconnect``: reopen a dropped live source this many times; ``annotate``: an MP4 of the
     stream with the running label. Raises :class:`SourceError` for a source that cannot be
     opened, ``ValueError`` for a window or stride that is not a positive number of seconds,
-    :class:`~dist_video.engine.timeline.Cancelled` once ``cancel`` is set."""
+    :class:`~dist_video.data.decoding.Cancelled` once ``cancel`` is set."""
     window_bounds(window, window, stride)  # the window and stride are finite positive seconds
     stride = window if stride is None else stride
     model, cancel = _fused(model), cancel or threading.Event()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,6 +24,7 @@ from .annotations import (VIDEO_EXTENSIONS, AnnotationError, Annotations, Missin
                           camel_case_words, load_annotations, parse_csv, parse_folder, parse_hmdb51,
                           parse_kinetics, parse_ssv2, parse_ucf101, read_class_list, readable_class_name)
 from .decoding import DEFAULT_LIMITS, DecodeLimits, VideoDecodeError, probe, read_frame_list, read_frames, scaled_size
+from .frame_index import check_cancel
 from .sampling import IntervalSampler, SegmentSampler
 from .transforms import TestTransform
 
@@ -373,20 +375,24 @@ def decoding_short_side(test_short_side: int) -> int:
 
 def load_test_clips(path: str | os.PathLike, *, sampler: SegmentSampler | IntervalSampler | Callable,
                     transform: Callable, num_views: int, num_crops: int = 1, backend: str | None = None,
-                    limits: DecodeLimits | None = DEFAULT_LIMITS) -> torch.Tensor:
+                    limits: DecodeLimits | None = DEFAULT_LIMITS, cancel: threading.Event | None = None
+                    ) -> torch.Tensor:
     """All test clips of one video file: (num_views * num_crops) x 3 x T x S x S, views
     major, crops minor; the frames of every view are decoded in one pass, each distinct frame
     once. With a :class:`TestTransform`, frames larger than :func:`decoding_short_side` allows are
     shrunk while decoding (see :func:`~dist_video.data.decoding.read_frames`), then resized by the
     transform as usual. ``limits``: see
-    :class:`~dist_video.data.decoding.DecodeLimits` (None: none), checked before decoding."""
+    :class:`~dist_video.data.decoding.DecodeLimits` (None: none), checked before decoding.
+    ``cancel``: checked while decoding and before each view's transform (see
+    :func:`~dist_video.data.decoding.read_frames`)."""
     n = probe(path, limits=limits).num_frames
     views = [sampler(n, view=v, num_views=num_views) for v in range(num_views)]
     flat = [i for v in views for i in v]
     short_side = decoding_short_side(transform.short_side) if isinstance(transform, TestTransform) else None
-    frames = read_frame_list(path, flat, backend, max_short_side=short_side, limits=limits)
+    frames = read_frame_list(path, flat, backend, max_short_side=short_side, limits=limits, cancel=cancel)
     clips = []
     for view in _split(frames, views):
+        check_cancel(cancel, os.fspath(path))
         view = view if short_side is not None else torch.stack(view)  # a TestTransform takes frames as they are
         for c in range(num_crops):
             clips.append(transform(view, crop=c)[0])

@@ -26,6 +26,7 @@ which resizes the short side to its test scale anyway.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Callable, Sequence
 
 import av
@@ -34,13 +35,14 @@ import torch
 
 from .backends import decord_reader, pyav_reader, torchcodec_reader
 from .frame_index import (DEFAULT_LIMITS, ONE_FRAME_PER_PACKET, SEEK_GAP, STATS, THREADING_MIN_PIXELS,
-                          BackendUnavailableError, DecodeLimits, FrameIndex, VideoDecodeError, VideoInfo,
+                          BackendUnavailableError, Cancelled, DecodeLimits, FrameIndex, VideoDecodeError, VideoInfo,
                           clear_probe_cache, decoded_frames, decoder_threads, ffmpeg_message, get_index, probe,
                           video_stream)
 
 __all__ = [
     "VideoInfo",
     "VideoDecodeError",
+    "Cancelled",
     "BackendUnavailableError",
     "DecodeLimits",
     "DEFAULT_LIMITS",
@@ -61,10 +63,12 @@ __all__ = [
     "THREADING_MIN_PIXELS",
 ]
 
-Reader = Callable[[str, list[int], FrameIndex, int, tuple[int, int]], dict[int, np.ndarray]]
+Reader = Callable[[str, list[int], FrameIndex, int, tuple[int, int], threading.Event | None],
+                  dict[int, np.ndarray]]
 
-#: Backend name -> reader: ``reader(path, wanted, index, threads, (width, height))`` returns the
-#: frames ``wanted`` (ascending, distinct) as uint8 RGB arrays of that size, index -> frame.
+#: Backend name -> reader: ``reader(path, wanted, index, threads, (width, height), cancel)`` returns
+#: the frames ``wanted`` (ascending, distinct) as uint8 RGB arrays of that size, index -> frame;
+#: it raises :class:`Cancelled` once it sees ``cancel`` set (None: never).
 READERS: dict[str, Reader] = {
     "pyav": pyav_reader.read,
     "decord": decord_reader.read,
@@ -103,7 +107,7 @@ def scaled_size(width: int, height: int, max_short_side: int | None) -> tuple[in
 
 def read_frames(path: str | os.PathLike, indices: Sequence[int], backend: str | None = None, *,
                 threads: int | None = None, max_short_side: int | None = None,
-                limits: DecodeLimits | None = DEFAULT_LIMITS) -> torch.Tensor:
+                limits: DecodeLimits | None = DEFAULT_LIMITS, cancel: threading.Event | None = None) -> torch.Tensor:
     """Frames ``indices`` (presentation order, any order, repeats allowed) of a video file.
 
     Returns a ``torch.uint8`` tensor ``len(indices) x H x W x 3`` (RGB). Indices at or beyond
@@ -111,19 +115,22 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int], backend: str | 
     docstring). ``backend``: ``"pyav"`` (default), ``"decord"`` or ``"torchcodec"``;
     ``threads``: decoder threads (default: :func:`decoder_threads`); ``max_short_side``:
     downscale while decoding (see :func:`scaled_size`); ``limits``: see :class:`DecodeLimits`
-    (here every index counts, as the frames are stacked; None: no limit).
+    (here every index counts, as the frames are stacked; None: no limit); ``cancel``: an event
+    the decoding loop checks (PyAV: before each packet; decord, torchcodec: between batches of
+    frames), raising :class:`Cancelled` once it is set.
     Raises :class:`VideoDecodeError` for a bad file or one over a limit, ``ValueError`` for
     negative indices."""
     if limits is not None and limits.max_decoded_bytes is not None:
         info = probe(path, limits=limits)
         limits.check_bytes(os.fspath(path), len(indices), *scaled_size(info.width, info.height, max_short_side))
     return torch.stack(read_frame_list(path, indices, backend, threads=threads, max_short_side=max_short_side,
-                                       limits=limits))
+                                       limits=limits, cancel=cancel))
 
 
 def read_frame_list(path: str | os.PathLike, indices: Sequence[int], backend: str | None = None, *,
                     threads: int | None = None, max_short_side: int | None = None,
-                    limits: DecodeLimits | None = DEFAULT_LIMITS) -> list[torch.Tensor]:
+                    limits: DecodeLimits | None = DEFAULT_LIMITS,
+                    cancel: threading.Event | None = None) -> list[torch.Tensor]:
     """:func:`read_frames` as a list of ``H x W x 3`` uint8 frames, one per index (a repeated
     index repeats the same tensor), without copying the decoded frames into one tensor: for
     consumers that copy only a crop of each frame (the clip transforms). ``limits`` count each
@@ -146,8 +153,8 @@ def read_frame_list(path: str | os.PathLike, indices: Sequence[int], backend: st
         limits.check_bytes(path, len(wanted), *size)
     nthreads = decoder_threads(threads, info.width * info.height)
     try:
-        got = READERS[name](path, wanted, index, nthreads, size)
-    except (VideoDecodeError, BackendUnavailableError):
+        got = READERS[name](path, wanted, index, nthreads, size, cancel)
+    except (VideoDecodeError, BackendUnavailableError, Cancelled):
         raise
     except (av.FFmpegError, OSError, ValueError, RuntimeError, MemoryError) as e:
         raise VideoDecodeError(path, f"decoding failed: {type(e).__name__}: {ffmpeg_message(e)}") from None

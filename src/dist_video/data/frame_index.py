@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "VideoInfo", "VideoDecodeError", "BackendUnavailableError", "IndexMismatch", "DecodeLimits", "DEFAULT_LIMITS",
+    "VideoInfo", "VideoDecodeError", "Cancelled", "check_cancel", "BackendUnavailableError", "IndexMismatch",
+    "DecodeLimits", "DEFAULT_LIMITS",
     "PtsTable", "FrameIndex", "probe", "get_index", "index_by_decoding", "recount", "clear_probe_cache",
     "cache_key", "cache_get", "cache_put", "decoder_threads", "open_video", "video_stream", "configure_threads",
     "demux", "decode_packet", "decoded_frames", "ffmpeg_message", "backend_unavailable",
@@ -95,6 +96,16 @@ class VideoDecodeError(Exception):
 
     def __reduce__(self):  # picklable across DataLoader worker processes
         return (VideoDecodeError, (self.path, self.cause))
+
+
+class Cancelled(Exception):
+    """The work was cancelled (its ``cancel`` event was set) before it finished."""
+
+
+def check_cancel(cancel: threading.Event | None, path: str) -> None:
+    """Raise :class:`Cancelled` naming ``path`` when ``cancel`` is set (None: never)."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"{path}: cancelled")
 
 
 class BackendUnavailableError(RuntimeError):

@@ -10,6 +10,7 @@ session). Nothing here asks it for parameters.
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -96,15 +97,17 @@ class TestClips:
 
 
 def read_test_clips(path: str | os.PathLike, preprocess: dict, *, num_frames: int, views: int | None = None,
-                    pin: bool = False) -> TestClips:
+                    pin: bool = False, cancel: threading.Event | None = None) -> TestClips:
     """The test clips of one file under a model's recorded preprocessing, left uint8 (their
     :meth:`TestClips.on` equals :func:`dist_video.engine.data.test_clips_of_file`). ``pin``:
-    in page-locked memory, for an asynchronous copy to a GPU."""
+    in page-locked memory, for an asynchronous copy to a GPU. ``cancel``: a set event stops the
+    decoding (:class:`~dist_video.data.decoding.Cancelled`)."""
     p = preprocess
     transform = _GeometryOnly(crop_size=p["crop_size"], short_side=p["test_scale"], num_crops=p["num_crops"],
                               mean=tuple(p["mean"]), std=tuple(p["std"]))
     clips = load_test_clips(path, sampler=build_sampler(p["sampling"], num_frames, p.get("interval", 4)),
-                            transform=transform, num_views=views or p["num_views"], num_crops=p["num_crops"])
+                            transform=transform, num_views=views or p["num_views"], num_crops=p["num_crops"],
+                            cancel=cancel)
     return TestClips(clips.pin_memory() if pin else clips, transform)
 
 

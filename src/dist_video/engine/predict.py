@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from contextlib import closing
 from functools import partial
 from pathlib import Path
@@ -121,7 +122,8 @@ def predict_clip(model: VideoClassifier | torch.nn.Module, video: torch.Tensor, 
 
 @torch.no_grad()
 def predict_file(model, path: str | os.PathLike, preprocess: dict, *, topk: int = 5, views: int | None = None,
-                 window: float | None = None, stride: float | None = None) -> dict:
+                 window: float | None = None, stride: float | None = None,
+                 cancel: threading.Event | None = None) -> dict:
     """One video file through an inference-form model (``model.fuse()``, or anything callable
     on B x 3 x T x H x W float32 -> B x C logits with ``class_names``, ``num_classes`` and
     ``config.num_frames``).
@@ -131,13 +133,14 @@ def predict_file(model, path: str | os.PathLike, preprocess: dict, *, topk: int 
     (seconds; ``stride`` seconds, default the window): a timeline,
     ``{"video", "windows": [{"start", "end", "top": [...]}, ...]}`` (see
     :func:`dist_video.engine.timeline.video_timeline`). A file that cannot be read raises
-    :class:`~dist_video.data.decoding.VideoDecodeError` (``ValueError`` for bad arguments)."""
+    :class:`~dist_video.data.decoding.VideoDecodeError` (``ValueError`` for bad arguments).
+    ``cancel``: a set event stops the decoding with :class:`~dist_video.data.decoding.Cancelled`."""
     if window is not None:
         from .timeline import video_timeline
-        return video_timeline(model, path, preprocess, window=window, stride=stride).to_dict(topk)
+        return video_timeline(model, path, preprocess, window=window, stride=stride, cancel=cancel).to_dict(topk)
     if stride is not None:
         raise ValueError("stride needs a window")
-    clips = read_test_clips(path, preprocess, num_frames=model.config.num_frames, views=views)
+    clips = read_test_clips(path, preprocess, num_frames=model.config.num_frames, views=views, cancel=cancel)
     return _predict_clips(model, path, clips, topk)
 
 

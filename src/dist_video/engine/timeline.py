@@ -48,7 +48,7 @@ import av
 import numpy as np
 import torch
 
-from ..data.decoding import VideoDecodeError, probe, video_stream
+from ..data.decoding import Cancelled, VideoDecodeError, probe, video_stream
 from ..data.sampling import build_sampler
 from .data import test_transform
 from .inference import class_names_of, model_device
@@ -61,10 +61,6 @@ __all__ = ["Timeline", "Cancelled", "MAX_WINDOWS", "window_bounds", "window_fram
 
 #: The most windows one timeline may have (``max_windows``): a 3-hour video at one window per second.
 MAX_WINDOWS = 11_000
-
-
-class Cancelled(Exception):
-    """The work was cancelled (its ``cancel`` event was set) before it finished."""
 
 
 @dataclass

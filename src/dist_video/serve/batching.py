@@ -9,7 +9,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import torch
 
-from ..engine.timeline import Cancelled
+from ..data.decoding import Cancelled
 
 __all__ = ["BatchingModel", "LabelledModel"]
 
@@ -44,7 +44,7 @@ class BatchingModel:
 
     def __call__(self, video: torch.Tensor, head=None, cancel: threading.Event | None = None) -> torch.Tensor:
         """The logits of ``video``; a call whose ``cancel`` is set while it waits is dropped
-        from the queue and raises :class:`~dist_video.engine.timeline.Cancelled`."""
+        from the queue and raises :class:`~dist_video.data.decoding.Cancelled`."""
         if head is not None and not self.separate_heads:
             raise ValueError("this model cannot take another class head (it has no classify method)")
         if video.dim() == 4:
@@ -123,7 +123,7 @@ class LabelledModel:
     through ``head`` (None, with ``class_names`` None: the model's own head and classes), with
     the interface of the prediction functions (callable, ``class_names``, ``num_classes``,
     ``config``, ``device``). Once ``cancel`` is set, its calls raise
-    :class:`~dist_video.engine.timeline.Cancelled` instead of running."""
+    :class:`~dist_video.data.decoding.Cancelled` instead of running."""
 
     def __init__(self, batching: BatchingModel, head, class_names: list[str] | None,
                  cancel: threading.Event | None = None):

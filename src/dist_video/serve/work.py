@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 import threading
 
-from ..data.decoding import VideoDecodeError
+from ..data.decoding import Cancelled, VideoDecodeError
 from ..engine.predict import predict_file
-from ..engine.timeline import Cancelled, video_timeline
+from ..engine.timeline import video_timeline
 from .batching import BatchingModel, LabelledModel
 from .limits import check_upload
 from .loading import ServedModel
@@ -48,12 +48,12 @@ def run_request(batching: BatchingModel, served: ServedModel, settings: ServeSet
 def predict_upload(model, path: str, preprocess: dict, options: RequestOptions, settings: ServeSettings,
                    cancel: threading.Event) -> dict:
     """The views (``predict_file``) or the timeline of one file, as ``predict --json`` gives them.
-    The views' frames are decoded in one call (bounded by the probe-time checks), so a cancel
-    takes effect before it and at the model; a timeline stops at the next frame."""
+    A cancel takes effect at the next packet the decoder reads, before each view's transform, and
+    at the model; a timeline stops at the next frame."""
     if cancel.is_set():
         raise Cancelled("cancelled before decoding")
     if options.window is None:
-        return predict_file(model, path, preprocess, topk=options.topk, views=options.views)
+        return predict_file(model, path, preprocess, topk=options.topk, views=options.views, cancel=cancel)
     timeline = video_timeline(model, path, preprocess, window=options.window, stride=options.stride,
                               max_windows=settings.max_windows, cancel=cancel)
     return timeline.to_dict(options.topk)

@@ -1,16 +1,20 @@
 """The decord backend (optional): random access through decord's index, exact for MP4/MOV
 and Matroska/WebM; elsewhere (AVI with B-frames, its issue #195) frames are read in order
-from the start. Frames are resized by decord while decoding when a smaller size is asked."""
+from the start. Frames are resized by decord while decoding when a smaller size is asked. A
+set ``cancel`` event stops the read between batches of frames
+(:class:`~dist_video.data.frame_index.Cancelled`)."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
-from ..frame_index import SEEKABLE_FAMILIES, FrameIndex, VideoDecodeError, backend_unavailable
+from ..frame_index import SEEKABLE_FAMILIES, Cancelled, FrameIndex, VideoDecodeError, backend_unavailable, check_cancel
 
 __all__ = ["load", "read"]
 
-CHUNK = 32  # frames per batch when reading in order
+CHUNK = 32  # frames per batch
 
 
 def load():
@@ -24,8 +28,8 @@ def load():
     return decord
 
 
-def read(path: str, wanted: list[int], index: FrameIndex, threads: int, size: tuple[int, int]
-         ) -> dict[int, np.ndarray]:
+def read(path: str, wanted: list[int], index: FrameIndex, threads: int, size: tuple[int, int],
+         cancel: threading.Event | None = None) -> dict[int, np.ndarray]:
     decord = load()
     info = index.info
     width, height = (-1, -1) if size == (info.width, info.height) else size  # -1: as stored
@@ -33,17 +37,22 @@ def read(path: str, wanted: list[int], index: FrameIndex, threads: int, size: tu
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads, width=width, height=height)
         n = min(len(reader), info.num_frames)
         wanted = sorted({min(i, n - 1) for i in wanted})
-        if any(f in SEEKABLE_FAMILIES for f in info.container.split(",")):
-            return dict(zip(wanted, reader.get_batch(wanted).asnumpy()))
         got: dict[int, np.ndarray] = {}
+        if any(f in SEEKABLE_FAMILIES for f in info.container.split(",")):
+            for start in range(0, len(wanted), CHUNK):
+                check_cancel(cancel, path)
+                chunk = wanted[start:start + CHUNK]
+                got.update(zip(chunk, reader.get_batch(chunk).asnumpy()))
+            return got
         need = set(wanted)
         for start in range(0, wanted[-1] + 1, CHUNK):
+            check_cancel(cancel, path)
             chunk = list(range(start, min(start + CHUNK, wanted[-1] + 1)))
             for i, frame in zip(chunk, reader.get_batch(chunk).asnumpy()):
                 if i in need:
                     got[i] = frame
         return got
-    except VideoDecodeError:
+    except (VideoDecodeError, Cancelled):
         raise
     except Exception as e:
         cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__

@@ -12,15 +12,19 @@
   a full-size RGB frame is never made for a smaller output).
 
 When the decoder's output contradicts the index, or the file ends before frames its index
-promised, the file is re-counted by decoding and read sequentially from the start.
+promised, the file is re-counted by decoding and read sequentially from the start. A ``cancel``
+event is checked before each packet: a set one stops the read with
+:class:`~dist_video.data.frame_index.Cancelled`.
 """
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
-from ..frame_index import (SEEK_GAP, STATS, FrameIndex, IndexMismatch, VideoDecodeError, configure_threads,
-                           decode_packet, demux, open_video, recount, video_stream)
+from ..frame_index import (SEEK_GAP, STATS, FrameIndex, IndexMismatch, VideoDecodeError, check_cancel,
+                           configure_threads, decode_packet, demux, open_video, recount, video_stream)
 
 __all__ = ["read", "to_rgb"]
 
@@ -37,14 +41,15 @@ def to_rgb(frame, size: Size) -> np.ndarray:
     return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="BILINEAR")
 
 
-def read(path: str, wanted: list[int], index: FrameIndex, threads: int, size: Size) -> dict[int, np.ndarray]:
+def read(path: str, wanted: list[int], index: FrameIndex, threads: int, size: Size,
+         cancel: threading.Event | None = None) -> dict[int, np.ndarray]:
     """Frames ``wanted`` (ascending, distinct, clamped to the index's count) as uint8 RGB of
     ``size``: index -> frame. When the file turns out to hold fewer frames, the frames past its
     end are missing and its last decodable frame is included under its own index."""
     got: dict[int, np.ndarray] | None = None
     if index.pts is not None:
         try:
-            got = _IndexedRead(path, wanted, index, size).run(threads)
+            got = _IndexedRead(path, wanted, index, size, cancel).run(threads)
         except IndexMismatch:
             got = None  # the index was wrong for this file: recount and decode sequentially
             STATS["fallbacks"] += 1
@@ -55,7 +60,8 @@ def read(path: str, wanted: list[int], index: FrameIndex, threads: int, size: Si
         # The file ended before frames its index promised: recount it by decoding.
         index = recount(path, index, reason="it has fewer decodable frames than indexed")
     n = index.info.num_frames
-    frames, count, last = _read_sequential(path, [min(i, n - 1) for i in wanted] if n else wanted, threads, size)
+    frames, count, last = _read_sequential(path, [min(i, n - 1) for i in wanted] if n else wanted, threads, size,
+                                           cancel)
     if count == 0:
         raise VideoDecodeError(path, "no decodable video frames")
     if count < index.info.num_frames:
@@ -65,7 +71,7 @@ def read(path: str, wanted: list[int], index: FrameIndex, threads: int, size: Si
     return frames
 
 
-def _read_sequential(path: str, wanted: list[int], threads: int, size: Size
+def _read_sequential(path: str, wanted: list[int], threads: int, size: Size, cancel: threading.Event | None
                      ) -> tuple[dict[int, np.ndarray], int, object]:
     """Decode from the start, counting output frames. Returns (frames, frames decoded,
     last decoded frame): the last two let the caller clamp when the file ends early."""
@@ -91,6 +97,7 @@ def _read_sequential(path: str, wanted: list[int], threads: int, size: Size
             return False
 
         for packet in demux(container, stream):
+            check_cancel(cancel, path)
             if take(decode_packet(cc, packet)):
                 return got, count, last
         take(decode_packet(cc, None))
@@ -101,9 +108,10 @@ class _IndexedRead:
     """One read with the pts index: skip unrequested non-reference frames, seek over long
     gaps; every frame the decoder outputs is checked against the index (``IndexMismatch``)."""
 
-    def __init__(self, path: str, wanted: list[int], index: FrameIndex, size: Size):
+    def __init__(self, path: str, wanted: list[int], index: FrameIndex, size: Size,
+                 cancel: threading.Event | None = None):
         assert index.pts is not None
-        self.path, self.index, self.table, self.size = path, index, index.pts, size
+        self.path, self.index, self.table, self.size, self.cancel = path, index, index.pts, size, cancel
         self.need = set(wanted)
         self.remaining = list(wanted)  # ascending; remaining[0] is the next frame to obtain
         self.got: dict[int, np.ndarray] = {}
@@ -158,6 +166,7 @@ class _IndexedRead:
         caller should seek, False when done (all frames, or the end of the stream)."""
         cc = stream.codec_context
         for packet in demux(container, stream):
+            check_cancel(self.cancel, self.path)
             i = self.table.index_of(packet.pts)
             self.set_skip(cc, "DEFAULT" if (i >= 0 and i in self.need and i not in self.got) else "NONREF")
             before = len(self.remaining)

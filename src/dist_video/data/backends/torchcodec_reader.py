@@ -3,16 +3,19 @@
 Elsewhere (AVI with B-frames) torchcodec's random access returns neighbouring frames and it
 never outputs the last frame: frames are read in order from the start, and what it does not
 give comes from PyAV. torchcodec returns full-size frames; a smaller size is made from them
-(bilinear, antialiased) a few frames at a time, so at most ``CHUNK`` full-size frames exist."""
+(bilinear, antialiased) a few frames at a time, so at most ``CHUNK`` full-size frames exist.
+A set ``cancel`` event stops the read between calls (:class:`~dist_video.data.frame_index.Cancelled`)."""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import pyav_reader
-from ..frame_index import SEEKABLE_FAMILIES, FrameIndex, VideoDecodeError, backend_unavailable
+from ..frame_index import SEEKABLE_FAMILIES, Cancelled, FrameIndex, VideoDecodeError, backend_unavailable, check_cancel
 
 __all__ = ["load", "read"]
 
@@ -45,8 +48,8 @@ def _resized(frames: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def read(path: str, wanted: list[int], index: FrameIndex, threads: int, size: tuple[int, int]
-         ) -> dict[int, np.ndarray]:
+def read(path: str, wanted: list[int], index: FrameIndex, threads: int, size: tuple[int, int],
+         cancel: threading.Event | None = None) -> dict[int, np.ndarray]:
     VideoDecoder = load()
     try:
         decoder = VideoDecoder(path, seek_mode="exact", dimension_order="NHWC", num_ffmpeg_threads=threads)
@@ -55,12 +58,15 @@ def read(path: str, wanted: list[int], index: FrameIndex, threads: int, size: tu
         if any(f in SEEKABLE_FAMILIES for f in index.info.container.split(",")):
             got = {}
             for start in range(0, len(wanted), CHUNK):
+                check_cancel(cancel, path)
                 chunk = wanted[start:start + CHUNK]
                 got.update(zip(chunk, _resized(decoder.get_frames_at(indices=chunk).data, size)))
             return got
         got = {}
         need = set(wanted)
         for i in range(wanted[-1] + 1):
+            if i % CHUNK == 0:
+                check_cancel(cancel, path)
             try:
                 frame = decoder[i]
             except RuntimeError:
@@ -69,9 +75,9 @@ def read(path: str, wanted: list[int], index: FrameIndex, threads: int, size: tu
                 got[i] = _resized(frame[None], size)[0]
         rest = [i for i in wanted if i not in got]
         if rest:
-            got.update(pyav_reader.read(path, rest, index, threads, size))
+            got.update(pyav_reader.read(path, rest, index, threads, size, cancel))
         return got
-    except VideoDecodeError:
+    except (VideoDecodeError, Cancelled):
         raise
     except Exception as e:
         raise VideoDecodeError(path, f"torchcodec failed: {type(e).__name__}: {e}") from None
