@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -43,27 +44,36 @@ def arch_of(preset: str) -> str:
     return "ViT-L/14" if "vit-l14" in preset else "ViT-B/16"
 
 
-def throughput(batches: list[int], repeats: int, device: torch.device, compile_: bool = False) -> list[dict]:
+def throughput(batches: list[int], repeats: int, device: torch.device, compile_: bool = False) -> Iterator[dict]:
     """Seconds per batch for DiST and CLIP alone, each in its inference form (``model.fuse()``,
-    bf16 where supported), interleaved; with ``compile_`` also each wrapped in ``torch.compile``."""
+    bf16 where supported), interleaved; with ``compile_`` also each wrapped in ``torch.compile``.
+    One row per batch size, yielded as soon as it is measured. A compile that fails is recorded
+    in the row (``compile_error``) and the eager measurements go on without the compiled models."""
     models = {"dist": build_method("dist", "ViT-B/16", 16, 2, device, dist_preset="k400-vit-b16-8+16f").fuse(),
               "clip": build_method("frozen-mean", "ViT-B/16", 16, 2, device).fuse()}
     if compile_:
         models |= {f"{name}_compiled": torch.compile(models[name]) for name in ("dist", "clip")}
-    rows = []
     for b in batches:
         video = torch.randn(b, 3, 16, 224, 224, device=device)
-        times = {name: [] for name in models}
 
         def run(name):
             models[name](video)
             sync(device)
 
-        first_call = {}
-        for name in models:  # warm-up; for a compiled model, the compile for this batch size
+        first_call, compile_error = {}, None
+        for name in list(models):  # warm-up; for a compiled model, the compile for this batch size
             t = time.perf_counter()
-            run(name)
+            try:
+                run(name)
+            except Exception as e:  # noqa: BLE001 - a compiler failure is a result to record, not the end of the run
+                if not name.endswith("_compiled"):
+                    raise
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                compile_error = f"{name}: {type(e).__name__}: {first_line}"
+                models = {k: v for k, v in models.items() if not k.endswith("_compiled")}
+                break
             first_call[name] = time.perf_counter() - t
+        times = {name: [] for name in models}
         for _ in range(repeats):
             for name in models:
                 t = time.perf_counter()
@@ -77,7 +87,10 @@ def throughput(batches: list[int], repeats: int, device: torch.device, compile_:
                "ratio_dist_to_clip_of_fastest": best["dist"] / best["clip"], "times": times}
         line = (f"batch {b}: DiST {b / med['dist']:.2f} clips/s, CLIP alone {b / med['clip']:.2f} clips/s, "
                 f"time ratio {med['dist'] / med['clip']:.3f} (of the fastest runs {best['dist'] / best['clip']:.3f})")
-        if compile_:
+        if compile_error:
+            row["compile_error"] = compile_error
+            line += f"; torch.compile failed: {compile_error}"
+        elif "dist_compiled" in models:
             for name in ("dist", "clip"):
                 row[f"{name}_compiled_seconds"] = med[f"{name}_compiled"]
                 row[f"{name}_compiled_clips_per_second"] = b / med[f"{name}_compiled"]
@@ -87,9 +100,8 @@ def throughput(batches: list[int], repeats: int, device: torch.device, compile_:
                      f"({row['dist_compiled_speedup']:.3f}x eager, compile {row['dist_compile_seconds']:.0f} s), "
                      f"CLIP alone {row['clip_compiled_clips_per_second']:.2f} clips/s "
                      f"({row['clip_compiled_speedup']:.3f}x, compile {row['clip_compile_seconds']:.0f} s)")
-        rows.append(row)
         print(line, flush=True)
-    return rows
+        yield row
 
 
 def preset_costs(device: torch.device, skip_large: bool) -> list[dict]:
@@ -139,6 +151,8 @@ def markdown(result: dict) -> str:
                   f"{r['dist_compile_seconds']:.0f} | {r['clip_compiled_clips_per_second']:.2f} | "
                   f"{r['clip_compiled_speedup']:.3f} | {r['clip_compile_seconds']:.0f} |" for r in compiled]
         lines.append("\nThe compile of a batch size: its first call's time less an eager call's median.")
+    lines += [f"\n`torch.compile` failed at batch {r['batch']}: {r['compile_error']}"
+              for r in result["throughput"] if "compile_error" in r]
     if not result["presets"]:
         return "\n".join(lines) + "\n"
     lines += ["", "## Cost per view of every preset (counted)", "",
@@ -178,15 +192,21 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     use_fast_gpu_kernels(device)  # cuDNN autotuner and TF32 on a GPU, as `dist-video` runs
-    result = {"machine": machine(device), "repeats": args.repeats,
-              "throughput": throughput(args.batches, args.repeats, device, args.compile),
-              "presets": [] if args.no_costs else preset_costs(device, args.skip_large)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "inference.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "inference.md").write_text(markdown(result))
+    result = {"machine": machine(device), "repeats": args.repeats, "throughput": [], "presets": []}
+    for row in throughput(args.batches, args.repeats, device, args.compile):
+        result["throughput"].append(row)
+        save(result, out)  # each batch size as it is measured: a run stopped by a time limit keeps them
+    if not args.no_costs:
+        result["presets"] = preset_costs(device, args.skip_large)
+        save(result, out)
     print(markdown(result))
 
+
+def save(result: dict, out: Path) -> None:
+    (out / "inference.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "inference.md").write_text(markdown(result))
 
 if __name__ == "__main__":
     main()

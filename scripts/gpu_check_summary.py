@@ -57,7 +57,8 @@ if inference:
          **({"dist_compiled": t["dist_compiled_clips_per_second"],
              "clip_alone_compiled": t["clip_compiled_clips_per_second"],
              "dist_compile_seconds": t["dist_compile_seconds"], "clip_alone_compile_seconds": t["clip_compile_seconds"]}
-            if "dist_compiled_clips_per_second" in t else {})} for t in inference["throughput"]]
+            if "dist_compiled_clips_per_second" in t else {}),
+         **({"compile_error": t["compile_error"]} if "compile_error" in t else {})} for t in inference["throughput"]]
 suffix = "" if summary["device"] == "cpu" else "_cuda"
 cost = load(f"train_cost{suffix}.json")
 if cost:
@@ -132,6 +133,8 @@ if inference:
                   "| --- | --- | --- | --- | --- |"]
         lines += [f"| {t['batch']} | {t['dist_compiled']:.1f} | {t['clip_alone_compiled']:.1f} | "
                   f"{t['dist_compile_seconds']:.0f} | {t['clip_alone_compile_seconds']:.0f} |" for t in compiled]
+    lines += [f"\n`torch.compile` failed at batch {t['batch']}: {t['compile_error']}"
+              for t in summary["inference_clips_per_second"] if "compile_error" in t]
 if cost:
     t = summary["training"]
     lines += ["", f"## Training (ViT-B/16 at {t['resolution']} x {t['resolution']}, batch {t['batch']})", "",

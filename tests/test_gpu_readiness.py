@@ -684,7 +684,9 @@ def test_the_summary_reports_step_times_achieved_tflops_and_compile_times(tmp_pa
     (bench / "inference.json").write_text(json.dumps({"throughput": [
         {"batch": 8, "dist_clips_per_second": 400.0, "clip_clips_per_second": 500.0, "ratio_dist_to_clip": 1.25,
          "dist_compiled_clips_per_second": 480.0, "clip_compiled_clips_per_second": 550.0,
-         "dist_compile_seconds": 61.2, "clip_compile_seconds": 30.4}]}))
+         "dist_compile_seconds": 61.2, "clip_compile_seconds": 30.4},
+        {"batch": 32, "dist_clips_per_second": 900.0, "clip_clips_per_second": 1000.0, "ratio_dist_to_clip": 1.1,
+         "compile_error": "dist_compiled: RuntimeError: out of memory"}]}))
     runs = [{"method": m, "batch": b, "step_seconds": s, "peak_memory_bytes": 2**30 * b}
             for m, b, s in (("dist", 8, 0.1), ("dist", 32, 0.2), ("full-finetune", 32, 0.8))]
     (bench / "train_cost_cuda.json").write_text(json.dumps({
@@ -702,3 +704,36 @@ def test_the_summary_reports_step_times_achieved_tflops_and_compile_times(tmp_pa
     assert "**80.0 TFLOP/s** achieved" in text and "(8%)" in text
     assert "| dist | 200 | 160.00 |" in text
     assert "| 8 | 480.0 | 550.0 | 61 | 30 |" in text
+    assert "`torch.compile` failed at batch 32: dist_compiled: RuntimeError: out of memory" in text
+
+
+def test_the_inference_benchmark_records_a_failed_compile_and_keeps_the_eager_rows(monkeypatch, tmp_path):
+    """On a one-shot GPU run a compiler failure must not cost the eager numbers: the row says
+    what failed, the eager columns are measured, and each batch size is on disk once measured."""
+    from dist_video.clip import CLIPConfig
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import common
+        import inference
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    small = CLIPConfig(embed_dim=32, image_size=224, patch_size=32, vision_width=32, vision_layers=12,
+                       vision_heads=2, text_layers=0)
+    monkeypatch.setattr(common, "clip_config_for_architecture", lambda arch, text=True: small)
+
+    def failing_compile(module):
+        def call(*args):
+            raise RuntimeError("inductor: no kernel for this op\nlong traceback")
+        return call
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    monkeypatch.setattr(sys, "argv", ["inference.py", "--compile", "--no-costs", "--batches", "1", "2",
+                                      "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)])
+    inference.main()
+    rows = json.loads((tmp_path / "inference.json").read_text())["throughput"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert rows[0]["compile_error"] == "dist_compiled: RuntimeError: inductor: no kernel for this op"
+    assert all(r["dist_clips_per_second"] > 0 and r["clip_clips_per_second"] > 0 for r in rows)
+    assert not any("dist_compiled_seconds" in r for r in rows)
+    assert "`torch.compile` failed at batch 1" in (tmp_path / "inference.md").read_text()
