@@ -260,6 +260,7 @@ def test_a_fifo_in_an_export_is_refused_without_hanging(tmp_path, monkeypatch):
             assert is_exported_folder(folder)
             with pytest.raises(ValueError, match=rf"{name}: the .* is a FIFO \(named pipe\), not a regular file"):
                 load_model(str(folder))
+    monkeypatch.undo()  # the real open_session refuses a FIFO too
     with pytest.raises(ValueError, match=r"model.onnx: the ONNX model is a FIFO"):
         onnx_runner.open_session(tmp_path / "model.onnx-True" / "model.onnx")
 
