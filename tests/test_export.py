@@ -4,8 +4,10 @@ torch.export, about half a minute even for the tiny model: those tests are marke
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +25,9 @@ from deploy_helpers import CLASS_NAMES, TINY_PREPROCESS, make_tiny_model_folder,
 from dist_video.engine.predict import predict_files  # noqa: E402
 from dist_video.export import ExportError, export_fused_onnx, export_onnx  # noqa: E402
 from dist_video.loading import load_model  # noqa: E402
+from dist_video import onnx_runner  # noqa: E402
 from dist_video.onnx_runner import OnnxVideoClassifier, is_exported_folder  # noqa: E402
+from dist_video.storage import file_record  # noqa: E402
 
 ASSETS = Path(__file__).parent / "assets"
 OFFICIAL = ASSETS / "official-tiny" / "official_checkpoint.pyth"
@@ -180,3 +184,121 @@ def cli_python(code: str, *args: str, env: dict) -> str:
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+# ----------------------------------------------------------------------------- recorded hashes, odd files
+def no_onnxruntime(path, threads=None):
+    raise AssertionError(f"onnxruntime was asked to read {path}")
+
+
+def copy_of_export(out: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "onnx"
+    shutil.copytree(out, folder)
+    return folder
+
+
+def flip_middle_byte(path: Path) -> bytes:
+    """Flip one bit in the middle of ``path``; returns the original bytes."""
+    original = path.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    return original
+
+
+def edit_record(folder: Path, change) -> None:
+    record = json.loads((folder / "preprocess.json").read_text())
+    change(record)
+    (folder / "preprocess.json").write_text(json.dumps(record))
+
+
+def assert_refused_as_changed(folder: Path, name: str, load=OnnxVideoClassifier) -> None:
+    with pytest.raises(ValueError) as info:
+        load(folder)
+    message = str(info.value)
+    assert message.startswith(f"{folder / name}: not the file that was exported: its contents do not match "
+                              f"the SHA-256 recorded in {folder / 'preprocess.json'}"), message
+    assert "\n" not in message
+
+
+def fake_export(folder: Path, record: dict | None = None) -> Path:
+    """A folder with an export's files (a model.onnx onnxruntime is never given), its hashes recorded."""
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(bytes(range(256)) * 4)
+    (folder / "labels.txt").write_text("a\nb\n")
+    files = {name: file_record(folder / name) for name in ("model.onnx", "labels.txt")}
+    (folder / "preprocess.json").write_text(json.dumps({"format": "dist-video-onnx", "files": files, **(record or {})}))
+    return folder
+
+
+def test_a_changed_model_onnx_is_refused_before_onnxruntime_reads_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_runner, "open_session", no_onnxruntime)
+    folder = fake_export(tmp_path / "onnx")
+    original = flip_middle_byte(folder / "model.onnx")
+    assert_refused_as_changed(folder, "model.onnx")
+    (folder / "model.onnx").write_bytes(original[:-1])  # truncated
+    assert_refused_as_changed(folder, "model.onnx", load=lambda f: load_model(str(f)))
+    (folder / "model.onnx").write_bytes(original)
+    (folder / "model.onnx.data").write_bytes(b"weights nobody recorded")
+    with pytest.raises(ValueError, match=r"preprocess.json: 'files' has no valid entry for model.onnx.data"):
+        OnnxVideoClassifier(folder)
+    (folder / "model.onnx.data").unlink()
+    edit_record(folder, lambda r: r["files"].update({"model.onnx.data": {"bytes": 1, "sha256": "0" * 64}}))
+    with pytest.raises(FileNotFoundError, match=r"model.onnx.data: missing \(the export folder is incomplete\)"):
+        OnnxVideoClassifier(folder)
+
+
+def test_a_fifo_in_an_export_is_refused_without_hanging(tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_runner, "open_session", no_onnxruntime)
+    for name in ("model.onnx", "labels.txt"):
+        for recorded in (True, False):
+            folder = fake_export(tmp_path / f"{name}-{recorded}")
+            if not recorded:  # an export written before hashes were recorded
+                edit_record(folder, lambda r: r.pop("files"))
+            (folder / name).unlink()
+            os.mkfifo(folder / name)
+            assert is_exported_folder(folder)
+            with pytest.raises(ValueError, match=rf"{name}: the .* is a FIFO \(named pipe\), not a regular file"):
+                load_model(str(folder))
+    monkeypatch.undo()  # the real open_session refuses a FIFO too
+    with pytest.raises(ValueError, match=r"model.onnx: the ONNX model is a FIFO"):
+        onnx_runner.open_session(tmp_path / "model.onnx-True" / "model.onnx")
+
+
+@pytest.mark.slow
+def test_an_export_records_its_files_and_refuses_changed_ones(exported, tmp_path, monkeypatch):
+    _, out, _ = exported
+    record = json.loads((out / "preprocess.json").read_text())
+    assert record["files"] == {name: {"bytes": (out / name).stat().st_size,
+                                      "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest()}
+                               for name in ("labels.txt", "model.onnx")}
+    folder = copy_of_export(out, tmp_path)
+    flip_middle_byte(folder / "model.onnx")
+    monkeypatch.setattr(onnx_runner, "open_session", no_onnxruntime)
+    assert_refused_as_changed(folder, "model.onnx")
+    shutil.copy(out / "model.onnx", folder / "model.onnx")
+    (folder / "labels.txt").write_text((out / "labels.txt").read_text().replace("knitting", "kn1tting"))
+    assert_refused_as_changed(folder, "labels.txt", load=lambda f: load_model(str(f)))
+
+
+@pytest.mark.slow
+def test_an_export_without_records_still_loads(exported, tmp_path):
+    _, out, _ = exported
+    folder = copy_of_export(out, tmp_path)
+    edit_record(folder, lambda r: r.pop("files"))
+    video = torch.randn(2, 3, 8, 64, 64, generator=torch.Generator().manual_seed(3))
+    loaded = load_model(str(folder))
+    assert loaded.kind == "exported" and loaded.model.class_names == CLASS_NAMES
+    np.testing.assert_array_equal(loaded.model.run(video)[0], OnnxVideoClassifier(out).run(video)[0])
+
+
+@pytest.mark.slow
+def test_cli_predict_on_a_changed_export_prints_one_line(exported, tmp_path, videos):
+    _, out, _ = exported
+    folder = copy_of_export(out, tmp_path)
+    flip_middle_byte(folder / "model.onnx")
+    proc = run_cli("predict", str(folder), str(videos[0]))
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"dist-video predict: error: {folder / 'model.onnx'}: not the file that was exported"), proc.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -20,7 +21,7 @@ import torch
 from dist_video import load_clip, load_official_checkpoint
 from dist_video.checkpoints import read_official_state_dict
 from dist_video.classifier import VideoClassifier
-from dist_video.storage import UntrustedCheckpointError, read_torchscript_tensors
+from dist_video.storage import UntrustedCheckpointError, new_folder_beside, read_torchscript_tensors
 
 ASSETS = Path(__file__).parent / "assets"
 TINY = ASSETS / "official-tiny"
@@ -306,3 +307,83 @@ def test_sigkill_at_each_step_of_export_leaves_old_or_new(tmp_path):
             break
         step += 1
     assert step > 4 and seen[0] == "old" and seen[-1] == "new", seen
+
+
+# ----------------------------------------------------------------------------- leftovers of killed writers
+def unused_pid() -> int:
+    """A pid no process can have: Linux gives pids below ``pid_max``."""
+    return int(Path("/proc/sys/kernel/pid_max").read_text())
+
+
+def work_folder_host(target: Path) -> str:
+    """This host's label as :func:`new_folder_beside` writes it (``.NAME.HOST.PID.RANDOM.tmp``)."""
+    work = new_folder_beside(target)
+    try:
+        host, pid, random, suffix = work.name[len(f".{target.name}."):].split(".")
+    finally:
+        work.rmdir()
+    assert pid == str(os.getpid()) and random and suffix == "tmp", work.name
+    return host
+
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_a_dead_writers_leftovers_are_removed_by_the_next_save(tmp_path, official_model, caplog):
+    folder = saved(tmp_path, official_model)
+    host, dead = work_folder_host(folder), unused_pid()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        gone = [f".model.{host}.{dead}.abcd_123.tmp", f".model.{host}.{dead}.old"]
+        kept = [f".model.{host}.{os.getpid()}.live0001.tmp",  # this process: alive
+                f".model.{host}.{sleeper.pid}.live0002.tmp",  # a sleeping child: alive
+                f".model.other-{host}.{dead}.abcd1234.tmp",  # another host's (a shared file system)
+                ".model.backup", f".model.{host}.{dead}.tmp", f".model.{host}.x{dead}.abcd1234.tmp",  # not the pattern
+                f".model.v2.{host}.{dead}.abcd1234.tmp", f".model2.{host}.{dead}.abcd1234.tmp"]  # other targets'
+        for name in gone + kept:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "model.safetensors").write_bytes(b"partial")
+        plain_file = f".model.{host}.{dead}.file0001.tmp"  # only folders are a writer's leftovers
+        (tmp_path / plain_file).write_bytes(b"x")
+        with caplog.at_level(logging.INFO, logger="dist_video.storage"):
+            saved(tmp_path, official_model)
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert hidden(tmp_path) == sorted(kept + [plain_file])
+    removals = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "removed" in r.getMessage()]
+    assert len(removals) == 2 and all(f"process {dead} that was killed" in m for m in removals)
+    assert {m.split(": removed ")[1].split(",")[0] for m in removals} == set(gone)
+    VideoClassifier.from_pretrained(folder)  # the new save is in place
+
+
+def test_a_folder_renamed_aside_by_a_killed_writer_is_put_back_first(tmp_path, official_model, caplog):
+    """Where the kernel cannot exchange two folders, the old model is renamed aside before the
+    new one moves in; a writer killed between the two renames leaves no model at the target.
+    The next save puts the old folder back first, so the files it kept (a README) survive."""
+    folder = saved(tmp_path, official_model)
+    (folder / "README.md").write_text("notes\n")
+    host, dead = work_folder_host(folder), unused_pid()
+    folder.rename(tmp_path / f".model.{host}.{dead}.old")
+    with caplog.at_level(logging.INFO, logger="dist_video.storage"):
+        saved(tmp_path, official_model)
+    assert (folder / "README.md").read_text() == "notes\n" and hidden(tmp_path) == []
+    assert any("put back the previous folder" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_a_save_killed_after_making_its_work_folder_is_cleaned_up_by_the_next(tmp_path, official_model):
+    source = saved(tmp_path, official_model, "source")
+    target = tmp_path / "out" / "model"
+    target.parent.mkdir()
+    for step in range(1, 12):  # kill earlier steps until one leaves the temporary folder behind
+        killed, _ = run_killed(SAVE, step, source, target)
+        assert killed
+        left = hidden(target.parent)
+        if left:
+            break
+    assert len(left) == 1 and left[0].startswith(".model.") and left[0].endswith(".tmp"), left
+    VideoClassifier.from_pretrained(source, clip_dtype="fp32").save_pretrained(target)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model"]

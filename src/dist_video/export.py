@@ -10,7 +10,9 @@ package's model code:
 - ``preprocess.json``: the model's test protocol (frame sampling and views, short-side resize,
   crops, mean and std, frame order) under ``"preprocess"`` in the form
   :func:`dist_video.engine.data.test_clips_of_file` reads, plus the input and output
-  contract, the model's name and this package's version.
+  contract, the model's name and this package's version, and under ``"files"`` the size and
+  SHA-256 of ``model.onnx`` (``model.onnx.data``) and ``labels.txt``, checked when the folder
+  is loaded (:func:`dist_video.onnx_runner.check_export_files`).
 - ``labels.txt``: the class names in output order, one per line.
 
 The export is verified before the files are put in place: onnxruntime's outputs on a random
@@ -32,8 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .onnx_runner import EXPORT_FORMAT, open_session
-from .storage import new_folder_beside, replace_folder
+from .onnx_runner import EXPORT_FORMAT, RECORDED_FILES, open_session
+from .storage import file_record, new_folder_beside, replace_folder
 
 __all__ = ["ExportError", "ExportReport", "LogitsAndEmbeddings", "export_onnx", "export_fused_onnx",
            "preprocess_record", "EXPORT_FORMAT", "EXPORT_FORMAT_VERSION", "EXTERNAL_DATA_BYTES"]
@@ -213,9 +215,10 @@ def export_fused_onnx(fused: nn.Module, preprocess: dict, out_dir: str | os.Path
         record["verification"] = {k: v for k, v in asdict(report).items()
                                   if k in ("verify_batch", "max_abs_diff_logits",
                                            "max_abs_diff_embeddings", "tolerance")}
-        (work / "preprocess.json").write_text(json.dumps(record, indent=2) + "\n")
         names = fused.class_names or [str(i) for i in range(fused.num_classes)]
         (work / "labels.txt").write_text("".join(f"{n}\n" for n in names))
+        record["files"] = {n: file_record(work / n) for n in RECORDED_FILES if (work / n).exists()}
+        (work / "preprocess.json").write_text(json.dumps(record, indent=2) + "\n")
         replace_folder(work, out, owned=EXPORT_FILES)
     finally:
         shutil.rmtree(work, ignore_errors=True)

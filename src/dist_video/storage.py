@@ -5,6 +5,8 @@ folder, fsync it, rename it over the target and fsync the folder: a reader (or a
 lost power) sees the old file or the new one, never part of one. :func:`replace_folder` does the
 same for a whole folder (a model): it is written complete beside the target and exchanged with it
 in one rename. New files and folders get the modes the user's umask gives (:func:`new_file_mode`).
+A temporary folder's name carries the host and the process that made it; the next writer of the
+same target removes those whose process is gone (:func:`remove_dead_leftovers`).
 
 Reading. :func:`torch_load` is ``torch.load(weights_only=True)``: tensors, containers and plain
 values only. A file that needs more (pickled Python objects, which can run code while they are
@@ -22,10 +24,12 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import logging
 import os
 import pickle
 import re
 import shutil
+import socket
 import stat
 import tempfile
 import warnings
@@ -37,8 +41,11 @@ from typing import IO, Iterator
 import torch
 
 __all__ = ["atomic_write", "atomic_path", "write_text_atomic", "replace_file", "replace_folder", "fsync_dir",
-           "new_file_mode", "new_dir_mode", "check_regular_file", "file_sha256", "read_safetensors", "torch_load",
-           "read_torchscript_tensors", "UntrustedCheckpointError", "TRUST_OPTION"]
+           "new_file_mode", "new_dir_mode", "new_folder_beside", "remove_dead_leftovers", "check_regular_file",
+           "file_sha256", "read_safetensors", "torch_load", "read_torchscript_tensors", "file_record",
+           "check_file_record", "UntrustedCheckpointError", "TRUST_OPTION"]
+
+logger = logging.getLogger(__name__)
 
 #: How a user loads a file that needs more than tensors (named in every refusal).
 TRUST_OPTION = "--trust-checkpoint (trust_checkpoint=True in Python)"
@@ -174,11 +181,75 @@ def _link_or_copy(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
+def _host_label() -> str:
+    """This machine's name without dots (``%`` and ``.`` escaped, so the label is unambiguous
+    between the dots of a temporary folder's name)."""
+    host = socket.gethostname() or "unknown-host"
+    return host.replace("%", "%25").replace(".", "%2E")
+
+
+def _leftover_pattern(target: Path) -> re.Pattern:
+    """The names of the temporary folders of writers of ``target``: ``.NAME.HOST.PID.RANDOM.tmp``
+    (:func:`new_folder_beside`) and ``.NAME.HOST.PID.old`` (:func:`replace_folder`'s fallback)."""
+    return re.compile(re.escape(f".{target.name}.") + r"(?P<host>[^./]+)\.(?P<pid>[0-9]+)\."
+                      r"(?:[A-Za-z0-9_]+\.tmp|(?P<old>old))")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    except OverflowError:  # not a pid this system can have
+        return False
+    return True
+
+
+def remove_dead_leftovers(target: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders that writers of ``target`` on this host left when they were
+    killed (their process no longer exists); returns them. Folders of other hosts (a shared file
+    system), of live processes and every name outside the exact pattern are never touched. An
+    ``.old`` folder (the previous ``target``, renamed aside) is put back when ``target`` is missing."""
+    target = Path(target)
+    pattern, host = _leftover_pattern(target), _host_label()
+    try:
+        entries = list(os.scandir(target.parent))
+    except FileNotFoundError:
+        return []
+    removed = []
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        if (found is None or found["host"] != host or not entry.is_dir(follow_symlinks=False)
+                or _process_exists(int(found["pid"]))):
+            continue
+        path = Path(entry.path)
+        if found["old"] and not os.path.lexists(target):
+            try:
+                os.rename(path, target)
+            except OSError:  # another writer put it back, or wrote the target, first
+                continue
+            logger.info("%s: put back the previous folder %s, left by process %s that was killed while "
+                        "replacing it", target, path.name, found["pid"])
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            logger.info("%s: removed %s, left by process %s that was killed while writing it",
+                        target, path.name, found["pid"])
+            removed.append(path)
+    return removed
+
+
 def new_folder_beside(target: str | os.PathLike) -> Path:
-    """An empty temporary folder beside ``target`` (same file system) with the umask's mode."""
+    """An empty temporary folder ``.NAME.HOST.PID.RANDOM.tmp`` beside ``target`` (same file
+    system) with the umask's mode, made after removing dead writers' leftovers of the same target
+    (:func:`remove_dead_leftovers`)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_dead_leftovers(target)
+    prefix = f".{target.name}.{_host_label()}.{os.getpid()}."
+    work = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=target.parent))
     os.chmod(work, new_dir_mode())
     return work
 
@@ -201,7 +272,7 @@ def replace_folder(new: str | os.PathLike, target: str | os.PathLike, owned: set
         fsync_dir(target.parent)
         shutil.rmtree(new)
     else:
-        old = target.with_name(f".{target.name}.{os.getpid()}.old")
+        old = target.with_name(f".{target.name}.{_host_label()}.{os.getpid()}.old")
         os.rename(target, old)
         os.rename(new, target)
         fsync_dir(target.parent)
@@ -396,19 +467,27 @@ def file_record(path: str | os.PathLike) -> dict:
     return {"bytes": os.stat(path).st_size, "sha256": file_sha256(path)}
 
 
-def check_file_record(folder: str | os.PathLike, records: object, name: str, manifest: str = "config.json") -> None:
+def check_file_record(folder: str | os.PathLike, records: object, name: str, manifest: str = "config.json",
+                      *, kind: str = "model") -> None:
     """Refuse ``folder/name`` when the manifest's ``records`` (``{name: file_record(...)}``, or
-    None for folders written before hashes were recorded) list it with another size or SHA-256."""
+    None for folders written before hashes were recorded) list it with another size or SHA-256.
+    ``kind``: ``"model"`` (a model folder's weight file) or ``"export"`` (a file of an ONNX export)."""
     if records is None:
         return
     path = Path(folder) / name
     where = Path(folder) / manifest
+    what, damaged, written = _RECORD_WORDS[kind]
     record = records.get(name) if isinstance(records, dict) else None
     if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
         raise ValueError(f"{where}: 'files' has no valid entry for {name}")
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing (the model folder is incomplete)")
-    if os.stat(check_regular_file(path, "weights file")).st_size != record.get("bytes") \
+        raise FileNotFoundError(f"{path}: missing (the {kind} folder is incomplete)")
+    if os.stat(check_regular_file(path, what)).st_size != record.get("bytes") \
             or file_sha256(path) != record["sha256"]:
-        raise ValueError(f"{path}: damaged or not a safetensors file: its contents do not match the SHA-256 "
-                         f"recorded in {where} (changed or damaged after the model was saved); refusing to load it")
+        raise ValueError(f"{path}: {damaged}: its contents do not match the SHA-256 recorded in {where} "
+                         f"(changed or damaged after {written}); refusing to load it")
+
+
+#: For :func:`check_file_record`: what the file is, what a mismatch means, when it was recorded.
+_RECORD_WORDS = {"model": ("weights file", "damaged or not a safetensors file", "the model was saved"),
+                 "export": ("exported file", "not the file that was exported", "the model was exported")}
