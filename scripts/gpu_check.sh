@@ -91,7 +91,10 @@ fi
 STEPS="$out/steps.jsonl"
 : > "$STEPS"
 started=$(date +%s)
-export PYTHONUNBUFFERED=1 PYTHONNOUSERSITE=1
+export PYTHONUNBUFFERED=1
+# the venv this script makes sees only its own packages; --python's interpreter is used as it is
+# (its user site included: PyTorch may be installed there)
+[ -n "$python" ] || export PYTHONNOUSERSITE=1
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 export PY ROOT out device tests_mode
 echo "gpu_check: device $device, python $PY, results in $out"
@@ -222,6 +225,10 @@ for group, absent in state["missing"].items():
     print(f"missing ({group}): {', '.join(absent)}")
 print(f"PyTorch {torch.__version__}, built for CUDA {torch.version.cuda or 'none (a CPU-only build)'}; "
       f"CUDA available: {state['cuda_available']} ({state['gpus']} GPU(s))")
+if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 5):
+    print(f"reason: PyTorch {torch.__version__} at {sys.executable} is older than 2.5, which dist-video needs "
+          "(weights-only loading with allowed types)")
+    sys.exit(1)
 if os.environ["device"] == "cuda" and not state["cuda_available"]:
     why = "it is a CPU-only build" if torch.version.cuda is None else "no GPU or driver visible to it"
     print(f"reason: --device cuda, but PyTorch {torch.__version__} at {sys.executable} sees no CUDA device ({why})")
@@ -331,7 +338,7 @@ run_tests() {
     local env=(DIST_VIDEO_TEST_DEVICE="$device")
     if [ "$tests_mode" = device ]; then
         # the files with tests taking the `device` fixture, and the GPU-readiness tests
-        files=$(printf '%s\n' tests/test_gpu_readiness.py \
+        files=$(printf '%s\n' tests/test_gpu_readiness.py tests/test_gpu.py \
             $(grep -lE 'def test_[a-z0-9_]*\([^)]*\bdevice\b' tests/test_*.py) | sort -u)
         args+=(-p device_tests)
         env+=(PYTHONPATH="$ROOT/scripts:$PYTHONPATH")
@@ -413,7 +420,7 @@ fi
 bench="$out/benchmarks"
 export bench
 if [ "$device" = cuda ]; then
-    inference_args=(--batches 1 8 32 --repeats 5 --compile)
+    inference_args=(--batches 1 8 32 --repeats 5 --compile --no-costs)  # the cost table is the CPU run's
     train_args=(--batches 4 8 --steps 5 --rounds 1 --res 224)
 else  # what fits a few minutes on a small CPU: inference throughput only
     inference_args=(--batches 1 --repeats 2 --no-costs)

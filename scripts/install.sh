@@ -18,19 +18,22 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
-if ! "$VENV/bin/python" -c 'import torch, sys; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(0 if v >= (2, 4) else 1)' 2>/dev/null; then
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+gpu_visible=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu_visible=1; fi
+# keep the venv's PyTorch when it is recent enough and, with a GPU visible, a CUDA build
+if ! GPU_VISIBLE=$gpu_visible "$VENV/bin/python" -c 'import os, sys, torch; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(0 if v >= (2, 5) and (os.environ["GPU_VISIBLE"] == "0" or torch.version.cuda) else 1)' 2>/dev/null; then
+    if [ "$gpu_visible" = 1 ]; then
         echo "install: NVIDIA GPU found, installing a CUDA build of PyTorch"
-        "${pip[@]}" install "torch>=2.4,<3"
+        "${pip[@]}" install --force-reinstall --no-deps "torch>=2.5,<3" && "${pip[@]}" install "torch>=2.5,<3"
     else
         tmp=$(mktemp -d)
-        if "${pip[@]}" download --no-index --no-deps --only-binary=:all: -d "$tmp" "torch>=2.4,<3" >/dev/null 2>&1 \
+        if "${pip[@]}" download --no-index --no-deps --only-binary=:all: -d "$tmp" "torch>=2.5,<3" >/dev/null 2>&1 \
             && ls "$tmp"/torch-*+cpu-*.whl >/dev/null 2>&1; then
             echo "install: no GPU, installing the local CPU build $(basename "$tmp"/torch-*.whl)"
             "${pip[@]}" install "$tmp"/torch-*.whl
         else
             echo "install: no GPU, installing a CPU build of PyTorch from PyTorch's CPU wheel index"
-            "${pip[@]}" install "torch>=2.4,<3" --index-url https://download.pytorch.org/whl/cpu
+            "${pip[@]}" install "torch>=2.5,<3" --index-url https://download.pytorch.org/whl/cpu
         fi
         rm -rf "$tmp"
     fi

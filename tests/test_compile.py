@@ -81,3 +81,41 @@ def test_training_compiled_gives_the_eager_loss_curve(synthetic, tmp_path):
     # the checkpointed weights are the module's own names (no compile wrapper in them)
     state = load_training_state(tmp_path / "compiled" / "checkpoints" / "last.pt")["model"]
     assert not any("_orig_mod" in k for k in state)
+
+
+@pytest.mark.slow
+def test_two_process_training_compiled_around_ddp_gives_the_eager_weights(synthetic, tmp_path):
+    """``train.compile`` under torchrun: DDP inside, ``torch.compile`` outside (its all-reduce
+    overlaps the compiled backward), gradient accumulation through ``no_sync``; the weights equal
+    the eager 2-process run's within floating-point tolerance."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from data_helpers import tiny_run_args
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    weights, losses = {}, {}
+    for compile_ in (False, True):
+        out = tmp_path / f"compile-{compile_}"
+        args = tiny_run_args(synthetic, out, "train.device=cpu", "train.precision=fp32", "model.clip_dtype=fp32",
+                             "augment.mixup_alpha=0.0", "augment.cutmix_alpha=0.0", "train.max_steps=3",
+                             "train.batch_size=2", "optim.epochs=3", f"train.compile={str(compile_).lower()}")
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "dist_video.cli", "train", *args], capture_output=True, text=True,
+                              timeout=900, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "2 process(es)" in proc.stderr
+        weights[compile_] = load_file(out / "model" / "model.safetensors")
+        losses[compile_] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                            if json.loads(line)["kind"] == "train"]
+    assert len(losses[False]) == 3 and len(set(losses[False])) > 1  # the later losses test the updates
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=1e-5)
+    assert weights[True].keys() == weights[False].keys()  # no compile or DDP wrapper in the names
+    # Adam turns rounding noise in a near-zero gradient into an update of up to the learning rate,
+    # so a few elements may differ; a wrong reduction across the processes would move nearly all
+    differing = sum(int(((weights[True][k] - weights[False][k]).abs() > 1e-4).sum()) for k in weights[False])
+    total = sum(w.numel() for w in weights[False].values())
+    assert differing <= total // 1000, (differing, total)

@@ -140,6 +140,9 @@ def test_search_ranks_by_cosine_similarity():
     assert hits[1]["start"] == 0.0 and hits[0]["rank"] == 1
     with pytest.raises(ValueError, match="3 dimensions but the embeddings have 2"):
         search_embeddings(index, torch.zeros(3))
+    # a query as a model gives it: another dtype, attached to autograd (on a GPU: another device)
+    query = torch.tensor([0.0, 2.0], dtype=torch.bfloat16, requires_grad=True)
+    assert [h["video"] for h in search_embeddings(index, query, topk=3)] == ["d.mp4", "b.mp4", "c.mp4"]
 
 
 def test_text_query_is_the_normalised_text_embedding(official_model):

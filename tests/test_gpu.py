@@ -22,3 +22,12 @@ def test_dist_on_cuda_matches_the_cpu_in_float32():
         fused = model.fuse(dtype=torch.float32)(video.to("cuda")).cpu()
     torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(fused, on_cpu, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_search_takes_a_query_from_a_model_on_the_gpu():
+    from dist_video.engine.embed import EmbeddingIndex, search_embeddings
+
+    index = EmbeddingIndex(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), [("a.mp4", None, None), ("b.mp4", None, None)])
+    hits = search_embeddings(index, torch.tensor([0.1, 1.0], device="cuda"), topk=1)
+    assert hits[0]["video"] == "b.mp4"

@@ -619,7 +619,8 @@ def test_the_check_runs_offline_with_a_preinstalled_python(tmp_path):
     assert steps["tests"]["reason"] == "--tests none"
     assert steps["benchmark-loader"]["reason"] == "--skip benchmark-loader"
     assert "2+ CUDA GPUs" in steps["nccl"]["reason"]
-    assert summary["preflight"]["cuda_available"] is False and summary["environment"]["device"] == "cpu"
+    assert summary["environment"]["device"] == "cpu"  # --device cpu, also where a GPU is visible
+    assert summary["preflight"]["cuda_available"] is torch.cuda.is_available()
     assert (out / "cli-train" / "eval" / "metrics.json").is_file()  # the CLI's own evaluation ran
     assert "| cli-train | passed |" in (out / "summary.md").read_text()
 
@@ -633,7 +634,8 @@ def test_steps_that_need_a_missing_package_say_which(tmp_path):
     proc, summary = _check(["--device", "cpu", "--skip", "benchmark-inference"], tmp_path / "out", python=python,
                            timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert summary["preflight"]["missing"] == {"decoding (PyAV)": ["av"], "tokenizer": ["ftfy"]}
+    missing = summary["preflight"]["missing"]  # a bare Python may lack more (the extras): these two at least
+    assert missing["decoding (PyAV)"] == ["av"] and missing["tokenizer"] == ["ftfy"], missing
     steps = {s["step"]: s for s in summary["steps"]}
     assert steps["environment"]["status"] == "passed"
     for name in ("tests", "cli-train", "benchmark-loader"):
@@ -737,3 +739,21 @@ def test_the_inference_benchmark_records_a_failed_compile_and_keeps_the_eager_ro
     assert all(r["dist_clips_per_second"] > 0 and r["clip_clips_per_second"] > 0 for r in rows)
     assert not any("dist_compiled_seconds" in r for r in rows)
     assert "`torch.compile` failed at batch 1" in (tmp_path / "inference.md").read_text()
+
+
+def test_the_device_run_keeps_the_device_and_gpu_tests_and_leaves_the_slow_cpu_checks_to_ci():
+    """``scripts/device_tests.py`` (``gpu_check.sh --tests device``): tests taking ``device``, the
+    ``gpu``-marked CUDA comparison and the quick readiness tests; not the slow readiness tests,
+    which re-run the whole check on the CPU."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "scripts"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "device_tests",
+                           "-p", "no:cacheprovider", "tests/test_gpu.py", "tests/test_gpu_readiness.py",
+                           "tests/test_fused.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stdout.splitlines() if "::" in line]
+    kept = {line.split("::")[1].split("[")[0] for line in lines}
+    assert "test_dist_on_cuda_matches_the_cpu_in_float32" in kept, proc.stdout  # marked gpu, no device fixture
+    assert "test_the_check_rejects_bad_arguments" in kept  # a quick readiness test
+    assert "test_the_check_runs_offline_with_a_preinstalled_python" not in kept  # slow: CI's job
+    assert not any(line.startswith("tests/test_fused.py") for line in lines)  # CPU-only tests: CI's job

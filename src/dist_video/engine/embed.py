@@ -268,14 +268,15 @@ def read_embeddings(folder: str | os.PathLike) -> EmbeddingIndex:
 
 
 def search_embeddings(index: EmbeddingIndex, query: torch.Tensor, topk: int = 10) -> list[dict]:
-    """The ``topk`` rows most similar to ``query`` (E, e.g. a text embedding) by cosine
-    similarity: ``[{"rank", "score", "video", "start", "end"}, ...]``, best first."""
+    """The ``topk`` rows most similar to ``query`` (E, e.g. a text embedding, on any device) by
+    cosine similarity: ``[{"rank", "score", "video", "start", "end"}, ...]``, best first."""
     if index.embeddings.shape[0] == 0:
         return []
     if query.numel() != index.embeddings.shape[1]:
         raise ValueError(f"the query has {query.numel()} dimensions but the embeddings have "
                          f"{index.embeddings.shape[1]}: search with the model that embedded the videos")
-    scores = F.normalize(index.embeddings, dim=1) @ F.normalize(query.float().flatten(), dim=0)
+    query = query.detach().to(index.embeddings.device, torch.float32).flatten()  # a model on a GPU gives a GPU query
+    scores = F.normalize(index.embeddings.float(), dim=1) @ F.normalize(query, dim=0)
     s, idx = scores.topk(min(topk, scores.numel()))
     out = []
     for rank, (v, i) in enumerate(zip(s.tolist(), idx.tolist()), 1):

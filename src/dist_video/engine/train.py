@@ -277,6 +277,7 @@ class _Run:
         self.loader: TrainLoader | None = None
         self._postfix_due = 0.0  # when the progress bar next shows the loss
         self.ddp_model = model  # wrapped for several processes when training starts
+        self.forward_model = model  # self.ddp_model, compiled with train.compile
 
     # ------------------------------------------------------------------ resume
     def restore(self, path: Path) -> None:
@@ -319,12 +320,13 @@ class _Run:
     def train_epochs(self) -> str:
         """Train until the last epoch (``finished``), ``max_steps`` or a stop signal (``interrupted``)."""
         cfg, env, pos = self.cfg, self.env, self.pos
-        forward = self.model
-        if self.optimizer is not None and cfg.train.compile:  # the same module and parameters, compiled
-            forward = torch.compile(self.model)
         if env.distributed and self.optimizer is not None:
-            forward = DistributedDataParallel(forward, device_ids=[env.device] if env.device.type == "cuda" else None)
-        self.ddp_model = forward
+            self.ddp_model = DistributedDataParallel(self.model,
+                                                     device_ids=[env.device] if env.device.type == "cuda" else None)
+        # the same module and parameters, compiled around DDP so that its gradient all-reduce
+        # overlaps the compiled backward
+        compiled = self.optimizer is not None and cfg.train.compile
+        self.forward_model = torch.compile(self.ddp_model) if compiled else self.ddp_model
         status = "finished"
         bar = None
         with _StopFlag() as stop:
@@ -413,7 +415,7 @@ class _Run:
         ctx = ddp.no_sync() if not sync and isinstance(ddp, DistributedDataParallel) else nullcontext()
         with ctx:
             with autocast_context(env.device, self.amp_dtype):
-                logits = ddp(video)
+                logits = self.forward_model(video)
             loss = soft_target_cross_entropy(logits.float(), targets)
             scaled = loss / self.accumulation
             if self.scaler is not None:
