@@ -87,6 +87,25 @@ def test_predict_decides_the_clip_dtype_for_the_gpu_not_the_host_cpu(tiny_clip, 
     assert model.clip_dtype == expected
 
 
+def test_an_auto_clip_dtype_follows_the_model_to_another_device(tiny_clip, monkeypatch):
+    """A model built on the CPU with ``clip_dtype="auto"`` and moved elsewhere takes that device's
+    precision (emulated: the CPU without bf16, the meta device with it); an explicit dtype and a
+    dtype-only cast are left alone."""
+    from dist_video import DiSTConfig, DiSTVideoModel
+    from dist_video import classifier
+
+    monkeypatch.setattr(classifier, "bf16_supported", lambda device: torch.device(device).type == "meta")
+    config = DiSTConfig(num_frames=4, temporal_dim=8, integration_dim=64, pooling_layers=1)
+    auto = DiSTVideoModel(tiny_clip(width=64, layers=2), config)
+    assert auto.clip_dtype == torch.float32
+    auto.double()  # a dtype cast on the same device: the CLIP's dtype is the caller's
+    assert auto.clip_dtype == torch.float64
+    auto.to("meta")
+    assert auto.clip_dtype == torch.bfloat16  # the meta device's "auto"
+    fixed = DiSTVideoModel(tiny_clip(width=64, layers=2), config, clip_dtype="fp32").to("meta")
+    assert fixed.clip_dtype == torch.float32
+
+
 def test_training_decides_the_clip_dtype_for_the_gpu_not_the_host_cpu(synthetic, tmp_path, gpus, host_without_bf16,
                                                                        monkeypatch):
     from dist_video.engine import train as train_module

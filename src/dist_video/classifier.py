@@ -124,6 +124,7 @@ class VideoClassifier(nn.Module):
         self.head_type: str | None = None
         self.head: nn.Module | None = None
         self.register_buffer("class_embeddings", None, persistent=False)
+        self.clip_dtype_request = clip_dtype  # "auto"/None: re-chosen when the model moves to another device
         if not self.trains_clip:
             self.clip.requires_grad_(False)
             self.clip.eval()
@@ -137,6 +138,17 @@ class VideoClassifier(nn.Module):
     def set_clip_dtype(self, dtype: str | torch.dtype) -> VideoClassifier:
         """Cast the frozen image tower (the text tower stays fp32: it runs once per class list)."""
         self.clip.visual.to(resolve_clip_dtype(dtype, self.clip.visual.conv1.weight.device))
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply`` (behind ``to``, ``cuda``, ``cpu``...); a frozen CLIP whose dtype was
+        ``"auto"`` takes the best precision of the device it moved to (a model built on the CPU
+        and moved to a GPU runs CLIP in bf16 or fp16 there, as one built on the GPU would)."""
+        device = self.clip.visual.conv1.weight.device
+        super()._apply(fn, recurse)
+        if (not self.trains_clip and self.clip_dtype_request in (None, "auto")
+                and self.clip.visual.conv1.weight.device != device):
+            self.set_clip_dtype("auto")
         return self
 
     def train(self, mode: bool = True) -> VideoClassifier:
