@@ -249,6 +249,25 @@ def test_init_from_text_head_keeps_the_new_names_embeddings(tiny_clip, tmp_path)
     torch.testing.assert_close(target.class_embeddings, own, rtol=0, atol=0)
 
 
+def test_init_from_an_authors_checkpoint_takes_its_branch_and_a_fresh_head():
+    """``model.init_from`` also takes the authors' ``.pyth`` (e.g. their Kinetics-710 model): the
+    branch's weights come from it; it has no class names or head, so a linear head starts fresh."""
+    from dist_video import DiSTVideoModel, load_official_checkpoint
+
+    pyth = Path(__file__).parent / "assets" / "official-tiny" / "official_checkpoint.pyth"
+    source = load_official_checkpoint(pyth, clip_dtype=torch.float32)
+    torch.manual_seed(3)
+    target = DiSTVideoModel(source.clip, source.config, clip_dtype=torch.float32)
+    target.set_linear_head(len(K400_SOME), K400_SOME)
+    fresh_head = target.head.weight.clone()
+    before = target.branch.state_dict()
+    assert any(not torch.equal(before[k], v) for k, v in source.branch.state_dict().items())  # a fresh branch
+    init_from(target, pyth)
+    for k, v in source.branch.state_dict().items():
+        torch.testing.assert_close(target.branch.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    torch.testing.assert_close(target.head.weight, fresh_head, rtol=0, atol=0)
+
+
 def test_init_from_a_model_of_another_size_names_the_weight(tiny_clip, tmp_path):
     tiny_model(tiny_clip, K710_SOME, temporal_dim=32).save_pretrained(tmp_path / "k710")
     with pytest.raises(ValueError, match=r"model.init_from's branch\.\S+ is \(.*the model's"):

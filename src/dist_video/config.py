@@ -47,9 +47,10 @@ class ModelConfig:
     head: str = "text"  # text: class names through CLIP's text tower | linear: learnable
     prompt: str = ""  # prefix before each class name for the text head, e.g. "a video of "
     init: str | None = None  # authors' .pyth checkpoint or a dist-video model folder to start from
-    # a dist-video model folder (e.g. a Kinetics-710 model) to start from: every weight but the
-    # head must match in shape; the head's rows are carried over by class name through the
-    # Kinetics label map (dist_video.label_maps.init_from); a text head is recomputed for the names
+    # a dist-video model folder or an authors' .pyth (e.g. a Kinetics-710 model) to start from:
+    # every weight but the head must match in shape; a folder's head rows are carried over by class
+    # name through the Kinetics label map (dist_video.label_maps.init_from); a text head is
+    # recomputed for the names
     init_from: str | None = None
     dist: DiSTConfig = field(default_factory=DiSTConfig)
     adapter_dim: int = 64  # bottleneck width of the `adapter` baseline

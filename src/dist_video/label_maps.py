@@ -175,7 +175,13 @@ def carry_head_rows(model: VideoClassifier, source_names: Sequence[str],
 
 def read_source_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str], str | None]:
     """A dist-video model folder's weights (CLIP's too when they are saved in the folder, as
-    ``clip.*``), its class names and its head type."""
+    ``clip.*``), its class names and its head type; or an authors' ``.pyth`` checkpoint's weights
+    (CLIP's included), which carry no class names and no head (the authors classify through
+    CLIP's text tower)."""
+    if Path(path).is_file():
+        from .checkpoints import load_official_checkpoint
+
+        return load_official_checkpoint(path, clip_dtype=torch.float32).state_dict(), [], None
     directory = Path(path)
     meta = read_model_config(directory)
     tensors = model_class(meta.get("method", "dist")).upgrade_saved_tensors(
@@ -188,9 +194,10 @@ def read_source_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
 
 def init_from(model: VideoClassifier, path: str | os.PathLike) -> VideoClassifier:
     """``model.init_from``: start ``model`` (built, with its head for the new classes) from the
-    dist-video model folder ``path``. Every weight but the head must be there with the same
-    shape (else a ``ValueError`` naming the first that is not); the head's rows are carried
-    over by class name through the Kinetics rename table (:func:`carry_head_rows`)."""
+    dist-video model folder or the authors' ``.pyth`` checkpoint ``path``. Every weight but the
+    head must be there with the same shape (else a ``ValueError`` naming the first that is not);
+    a folder's linear head rows are carried over by class name through the Kinetics rename table
+    (:func:`carry_head_rows`); a ``.pyth`` has none to carry."""
     tensors, source_names, _ = read_source_weights(path)
     head_keys = set(_head_rows(model))
     state = model.state_dict()
@@ -206,6 +213,7 @@ def init_from(model: VideoClassifier, path: str | os.PathLike) -> VideoClassifie
         for key, own in wanted.items():
             own.copy_(tensors[key].to(own.device, own.dtype))
     source_head = {k: v for k, v in tensors.items() if k in ("head.weight", "head.bias")}
-    carried = carry_head_rows(model, source_names, source_head)
+    # an authors' checkpoint has neither class names nor a head: the new head starts fresh
+    carried = carry_head_rows(model, source_names, source_head) if source_names or source_head else 0
     logger.info("model.init_from %s: %d weights, %d head rows carried over", path, len(wanted), carried)
     return model
