@@ -334,6 +334,7 @@ def _load_for_videos(args, keep_freed: bool | None = None):
         loaded.compile()
     return loaded
 
+
 def _check_window_arguments(args) -> None:
     """Usage errors of the long-video options (exit status 2, before any work). The number of
     windows a video gets is bounded where it is known, per video
