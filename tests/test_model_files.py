@@ -387,3 +387,15 @@ def test_a_save_killed_after_making_its_work_folder_is_cleaned_up_by_the_next(tm
     assert len(left) == 1 and left[0].startswith(".model.") and left[0].endswith(".tmp"), left
     VideoClassifier.from_pretrained(source, clip_dtype="fp32").save_pretrained(target)
     assert sorted(p.name for p in target.parent.iterdir()) == ["model"]
+
+
+def test_a_file_of_random_bytes_is_not_taken_for_a_file_that_only_needs_trust(tmp_path):
+    """The weights-only unpickler stops at an instruction it does not run without naming a global
+    when the file is damaged: the message says it may be damaged, not only that it needs trust."""
+    from dist_video.storage import torch_load
+
+    path = tmp_path / "garbage.pyth"
+    path.write_bytes(bytes([0x80, 0x02, 0xE7]) + bytes(range(97)))  # a pickle header, then opcode 231
+    with pytest.raises((UntrustedCheckpointError, ValueError), match=r"garbage.pyth: .*damaged") as info:
+        torch_load(path)
+    assert "\\x" not in str(info.value)  # nothing of the file's bytes in the message

@@ -333,7 +333,9 @@ def _refusal(path, needs: str) -> UntrustedCheckpointError:
 def _needed_global(error: Exception) -> str:
     """The global a weights-only unpickler refused, as torch names it (not file contents)."""
     found = re.search(r"GLOBAL ([A-Za-z_][\w.]*)", str(error))
-    return f"it holds {found.group(1)[:120]}" if found else "Python objects besides tensors"
+    # without a named global, the unpickler met an instruction it does not run: a damaged file
+    # (random bytes) reads the same as one built from other Python objects
+    return f"it holds {found.group(1)[:120]}" if found else "it is damaged, or holds Python objects besides tensors"
 
 
 def torch_load(path: str | os.PathLike, *, trust: bool = False, mmap: bool = False,
